@@ -1,0 +1,197 @@
+"""Command line: parses arguments and dispatches to the verb functions; holds no logic of its own.
+
+Flags fill each verb's frozen settings dataclass; ``--config FILE`` (JSON or TOML) fills it first, and only
+flags given on the command line override it (unset flags never override defaults or the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+
+S = argparse.SUPPRESS
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = _csv(text)
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape wants C,H,W such as 1,21,21, got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _class_file(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--class wants NAME=FILE (e.g. noise=stamps_noise.npy), got {text!r}")
+    name, path = text.split("=", 1)
+    return name.strip(), path.strip()
+
+
+def _load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(raw.decode())
+    return json.loads(raw)
+
+
+def _settings(cls, ns: argparse.Namespace, **fixed):
+    """Build a settings dataclass: config file, then the flags the user actually gave."""
+    values = _load_config(getattr(ns, "config", None))
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        msg = f"--config holds unknown settings {sorted(unknown)}; known: {sorted(names)}"
+        raise ValueError(msg)
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    values.update(fixed)
+    for f in fields(cls):  # lists from JSON/TOML become the tuples the dataclass expects
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in values[f.name])
+    return cls(**values)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=S, help="Ray cluster to connect to (default: a private local Ray; "
+                                                "RAY_ADDRESS is honoured)")
+    p.add_argument("--config", default=None, help="JSON or TOML file of settings; flags override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stampray",
+        description="Train CNNs on image stamps and score millions of them with Ray.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("synth", help="write a reproducible synthetic survey as a stamp table")
+    p.add_argument("--kind", choices=["tno", "radio"], default=S, help="tno: 21x21 point sources vs noise "
+                   "(default); radio: 64x64 four morphologies")
+    p.add_argument("-n", type=int, default=S, help="number of stamps (default 20000)")
+    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="output dataset directory (local path or URI)")
+    p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, help="rows per shard (default 50000)")
+    p.add_argument("--positive-fraction", dest="positive_fraction", type=float, default=S,
+                   help="tno: fraction of stamps holding a source (default 0.45, as the course data)")
+    _common(p)
+
+    p = sub.add_parser("ingest", help="convert npy/npz, HDF5, FITS or pickle stamps into a stamp table")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    src = p.add_argument_group("source (exactly one form)")
+    src.add_argument("--class", dest="class_files", action="append", type=_class_file, default=S,
+                     metavar="NAME=FILE", help="one array file per class, repeated (label = order given)")
+    src.add_argument("--images", default=S, help="images array (.npy, or .npz with --images-key)")
+    src.add_argument("--labels", default=S, help="labels array (.npy, or key of --images .npz)")
+    src.add_argument("--hdf5", default=S, help="HDF5 file with --images-key and --labels-key datasets")
+    src.add_argument("--fits", default=S, metavar="DIR", help="directory of FITS cutouts (needs --catalog)")
+    src.add_argument("--catalog", default=S, metavar="CSV", help="CSV: file,label[,id,metadata...]")
+    src.add_argument("--size", type=int, default=S, help="FITS: centre-crop or pad every cutout to N x N")
+    src.add_argument("--pickle", default=S, help="pickled images (needs --allow-pickle)")
+    p.add_argument("--images-key", dest="images_key", default=S, help="array/dataset name of the images "
+                   "(default 'images')")
+    p.add_argument("--labels-key", dest="labels_key", default=S, help="array/dataset name of the labels "
+                   "(default 'labels')")
+    p.add_argument("--ids-key", dest="ids_key", default=S, help="array/dataset of stamp ids (default: "
+                   "FILESTEM-ROW)")
+    p.add_argument("--classes", type=_csv, default=S, help="class names in label order, e.g. noise,source")
+    p.add_argument("--split", choices=["train", "val", "test"], default=S,
+                   help="the whole input belongs to this fixed split (overrides the id hash)")
+    p.add_argument("--layout", choices=["auto", "nchw", "nhwc", "nhw", "flat"], default=S,
+                   help="image axis order (default auto)")
+    p.add_argument("--nonfinite", choices=["set-aside", "fail"], default=S,
+                   help="rows with NaN/inf pixels: set aside in _errors (default) or fail")
+    p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=S,
+                   help="allow unpickling (runs code from the file: only for trusted sources)")
+    p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, help="rows per shard (default 50000)")
+    p.add_argument("--id-prefix", dest="id_prefix", default=S, help="prefix for generated stamp ids")
+    _common(p)
+
+    p = sub.add_parser("models", help="list the registered models with parameters and FLOPs")
+    p.add_argument("--shape", type=_shape, default=(1, 21, 21), help="C,H,W (default 1,21,21)")
+    p.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
+
+    p = sub.add_parser("demo", help="the whole pipeline on a small synthetic survey")
+    p.add_argument("--out", default=S, help="working directory (default ./stampray-demo)")
+    p.add_argument("-n", type=int, default=S, help="number of stamps (default 20000)")
+    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    _common(p)
+    return parser
+
+
+def _cmd_synth(ns):
+    from .synth import SynthSettings, synth
+
+    t0 = time.time()
+    settings = _settings(SynthSettings, ns)
+    m = synth(settings)
+    dt = time.time() - t0
+    print(f"synth: wrote {m.num_rows} {settings.kind} stamps {m.spec.shape} in {len(m.shards)} shards to "
+          f"{settings.out}; classes {dict(zip(m.spec.class_names, m.label_counts.values()))}; "
+          f"{dt:.1f} s ({m.num_rows / max(dt, 1e-9):,.0f} stamps/s)")
+
+
+def _cmd_ingest(ns):
+    from .ingest import IngestSettings, ingest
+
+    settings = _settings(IngestSettings, ns)
+    r = ingest(settings)
+    aside = sum(r.set_aside.values())
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(r.set_aside.items())) or "none"
+    print(f"ingest: read {r.rows_in} rows; ingested {r.ingested} stamps {r.manifest.spec.shape} into "
+          f"{len(r.manifest.shards)} shards at {settings.out}; set aside {aside} ({detail})"
+          + (f", listed in {settings.out}/_errors" if aside else "")
+          + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
+
+
+def _cmd_models(ns):
+    from .models import describe
+
+    rows = describe(ns.shape, ns.classes)
+    c, h, w = ns.shape
+    print(f"models at {c}x{h}x{w}, {ns.classes} classes:")
+    print(f"{'model':<10} {'parameters':>12} {'MFLOPs/stamp':>13}  source")
+    for r in rows:
+        if r["params"] is None:
+            print(f"{r['model']:<10} {'-':>12} {'-':>13}  {r['note']}")
+        else:
+            print(f"{r['model']:<10} {r['params']:>12,} {r['flops'] / 1e6:>13.3f}  {r['note']}")
+
+
+def _cmd_demo(ns):
+    from .demo import DemoSettings, demo
+
+    demo(_settings(DemoSettings, ns))
+
+
+COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "models": _cmd_models, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not ns.verb:
+        parser.print_help()
+        return 2
+    try:
+        COMMANDS[ns.verb](ns)
+    except (ValueError, FileNotFoundError, PermissionError, NotImplementedError) as e:
+        print(f"stampray {ns.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stampray {ns.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Named preprocessing steps, applied identically at training, scoring and occlusion time.
+
+A model checkpoint records the *name* of the step it was trained with; :func:`get` returns the function,
+so scoring can never apply a different normalisation than training did.
+
+Every step takes and returns a float32 array of shape (N, C, H, W) and works per stamp and per channel,
+vectorised over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+SIGMA_G_COEFF = 0.7413  # sigma_G = 0.7413 * IQR: the Gaussian-equivalent width from the interquartile range
+
+_STEPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        if name in _STEPS:
+            msg = f"preprocessing step {name!r} is already registered"
+            raise ValueError(msg)
+        _STEPS[name] = fn
+        fn.preprocess_name = name
+        return fn
+
+    return deco
+
+
+def names() -> list[str]:
+    return sorted(_STEPS)
+
+
+def get(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing function registered under ``name``."""
+    try:
+        return _STEPS[name]
+    except KeyError:
+        msg = f"unknown preprocessing {name!r}; known steps: {', '.join(names())}"
+        raise ValueError(msg) from None
+
+
+def _as_batch(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        msg = f"preprocessing expects a batch of shape (N, C, H, W), got shape {x.shape}"
+        raise ValueError(msg)
+    return x
+
+
+@register("course")
+def course_normalize(x: np.ndarray) -> np.ndarray:
+    """The course normalisation of the TNO notebooks, per stamp and per channel.
+
+    Clip every pixel below ``median - 2 sigma_G`` (``sigma_G = 0.7413 IQR``) to that value, subtract the
+    minimum, divide by the sum. A stamp whose clipped pixels are all equal (constant or all-zero) has no
+    contrast to normalise; it becomes the uniform stamp ``1 / (H W)``, the limit that keeps the unit sum,
+    instead of 0/0.
+    """
+    x = _as_batch(x)
+    n, c, h, w = x.shape
+    flat = x.reshape(n, c, h * w).astype(np.float64)
+    if flat.size == 0:
+        return x.copy()
+    p25, p50, p75 = np.percentile(flat, [25, 50, 75], axis=-1, keepdims=True)
+    floor = p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)
+    clipped = np.maximum(flat, floor)
+    clipped -= clipped.min(axis=-1, keepdims=True)
+    total = clipped.sum(axis=-1, keepdims=True)
+    degenerate = total <= 0
+    out = np.where(degenerate, 1.0 / (h * w), clipped / np.where(degenerate, 1.0, total))
+    return out.astype(np.float32).reshape(n, c, h, w)
+
+
+@register("none")
+def identity(x: np.ndarray) -> np.ndarray:
+    """No preprocessing: the pixels as stored (the jet and radio notebooks feed raw images)."""
+    return _as_batch(x)
+
+
+@register("standardize")
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Zero mean and unit variance per stamp and channel; a constant stamp becomes all zeros."""
+    x = _as_batch(x)
+    n, c, h, w = x.shape
+    flat = x.reshape(n, c, h * w).astype(np.float64)
+    mean = flat.mean(axis=-1, keepdims=True)
+    std = flat.std(axis=-1, keepdims=True)
+    out = (flat - mean) / np.where(std > 0, std, 1.0)
+    return out.astype(np.float32).reshape(n, c, h, w)

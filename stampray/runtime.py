@@ -1,0 +1,67 @@
+"""Starting and connecting to Ray the same way for every verb.
+
+Default: a private local Ray instance (``ray.init(address="local")``), so a stale
+``/tmp/ray/ray_current_cluster`` from a crashed run never hijacks the session. A running cluster is used
+only when the user asks for it with ``--address`` or ``RAY_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+
+def _quiet_data_context() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if os.environ.get("STAMPRAY_PROGRESS", "1") == "0":
+        ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    with contextlib.suppress(AttributeError):
+        ctx.enable_operator_progress_bars = ctx.enable_progress_bars
+
+
+def target_address(address: str | None) -> str | None:
+    """The cluster the user asked for: ``--address`` first, then ``RAY_ADDRESS``; None for a private one."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Make sure Ray is initialised for the duration of a verb.
+
+    Reuses an already-initialised Ray (a notebook, a test session, a Ray job); otherwise connects to the
+    requested cluster or starts a private local one, and shuts down only what it started.
+    """
+    import ray
+
+    if ray.is_initialized():
+        _quiet_data_context()
+        yield
+        return
+    addr = target_address(address)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if addr:
+        ray.init(address=addr, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    try:
+        _quiet_data_context()
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))

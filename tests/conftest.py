@@ -1,0 +1,32 @@
+"""Shared fixtures: one Ray instance per test session, small data, progress bars off."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("STAMPRAY_PROGRESS", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_shared():
+    """A private local Ray with 2 CPUs, started once for the whole session (Ray's ray_start_regular_shared)."""
+    import ray
+
+    from stampray.runtime import _quiet_data_context
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    _quiet_data_context()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tno_small(tmp_path_factory):
+    """A 600-stamp tno survey in 3 shards, shared by tests that only read it."""
+    from stampray.synth import SynthSettings, synth
+
+    out = str(tmp_path_factory.mktemp("tno_small"))
+    synth(SynthSettings(out=out, n=600, seed=7, shard_rows=250))
+    return out

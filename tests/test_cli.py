@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import numpy as np
+
+from stampray import table as st
+from stampray.cli import main
+
+
+def test_python_m_stampray_help():
+    out = subprocess.run([sys.executable, "-m", "stampray", "--help"], capture_output=True, text=True, check=True)
+    for verb in ("synth", "ingest", "models", "demo"):
+        assert verb in out.stdout
+
+
+def test_models_lists_every_model(capsys):
+    assert main(["models", "--shape", "1,21,21", "--classes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn                9,666" in out.replace("cnn               9,666", "cnn                9,666")
+    for name, count in [("dense", "27,452"), ("vgg6", "25,394"), ("resnet50", "23,532,418")]:
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        assert count in line
+
+
+def test_synth_then_ingest_cli(tmp_path, capsys):
+    assert main(["synth", "-n", "300", "--seed", "2", "--out", str(tmp_path / "s"), "--shard-rows", "100"]) == 0
+    assert "synth: wrote 300 tno stamps (1, 21, 21) in 3 shards" in capsys.readouterr().out
+    tbl = st.read_table(str(tmp_path / "s"))
+    img = st.decode_images(tbl.column("image"), (1, 21, 21))[:, 0]
+    np.save(tmp_path / "noise.npy", img[:5])
+    assert main(["ingest", "--out", str(tmp_path / "i"), "--class", f"noise={tmp_path / 'noise.npy'}"]) == 0
+    assert "ingested 5 stamps" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
+    assert main(["ingest", "--out", str(tmp_path / "o"), "--images", str(tmp_path / "missing.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"stampray ingest: error: {tmp_path / 'missing.npy'} does not exist"
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    cfg = tmp_path / "synth.json"
+    cfg.write_text('{"n": 120, "seed": 9, "kind": "tno"}')
+    assert main(["synth", "--config", str(cfg), "-n", "50", "--out", str(tmp_path / "s")]) == 0
+    m = st.read_manifest(str(tmp_path / "s"))
+    assert m.num_rows == 50 and m.settings["synth"]["seed"] == 9

@@ -1,0 +1,249 @@
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+
+from stampray import table as st
+from stampray.ingest import IngestError, IngestSettings, _open_npy, _StreamedNpy, ingest
+
+
+def read_back(path):
+    m = st.read_manifest(path)
+    tbl = st.read_table(path)
+    return m, tbl, st.decode_images(tbl.column("image"), m.spec.shape)
+
+
+def test_class_files_npy_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(12, 21, 21)).astype(np.float32)
+    sources = rng.normal(size=(8, 21, 21)).astype(np.float32)
+    np.save(tmp_path / "stamps_noise.npy", noise)
+    np.save(tmp_path / "stamps_sources.npy", sources)
+    out = str(tmp_path / "out")
+    r = ingest(IngestSettings(out=out, chunk_rows=5, shard_rows=7, class_files=(
+        ("noise", str(tmp_path / "stamps_noise.npy")), ("source", str(tmp_path / "stamps_sources.npy")))))
+    assert r.ingested == 20 and r.rows_in == 20 and r.set_aside == {}
+    m, tbl, images = read_back(out)
+    assert m.spec.class_names == ("noise", "source") and m.spec.shape == (1, 21, 21)
+    assert [s["rows"] for s in m.shards] == [7, 7, 6]
+    assert tbl.column("label").to_pylist() == [0] * 12 + [1] * 8
+    assert tbl.column("stamp_id").to_pylist()[:2] == ["stamps_noise-000000000", "stamps_noise-000000001"]
+    np.testing.assert_array_equal(images[:, 0], np.concatenate([noise, sources]))
+
+
+def test_ids_are_stable_across_reruns(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 5, 5), np.float32))
+    ids = []
+    for k in range(2):
+        out = str(tmp_path / f"o{k}")
+        ingest(IngestSettings(out=out, class_files=(("a", str(tmp_path / "x.npy")),), chunk_rows=3 - k))
+        ids.append(st.read_table(out).column("stamp_id").to_pylist())
+    assert ids[0] == ids[1] == [f"x-{i:09d}" for i in range(4)]
+
+
+def test_npz_channels_last_multichannel_with_metadata(tmp_path):
+    rng = np.random.default_rng(1)
+    nhwc = rng.normal(size=(6, 21, 21, 3)).astype(np.float32)  # science/template/difference
+    np.savez(tmp_path / "triplets.npz", images=nhwc, labels=np.array([0, 1, 1, 0, 1, 0]), snr=np.arange(6.0))
+    out = str(tmp_path / "out")
+    ingest(IngestSettings(out=out, images=str(tmp_path / "triplets.npz"), classes=("bogus", "real"), chunk_rows=4))
+    m, tbl, images = read_back(out)
+    assert m.spec.shape == (3, 21, 21)
+    np.testing.assert_array_equal(images, np.moveaxis(nhwc, -1, 1))
+    assert tbl.column("snr").to_pylist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert tbl.column("label").to_pylist() == [0, 1, 1, 0, 1, 0]
+
+
+def test_npy_pair_channels_first_and_one_hot_labels(tmp_path):
+    nchw = np.arange(4 * 2 * 20 * 20, dtype=np.float32).reshape(4, 2, 20, 20)
+    np.save(tmp_path / "img.npy", nchw)
+    np.save(tmp_path / "lab.npy", np.eye(3)[[2, 0, 1, 2]])  # Keras-style one-hot
+    out = str(tmp_path / "out")
+    ingest(IngestSettings(out=out, images=str(tmp_path / "img.npy"), labels=str(tmp_path / "lab.npy")))
+    m, tbl, images = read_back(out)
+    assert m.spec.shape == (2, 20, 20) and m.spec.class_names == ("0", "1", "2")
+    np.testing.assert_array_equal(images, nchw)
+    assert tbl.column("label").to_pylist() == [2, 0, 1, 2]
+
+
+def test_unlabelled_images_get_null_labels(tmp_path):
+    np.save(tmp_path / "img.npy", np.ones((3, 21, 21), np.float32))
+    out = str(tmp_path / "out")
+    ingest(IngestSettings(out=out, images=str(tmp_path / "img.npy")))
+    assert st.read_table(out).column("label").to_pylist() == [None, None, None]
+
+
+def test_hdf5_big_endian_jets(tmp_path):
+    rng = np.random.default_rng(2)
+    imgs = rng.random((9, 20, 20)).astype(">f4")
+    labels = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    with h5py.File(tmp_path / "jets.h5", "w") as f:
+        f["images"] = imgs
+        f["labels"] = labels
+        f["pt"] = np.linspace(100, 900, 9)
+    out = str(tmp_path / "out")
+    ingest(IngestSettings(out=out, hdf5=str(tmp_path / "jets.h5"), classes=("g", "q", "t", "w", "z"), chunk_rows=4))
+    m, tbl, images = read_back(out)
+    assert m.spec.class_names == ("g", "q", "t", "w", "z")
+    np.testing.assert_array_equal(images[:, 0], imgs.astype(np.float32))
+    assert tbl.column("label").to_pylist() == labels.tolist()
+    np.testing.assert_allclose(tbl.column("pt").to_numpy(), np.linspace(100, 900, 9))
+
+
+def test_hdf5_missing_key_is_named(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["stamps"] = np.zeros((2, 5, 5))
+    with pytest.raises(IngestError, match="has no dataset 'images'; it holds: stamps; name the images with --images-key"):
+        ingest(IngestSettings(out=str(tmp_path / "o"), hdf5=str(tmp_path / "x.h5")))
+
+
+def write_fits(path, data):
+    fits.PrimaryHDU(np.asarray(data).astype(">f4")).writeto(path)
+
+
+def test_fits_directory_with_catalogue(tmp_path):
+    rng = np.random.default_rng(4)
+    d = tmp_path / "cutouts"
+    d.mkdir()
+    arrays = [rng.normal(size=(21, 21)) for _ in range(3)] + [rng.normal(size=(25, 25)), rng.normal(size=(19, 19))]
+    for i, a in enumerate(arrays):
+        write_fits(d / f"c{i}.fits", a)
+    nan = rng.normal(size=(21, 21))
+    nan[3, 4] = np.nan
+    write_fits(d / "nan.fits", nan)
+    lines = ["file,label,id,snr"] + [f"c{i}.fits,{['star', 'galaxy'][i % 2]},obj{i},{i}.5" for i in range(5)]
+    lines += ["nan.fits,star,objnan,1", "gone.fits,star,objgone,2", "c0.fits,comet,objbad,3"]
+    (tmp_path / "cat.csv").write_text("\n".join(lines) + "\n")
+
+    out = str(tmp_path / "refuse")
+    r = ingest(IngestSettings(out=out, fits=str(d), catalog=str(tmp_path / "cat.csv"), classes=("star", "galaxy")))
+    assert r.ingested == 3 and r.set_aside == {"shape": 2, "nonfinite": 1, "unreadable": 1, "label": 1}
+    errors = {e["stamp_id"]: e["reason"] for e in st.read_errors(out).to_pylist()}
+    assert errors["obj3"] == f"shape: {d}/c3.fits is 25x25, the dataset 21x21; pass --size N to centre-crop or pad every cutout"
+    assert errors["objgone"] == f"unreadable: {d}/gone.fits does not exist"
+    assert errors["objbad"] == "label: 'comet' is not one of the classes (star, galaxy)"
+
+    out = str(tmp_path / "fit")
+    r = ingest(IngestSettings(out=out, fits=str(d), catalog=str(tmp_path / "cat.csv"), classes=("star", "galaxy"),
+                              size=21))
+    assert r.ingested == 5
+    m, tbl, images = read_back(out)
+    assert tbl.column("stamp_id").to_pylist() == ["obj0", "obj1", "obj2", "obj3", "obj4"]
+    assert tbl.column("label").to_pylist() == [0, 1, 0, 1, 0]
+    assert tbl.column("snr").to_pylist() == [0.5, 1.5, 2.5, 3.5, 4.5]
+    np.testing.assert_allclose(images[0, 0], arrays[0].astype(np.float32))
+    np.testing.assert_allclose(images[3, 0], arrays[3][2:23, 2:23].astype(np.float32))  # centre crop
+    padded = images[4, 0]
+    np.testing.assert_allclose(padded[1:20, 1:20], arrays[4].astype(np.float32))  # centre pad
+    assert padded[0, 0] == pytest.approx(np.median(arrays[4].astype(np.float32)))
+
+
+def test_pickle_refused_then_allowed(tmp_path):
+    rng = np.random.default_rng(5)
+    imgs = rng.normal(size=(4, 64, 64))
+    with open(tmp_path / "radio.pkl", "wb") as f:
+        pickle.dump(imgs, f)
+    with open(tmp_path / "labels.pkl", "wb") as f:
+        pickle.dump([0, 3, 1, 2], f)
+    settings = dict(out=str(tmp_path / "o"), pickle=str(tmp_path / "radio.pkl"), labels=str(tmp_path / "labels.pkl"))
+    with pytest.raises(IngestError, match="refusing to unpickle .*radio.pkl: loading a pickle runs arbitrary code"
+                                          ".* pass --allow-pickle"):
+        ingest(IngestSettings(**settings))
+    assert not os.path.exists(tmp_path / "o" / "_manifest.json")
+    ingest(IngestSettings(**settings, allow_pickle=True, classes=("extended", "point", "double", "triple")))
+    m, tbl, images = read_back(str(tmp_path / "o"))
+    assert m.spec.shape == (1, 64, 64) and tbl.column("label").to_pylist() == [0, 3, 1, 2]
+    np.testing.assert_allclose(images[:, 0], imgs.astype(np.float32))
+
+
+def test_object_npy_is_refused_without_opt_in(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([np.zeros(3), "x"], dtype=object), allow_pickle=True)
+    with pytest.raises(IngestError, match="refusing to unpickle"):
+        ingest(IngestSettings(out=str(tmp_path / "o"), images=str(tmp_path / "obj.npy")))
+
+
+def test_nonfinite_policy(tmp_path):
+    x = np.zeros((5, 21, 21), np.float32)
+    x[1, 0, 0] = np.nan
+    x[3, 2, 2] = np.inf
+    x[3, 2, 3] = -np.inf
+    np.save(tmp_path / "x.npy", x)
+    out = str(tmp_path / "o")
+    r = ingest(IngestSettings(out=out, class_files=(("a", str(tmp_path / "x.npy")),)))
+    assert r.ingested == 3 and r.set_aside == {"nonfinite": 2}
+    assert st.read_errors(out).to_pylist() == [
+        {"stamp_id": "x-000000001", "source": str(tmp_path / "x.npy"), "row": 1,
+         "reason": "nonfinite: 1 non-finite pixels (NaN or inf)"},
+        {"stamp_id": "x-000000003", "source": str(tmp_path / "x.npy"), "row": 3,
+         "reason": "nonfinite: 2 non-finite pixels (NaN or inf)"},
+    ]
+    with pytest.raises(IngestError, match=r"x.npy row 1 has 1 non-finite pixels .* --nonfinite set-aside"):
+        ingest(IngestSettings(out=str(tmp_path / "f"), class_files=(("a", str(tmp_path / "x.npy")),),
+                              nonfinite="fail"))
+
+
+def test_labels_outside_the_class_list_are_set_aside(tmp_path):
+    np.save(tmp_path / "img.npy", np.zeros((4, 21, 21), np.float32))
+    np.save(tmp_path / "lab.npy", np.array([0, 1, 2, -1]))
+    out = str(tmp_path / "o")
+    r = ingest(IngestSettings(out=out, images=str(tmp_path / "img.npy"), labels=str(tmp_path / "lab.npy"),
+                              classes=("noise", "source")))
+    assert r.ingested == 2 and r.set_aside == {"label": 2}
+    reasons = [e["reason"] for e in st.read_errors(out).to_pylist()]
+    assert reasons == ["label: 2 is outside the class list 0..1 (noise, source)",
+                       "label: -1 is outside the class list 0..1 (noise, source)"]
+
+
+def test_duplicate_ids_are_set_aside(tmp_path):
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 21, 21), np.float32), labels=np.array([0, 1, 0, 1]),
+             ids=np.array(["a", "b", "a", "c"]))
+    out = str(tmp_path / "o")
+    r = ingest(IngestSettings(out=out, images=str(tmp_path / "d.npz"), ids_key="ids"))
+    assert r.ingested == 3 and r.set_aside == {"duplicate_id": 1}
+    err = st.read_errors(out).to_pylist()[0]
+    assert err["row"] == 2 and err["reason"] == f"duplicate_id: 'a' already used by {tmp_path}/d.npz row 0"
+
+
+def test_inconsistent_shapes_between_files_are_refused(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 21, 21), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((2, 20, 20), np.float32))
+    with pytest.raises(IngestError, match=r"must share one shape, but the --class files differ .*a.npy: \(1, 21, 21\)"):
+        ingest(IngestSettings(out=str(tmp_path / "o"), class_files=(("a", str(tmp_path / "a.npy")),
+                                                                    ("b", str(tmp_path / "b.npy")))))
+
+
+def test_ambiguous_layout_asks_for_layout(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 3, 3), np.float32))
+    with pytest.raises(IngestError, match="pass --layout nchw or --layout nhwc"):
+        ingest(IngestSettings(out=str(tmp_path / "o"), images=str(tmp_path / "a.npy")))
+    ingest(IngestSettings(out=str(tmp_path / "o"), images=str(tmp_path / "a.npy"), layout="nchw"))
+
+
+def test_fixed_split_is_recorded(tmp_path):
+    np.save(tmp_path / "test.npy", np.zeros((3, 21, 21), np.float32))
+    out = str(tmp_path / "o")
+    ingest(IngestSettings(out=out, class_files=(("a", str(tmp_path / "test.npy")),), split="test"))
+    assert st.read_table(out).column("split").to_pylist() == ["test"] * 3
+
+
+def test_arrays_are_read_in_bounded_chunks(tmp_path):
+    big = np.arange(50 * 4 * 4, dtype=np.float32).reshape(50, 4, 4)
+    np.save(tmp_path / "big.npy", big)
+    arr = _open_npy(str(tmp_path / "big.npy"))
+    assert isinstance(arr.arr, np.memmap)  # memory-mapped, never loaded whole
+    np.savez_compressed(tmp_path / "big.npz", images=big)
+    streamed = _StreamedNpy(str(tmp_path / "big.npz"), "images")
+    chunks = list(streamed.chunks(16))
+    assert [len(c) for _, c in chunks] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), big)
+
+
+def test_one_source_form_only(tmp_path):
+    with pytest.raises(ValueError, match="give exactly one source form"):
+        IngestSettings(out="o", images="a.npy", hdf5="b.h5")
+    with pytest.raises(ValueError, match="--fits DIR needs --catalog CSV"):
+        IngestSettings(out="o", fits="d")
