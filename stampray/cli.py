@@ -120,6 +120,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_shape, default=(1, 21, 21), help="C,H,W (default 1,21,21)")
     p.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
 
+    p = sub.add_parser("train", help="train a registered model with Ray Train (data-parallel)")
+    p.add_argument("--model", required=True, help="registered model name (see 'stampray models')")
+    p.add_argument("--data", required=True, help="stamp dataset to train on (its train/val/test splits)")
+    p.add_argument("--out", required=True, help="directory holding runs (RUNDIR); the run goes to RUNDIR/NAME")
+    p.add_argument("--name", default=S, help="run name (default: the model name); rerun a name to resume it")
+    p.add_argument("--workers", type=int, default=S, help="data-parallel Train workers (default 1)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S,
+                   help="one GPU per worker, NCCL, mixed precision")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on GPU")
+    p.add_argument("--epochs", type=int, default=S, help="epochs (default 10)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
+                   help="global batch size, split across workers (default 128)")
+    p.add_argument("--lr", type=float, default=S, help="learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="weight decay (default 0.01)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=S, help="optimizer (default adamw)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=S,
+                   help="learning-rate schedule (default constant; cosine warms up for --warmup-epochs)")
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S, help="cosine warm-up (default 1)")
+    p.add_argument("--class-weights", dest="class_weights", choices=["auto", "none"], default=S,
+                   help="auto: weight the loss by inverse class frequency")
+    p.add_argument("--augment", action="store_true", default=S,
+                   help="random flips, 90-degree rotations, small shifts and zooms (training only)")
+    p.add_argument("--early-stopping", dest="early_stopping", type=int, default=S, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without improvement of --monitor")
+    p.add_argument("--monitor", choices=["val_loss", "val_acc", "val_auc"], default=S,
+                   help="validation metric for the best epoch and early stopping (default val_loss)")
+    p.add_argument("--max-failures", dest="max_failures", type=int, default=S,
+                   help="restart failed workers from the last checkpoint up to K times (default 0)")
+    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    p.add_argument("--preprocess", default=S, help="named preprocessing (course, standardize, none; default course)")
+    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S,
+                   help="per-epoch checkpoints kept besides best.pt/last.pt (default 2)")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=S,
+                   help="override the CPU share of each worker (default: leave a CPU for reading)")
+    p.add_argument("--placement", choices=["PACK", "SPREAD"], default=S,
+                   help="pack workers on few nodes (default) or spread them across nodes")
+    _common(p)
+
+    p = sub.add_parser("score", help="score stamp shards with a checkpoint (Ray Data, exactly once, resumable)")
+    p.add_argument("--model", required=True, help="checkpoint: model.pt, a checkpoint dir, or a run dir (best.pt)")
+    p.add_argument("--data", required=True, help="stamp dataset to score")
+    p.add_argument("--out", required=True, help="result directory (one Parquet file per input shard)")
+    p.add_argument("--keep", type=_csv, default=S, help="metadata columns to pass through, e.g. snr,ra,dec")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
+                   help="stamps per model call (default 4096 on CPU, 16384 on GPU)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S, help="one GPU per model actor")
+    p.add_argument("--actors", type=int, default=S, help="model replicas (default: one per CPU, or per GPU)")
+    p.add_argument("--overwrite", action="store_true", default=S, help="discard earlier results in --out")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=S,
+                   help="torch.compile the model in each replica (auto: for jobs of 200,000 stamps or more)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
+    _common(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on a small synthetic survey")
     p.add_argument("--out", default=S, help="working directory (default ./stampray-demo)")
     p.add_argument("-n", type=int, default=S, help="number of stamps (default 20000)")
@@ -167,13 +220,43 @@ def _cmd_models(ns):
             print(f"{r['model']:<10} {r['params']:>12,} {r['flops'] / 1e6:>13.3f}  {r['note']}")
 
 
+def _cmd_train(ns):
+    from .train import TrainSettings, fit
+
+    settings = _settings(TrainSettings, ns)
+    r = fit(settings)
+    m = r.metrics
+    print(f"train: {settings.model} on {settings.data}: {m.get('epochs_done')} epochs, best epoch "
+          f"{m.get('best_epoch')}; test accuracy {m.get('test_acc', float('nan')):.4f}, test AUC "
+          f"{m.get('test_auc', float('nan')):.4f} on {m.get('test_n')} stamps; "
+          f"{m.get('stamps_per_s', 0):,.0f} stamps/s; {m.get('wall_seconds')} s")
+    print(f"train: best checkpoint {r.best}; TensorBoard: tensorboard --logdir {r.run_dir}/tensorboard")
+
+
+def _cmd_score(ns):
+    from .score import ScoreSettings, score
+
+    settings = _settings(ScoreSettings, ns)
+    r = score(settings)
+    if r.nothing_to_do:
+        print(f"score: {settings.out} is already complete ({r.scored} stamps scored, {r.set_aside} set aside); "
+              f"nothing to do")
+        return
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "none"
+    print(f"score: {r.scored} stamps scored into {settings.out}; set aside {r.set_aside} ({detail})"
+          + (f", listed in {settings.out}/_errors" if r.set_aside else "")
+          + (f"; {r.skipped_shards} shards were already done" if r.skipped_shards else "")
+          + f"; {r.seconds:.1f} s, {r.rows_per_s:,.0f} stamps/s")
+
+
 def _cmd_demo(ns):
     from .demo import DemoSettings, demo
 
     demo(_settings(DemoSettings, ns))
 
 
-COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "models": _cmd_models, "demo": _cmd_demo}
+COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "models": _cmd_models, "train": _cmd_train,
+            "score": _cmd_score, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

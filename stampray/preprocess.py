@@ -62,17 +62,33 @@ def course_normalize(x: np.ndarray) -> np.ndarray:
     """
     x = _as_batch(x)
     n, c, h, w = x.shape
-    flat = x.reshape(n, c, h * w).astype(np.float64)
-    if flat.size == 0:
+    if x.size == 0:
         return x.copy()
-    p25, p50, p75 = np.percentile(flat, [25, 50, 75], axis=-1, keepdims=True)
-    floor = p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)
-    clipped = np.maximum(flat, floor)
-    clipped -= clipped.min(axis=-1, keepdims=True)
-    total = clipped.sum(axis=-1, keepdims=True)
+    flat = x.reshape(n * c, h * w)
+    p25, p50, p75 = _quartiles(flat)
+    floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).astype(np.float32)
+    clipped = np.maximum(flat, floor[:, None])
+    clipped -= clipped.min(axis=1, keepdims=True)
+    total = clipped.sum(axis=1, dtype=np.float64, keepdims=True)
     degenerate = total <= 0
-    out = np.where(degenerate, 1.0 / (h * w), clipped / np.where(degenerate, 1.0, total))
-    return out.astype(np.float32).reshape(n, c, h, w)
+    out = np.where(degenerate, np.float32(1.0 / (h * w)),
+                   clipped * (1.0 / np.where(degenerate, 1.0, total)).astype(np.float32))
+    return out.astype(np.float32, copy=False).reshape(n, c, h, w)
+
+
+def _quartiles(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """25th, 50th and 75th percentiles of each row, as ``np.percentile``'s default linear rule computes
+    them, from one ``np.partition`` of the row (float64 results)."""
+    m = flat.shape[1]
+    pos = [q * (m - 1) for q in (0.25, 0.5, 0.75)]
+    kth = sorted({int(np.floor(p)) for p in pos} | {int(np.ceil(p)) for p in pos})
+    part = np.partition(flat, kth, axis=1)
+    out = []
+    for p in pos:
+        lo, hi = int(np.floor(p)), int(np.ceil(p))
+        a = part[:, lo].astype(np.float64)
+        out.append(a if lo == hi else a + (part[:, hi].astype(np.float64) - a) * (p - lo))
+    return out[0], out[1], out[2]
 
 
 @register("none")

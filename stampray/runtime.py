@@ -16,6 +16,7 @@ from typing import Iterator
 def _quiet_data_context() -> None:
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines in the driver
     ctx = ray.data.DataContext.get_current()
     if os.environ.get("STAMPRAY_PROGRESS", "1") == "0":
         ctx.enable_progress_bars = False
@@ -47,7 +48,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if addr:
         ray.init(address=addr, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # Workers of a private cluster inherit this environment: Ray Data's per-dataset INFO lines would
+        # interleave with stampray's own progress lines.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        # The dashboard (Ray's state API, which Ray Train uses) listens on localhost only.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
     try:
         _quiet_data_context()
         yield

@@ -1,0 +1,119 @@
+"""Self-describing model checkpoints.
+
+A checkpoint is one ``model.pt`` file holding only tensors and plain containers, so it loads with
+``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects). Beside the weights it stores
+everything needed to rebuild and use the model: architecture name and keyword arguments, input channels
+and size, preprocessing name, class names, the training settings and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import torch
+
+from . import table as st
+from .models import StampModel, create_model
+
+FORMAT = "stampray-checkpoint"
+VERSION = 1
+FILE_NAME = "model.pt"
+
+
+def make_bundle(model: StampModel, *, class_names, preprocess: str, config: dict | None = None,
+                metrics: dict | None = None, epoch: int = 0, extra: dict | None = None) -> dict:
+    """The checkpoint dictionary for ``model`` (unwrap DDP before calling)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.model_name,
+        "model_kwargs": dict(getattr(model, "model_kwargs", {})),
+        "in_channels": int(model.in_channels),
+        "image_size": [int(s) for s in model.image_size],
+        "num_classes": int(model.num_classes),
+        "class_names": [str(c) for c in class_names],
+        "preprocess": str(preprocess),
+        "config": dict(config or {}),
+        "metrics": dict(metrics or {}),
+        "epoch": int(epoch),
+        "state_dict": state,
+        **(extra or {}),
+    }
+
+
+def save(bundle: dict, path: str) -> None:
+    """Write a bundle to a local path or URI."""
+    buf = io.BytesIO()
+    torch.save(bundle, buf)
+    fs, p = st.resolve(path)
+    with fs.open_output_stream(p) as f:
+        f.write(buf.getvalue())
+
+
+def resolve_path(path: str) -> str:
+    """Accept a ``model.pt`` file, a checkpoint directory holding one, or a run directory (its ``best.pt``)."""
+    path = str(path)
+    fs, p = st.resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == st.pafs.FileType.File:
+        return path
+    if info.type == st.pafs.FileType.Directory:
+        for name in (FILE_NAME, "best.pt", "last.pt"):
+            candidate = st.join(path, name)
+            if st.exists(candidate):
+                return candidate
+        msg = f"{path} holds no {FILE_NAME} or best.pt; pass a checkpoint written by 'stampray train'"
+        raise FileNotFoundError(msg)
+    msg = f"checkpoint {path} does not exist"
+    raise FileNotFoundError(msg)
+
+
+def load_bundle(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; refuse files that are not stampray checkpoints."""
+    path = resolve_path(path)
+    fs, p = st.resolve(path)
+    with fs.open_input_stream(p) as f:
+        data = f.read()
+    try:
+        bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint
+        msg = f"{path} is not a loadable stampray checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        raise ValueError(msg) from None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        msg = f"{path} is not a stampray checkpoint (no '{FORMAT}' marker)"
+        raise ValueError(msg)
+    if int(bundle.get("version", -1)) > VERSION:
+        msg = f"{path} was written by a newer stampray (checkpoint version {bundle['version']}); upgrade stampray"
+        raise ValueError(msg)
+    return bundle
+
+
+def build_model(bundle: dict) -> StampModel:
+    """Rebuild the model described by a bundle and load its weights (eval mode)."""
+    model = create_model(bundle["model"], bundle["in_channels"], tuple(bundle["image_size"]),
+                         bundle["num_classes"], **bundle.get("model_kwargs", {}))
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()
+
+
+def weights_hash(bundle: dict) -> str:
+    """A short, stable hash of the weights (names, shapes and bytes), for the ``model`` column of scores."""
+    h = hashlib.sha256()
+    for name in sorted(bundle["state_dict"]):
+        t = bundle["state_dict"][name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> StampModel:
+    """A ready model from a checkpoint: rebuilt by name, weights loaded, in eval mode.
+
+    The bundle's metadata is attached as ``model.stampray`` (class names, preprocessing, metrics).
+    """
+    bundle = load_bundle(path, map_location)
+    model = build_model(bundle)
+    model.stampray = {k: v for k, v in bundle.items() if k not in ("state_dict", "optimizer")}
+    return model

@@ -1,0 +1,623 @@
+"""Data-parallel training with Ray Train, fed by Ray Data: ``stampray train``.
+
+The driver reads only the dataset's manifest; Ray Data streams the shards, keeps each split's rows (the
+hash split of :mod:`stampray.splits`), decodes and preprocesses them in read tasks, and Ray Train's
+``TorchTrainer`` runs the same loop on every worker (DDP: gloo on CPU, NCCL on GPU).
+
+Resource rule (so readers never starve): Train workers together reserve at most the cluster's CPUs
+minus one (or minus a quarter of them on large clusters), and Ray Data's read and prepare tasks ask for
+half a CPU each, so they fit on any node whose other CPUs hold Train workers; on a 2-CPU laptop two
+workers take 0.5 CPU each and the readers keep a whole CPU.
+With ``use_gpu`` each worker takes one GPU and one CPU.
+
+A run lives in ``OUT/NAME/``: Ray's per-epoch checkpoints (``epoch-0001/model.pt``, the most recent
+``keep_checkpoints`` kept), ``best.pt`` (the best epoch by the monitored validation metric), ``last.pt``,
+``metrics.jsonl``, ``tensorboard/``, ``settings.json`` and ``summary.json``. Rerunning with the same name
+continues from the latest checkpoint; with ``max_failures`` a worker that dies is restarted from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from . import preprocess as pp
+from . import splits
+from . import table as st
+from .models import create_model, list_models
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max"}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings of ``stampray train``; see ``stampray train --help``."""
+
+    model: str
+    data: str
+    out: str
+    name: str | None = None
+    workers: int = 1
+    use_gpu: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_epochs: float = 1.0
+    class_weights: str | None = None
+    augment: bool = False
+    early_stopping: int | None = None
+    monitor: str = "val_loss"
+    max_failures: int = 0
+    seed: int = 0
+    preprocess: str = "course"
+    fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
+    amp: bool = True
+    keep_checkpoints: int = 2
+    cpus_per_worker: float | None = None
+    placement: str = "PACK"
+    address: str | None = None
+
+    def __post_init__(self):
+        if self.model not in list_models():
+            msg = f"unknown model {self.model!r}; known models: {', '.join(list_models())}"
+            raise ValueError(msg)
+        checks = [
+            (int(self.workers) >= 1, f"--workers must be a positive integer, got {self.workers!r}"),
+            (int(self.epochs) >= 1, f"--epochs must be a positive integer, got {self.epochs!r}"),
+            (int(self.batch_size) >= int(self.workers),
+             f"--batch-size ({self.batch_size}) must be at least the number of workers ({self.workers})"),
+            (float(self.lr) > 0, f"--lr must be positive, got {self.lr!r}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.class_weights in (None, "auto", "none"), "--class-weights takes 'auto' (or 'none')"),
+            (self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}"),
+            (self.early_stopping is None or int(self.early_stopping) >= 1,
+             f"--early-stopping PATIENCE must be a positive integer, got {self.early_stopping!r}"),
+            (int(self.keep_checkpoints) >= 1, "--keep-checkpoints must be at least 1"),
+            (int(self.max_failures) >= -1, "--max-failures must be -1 (unlimited) or more"),
+            (self.placement in ("PACK", "SPREAD"), "--placement must be PACK or SPREAD"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        pp.get(self.preprocess)
+        splits.check_fractions(self.fractions)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.model
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces used on the workers
+# --------------------------------------------------------------------------------------------------
+def prepare_batch(batch: pa.Table, split: str, fractions, shape, preprocess: str) -> dict:
+    """Ray Data map_batches: keep the labelled rows of one split, decode and preprocess them."""
+    keep = splits.mask(batch, split, fractions) & batch.column(st.LABEL).is_valid().to_numpy(zero_copy_only=False)
+    idx = np.nonzero(keep)[0]
+    sub = batch.take(pa.array(idx, pa.int64()))
+    x = pp.get(preprocess)(st.decode_images(sub.column(st.IMAGE), shape))
+    return {"x": x, "y": sub.column(st.LABEL).to_numpy().astype(np.int64)}
+
+
+class Augment(nn.Module):
+    """Sky-respecting augmentation of a batch: random flips, 90° rotations (square stamps), shifts of up
+    to ``shift`` pixels and zooms of up to ``zoom`` (bilinear, edge pixels repeated). Identity in eval
+    mode, so validation, test and scoring never see it. Labels are untouched: every transform preserves
+    the class of a stamp."""
+
+    def __init__(self, shift: float = 1.0, zoom: float = 0.1, seed: int = 0):
+        super().__init__()
+        self.shift, self.zoom = float(shift), float(zoom)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] == 0:
+            return x
+        n, _, h, w = x.shape
+        g = self.generator
+        r = torch.rand(n, 3, generator=g)
+        x = torch.where((r[:, 0] < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
+        x = torch.where((r[:, 1] < 0.5).to(x.device)[:, None, None, None], x.flip(-2), x)
+        if h == w:
+            k = torch.randint(0, 4, (n,), generator=g)
+            out = x.clone()
+            for kk in (1, 2, 3):
+                sel = (k == kk).to(x.device)
+                if sel.any():
+                    out[sel] = torch.rot90(x[sel], kk, dims=(-2, -1))
+            x = out
+        scale = 1.0 + (torch.rand(n, generator=g) * 2 - 1) * self.zoom
+        shifts = (torch.rand(n, 2, generator=g) * 2 - 1) * self.shift
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = 1.0 / scale
+        theta[:, 1, 1] = 1.0 / scale
+        theta[:, 0, 2] = shifts[:, 0] * 2.0 / w
+        theta[:, 1, 2] = shifts[:, 1] * 2.0 / h
+        grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def class_weights_from_counts(label_counts: dict, num_classes: int) -> list[float]:
+    """Inverse-frequency weights ``N / (K n_k)`` (scikit-learn's "balanced"); absent classes get 0."""
+    counts = np.array([float(label_counts.get(str(k), 0)) for k in range(num_classes)])
+    total = counts.sum()
+    if total == 0:
+        msg = "--class-weights auto needs labelled stamps; this dataset has none"
+        raise ValueError(msg)
+    return [float(total / (num_classes * c)) if c > 0 else 0.0 for c in counts]
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmup_epochs: float) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (linear warm-up, then cosine to zero)."""
+    if schedule == "constant":
+        return 1.0
+    total = max(1, steps_per_epoch * epochs)
+    warm = int(round(warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Loss, accuracy, ROC AUC (one-vs-rest for more than two classes) and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    if len(labels) == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "auc": float("nan"), "n": 0,
+                "confusion": [[0] * num_classes for _ in range(num_classes)]}
+    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    pred = probs.argmax(axis=1)
+    try:
+        if num_classes == 2:
+            auc = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(num_classes))))
+    except ValueError:  # one class only in this split
+        auc = float("nan")
+    cm = confusion_matrix(labels, pred, labels=list(range(num_classes)))
+    return {"loss": float(-np.log(p).mean()), "acc": float((pred == labels).mean()), "auc": auc,
+            "n": int(len(labels)), "confusion": cm.tolist()}
+
+
+def predict_dataset(model: nn.Module, it, device, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a Ray Data iterator (or dataset)."""
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in it.iter_torch_batches(batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64},
+                                           device=device):
+            probs.append(torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy())
+            labels.append(batch["y"].cpu().numpy())
+    if not probs:
+        return np.zeros((0, getattr(model, "num_classes", 2)), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+class _Cached:
+    """The validation split held in memory by rank 0 after its first pass (when it is small enough), so
+    later epochs do not re-read every shard to find it; larger splits stream every epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    @classmethod
+    def collect(cls, it, max_rows: int):
+        xs, ys, rows = [], [], 0
+        for batch in it.iter_torch_batches(batch_size=4096, dtypes={"x": torch.float32, "y": torch.int64}):
+            xs.append(batch["x"])
+            ys.append(batch["y"])
+            rows += len(batch["y"])
+            if rows > max_rows:
+                return it
+        if not xs:
+            return cls(torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+        return cls(torch.cat(xs), torch.cat(ys))
+
+    def iter_torch_batches(self, batch_size: int, dtypes=None, device="cpu"):
+        for i in range(0, len(self.y), batch_size):
+            yield {"x": self.x[i:i + batch_size].to(device), "y": self.y[i:i + batch_size].to(device)}
+
+
+def _confusion_figure(cm, class_names, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(3 + 0.4 * len(class_names), 2.6 + 0.4 * len(class_names)))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+class _RunLog:
+    """Rank 0's TensorBoard events and metrics file, written locally and copied to the run directory."""
+
+    def __init__(self, run_dir: str, class_names, history: list[dict]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.class_names, self.history = run_dir, list(class_names), list(history)
+        self.local = tempfile.mkdtemp(prefix="stampray-tb-")
+        self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
+
+    def epoch(self, metrics: dict, val_probs: np.ndarray, val_labels: np.ndarray, confusion) -> None:
+        e = metrics["epoch"]
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "stamps_per_s"):
+            if key in metrics and metrics[key] == metrics[key]:
+                group = key.split("_", 1)
+                self.writer.add_scalar(f"{group[0]}/{group[1]}" if len(group) == 2 else key, metrics[key], e)
+        if len(val_labels):
+            k = val_probs.shape[1]
+            for c in range(1, k) if k == 2 else range(k):
+                tag = "val/pr_curve" if k == 2 else f"val/pr_curve_{self.class_names[c]}"
+                self.writer.add_pr_curve(tag, val_labels == c, val_probs[:, c], e)
+            self.writer.add_figure("val/confusion_matrix",
+                                   _confusion_figure(confusion, self.class_names, f"validation, epoch {e}"), e)
+        self.history.append(metrics)
+        with open(os.path.join(self.local, "metrics.jsonl"), "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        self.sync()
+
+    def hparams(self, hparams: dict, final: dict) -> None:
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()
+                                        if isinstance(v, (int, float)) and v == v}, run_name="hparams")
+        self.sync()
+
+    def sync(self) -> None:
+        import pyarrow.fs as pafs
+
+        self.writer.flush()
+        fs, dest = st.resolve(self.run_dir)
+        fs.create_dir(dest, recursive=True)
+        pafs.copy_files(self.local, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def train_loop(cfg: dict) -> None:
+    """The per-worker training function handed to ``TorchTrainer`` (settings arrive as a plain dict)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    # Ray Train logs every report at INFO through a logger outside its own filter; keep the worker's
+    # console to stampray's one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, nodes[0])
+        nodes = gathered
+    s = cfg["settings"]
+    torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(int(s["seed"]))
+    device = ray.train.torch.get_device()
+    use_amp = bool(s["amp"]) and device.type == "cuda"
+    shape, class_names = tuple(cfg["shape"]), cfg["class_names"]
+    k = len(class_names)
+
+    # 1. Build the model and optimiser; restore the latest checkpoint if there is one.
+    model = create_model(s["model"], shape[0], shape[1:], k)
+    opt_cls = torch.optim.AdamW if s["optimizer"] == "adamw" else torch.optim.SGD
+    opt_kwargs = {"lr": s["lr"], "weight_decay": s["weight_decay"]}
+    if s["optimizer"] == "sgd":
+        opt_kwargs["momentum"] = s["momentum"]
+    optimizer = opt_cls(model.parameters(), **opt_kwargs)
+    steps_per_epoch = int(cfg["steps_per_epoch"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, int(s["epochs"]), s["schedule"], s["warmup_epochs"]))
+    state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "since_best": 0,
+             "best_state_dict": None, "best_metrics": {}, "stopped_early": False}
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            bundle = torch.load(os.path.join(d, ck.FILE_NAME), map_location="cpu", weights_only=True)
+        model.load_state_dict(bundle["state_dict"])
+        optimizer.load_state_dict(bundle["optimizer"])
+        scheduler.load_state_dict(bundle["scheduler"])
+        state.update(bundle["train_state"])
+        if rank == 0:
+            print(f"[stampray] resuming {s['model']} from epoch {state['epoch']}", flush=True)
+    model = ray.train.torch.prepare_model(model)  # DDP across workers (and the device move)
+    core = model.module if hasattr(model, "module") else model
+
+    weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    augment = Augment(seed=int(s["seed"]) * 1000 + rank + 7919 * state["epoch"]) if s["augment"] else None
+    per_worker = max(1, int(s["batch_size"]) // world)
+    train_shard = ray.train.get_dataset_shard("train")
+    log = _RunLog(cfg["run_dir"], class_names, state["history"]) if rank == 0 else None
+    direction = MONITORS[s["monitor"]]
+    val_cache = None
+
+    # 2. Epochs.
+    for epoch in range(state["epoch"], int(s["epochs"])):
+        model.train()
+        if augment is not None:
+            augment.train()
+        t0 = time.time()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in train_shard.iter_torch_batches(
+                batch_size=per_worker, dtypes={"x": torch.float32, "y": torch.int64}, device=device,
+                local_shuffle_buffer_size=min(10_000, 20 * per_worker),
+                local_shuffle_seed=int(s["seed"]) * 100_003 + epoch * 101 + rank,
+                pin_memory=device.type == "cuda", prefetch_batches=2):
+            x, y = batch["x"], batch["y"]
+            if augment is not None:
+                x = augment(x)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
+                                 dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        seconds = time.time() - t0
+        n_train = max(1.0, float(sums[2]))
+
+        # 3. Validation on rank 0 (the full validation split), shared with every worker.
+        payload = [None]
+        if rank == 0:
+            if val_cache is None:
+                val_cache = _Cached.collect(ray.train.get_dataset_shard("val"), cfg["val_cache_rows"])
+            probs, labels = predict_dataset(core, val_cache, device)
+            payload = [(classification_metrics(probs, labels, k), probs, labels)]
+        if world > 1:
+            dist.broadcast_object_list(payload, src=0)
+        val, val_probs, val_labels = payload[0]
+        metrics = {
+            "epoch": epoch + 1, "train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
+            "lr": float(optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
+            "train_n": int(sums[2]), "seconds": seconds,
+        }
+
+        # 4. Best epoch and early stopping (identical decision on every worker).
+        value = metrics[s["monitor"]]
+        better = value == value and (state["best_value"] is None or
+                                     (value < state["best_value"] if direction == "min" else value > state["best_value"]))
+        if better:
+            state.update(best_value=value, best_epoch=epoch + 1, since_best=0, best_metrics=dict(metrics),
+                         best_state_dict={kk: v.detach().cpu().clone() for kk, v in core.state_dict().items()})
+        else:
+            state["since_best"] += 1
+        patience = s["early_stopping"]
+        stop = patience is not None and state["since_best"] >= int(patience)
+        state.update(epoch=epoch + 1, stopped_early=stop)
+        state["history"] = state["history"] + [metrics]
+
+        # 5. Checkpoint (rank 0 writes it; Ray persists it to the run directory) and report.
+        if rank == 0:
+            log.epoch(metrics, val_probs, val_labels, val["confusion"])
+            print(f"[stampray] epoch {epoch + 1}/{s['epochs']}  train loss {metrics['train_loss']:.4f} "
+                  f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} "
+                  f"auc {metrics['val_auc']:.4f} | {metrics['stamps_per_s']:,.0f} stamps/s"
+                  + (" *" if better else ""), flush=True)
+            tmp = tempfile.mkdtemp(prefix="stampray-ckpt-")
+            bundle = ck.make_bundle(core, class_names=class_names, preprocess=s["preprocess"], config=s,
+                                    metrics=metrics, epoch=epoch + 1, extra={
+                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "train_state": state, "data": cfg["data_info"]})
+            torch.save(bundle, os.path.join(tmp, ck.FILE_NAME))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+        if stop:
+            if rank == 0:
+                print(f"[stampray] early stopping: {s['monitor']} has not improved for {patience} epochs "
+                      f"(best {state['best_value']:.4f} at epoch {state['best_epoch']})", flush=True)
+            break
+
+    # 6. Test split with the best weights, on rank 0; every worker reports the final numbers.
+    final = [None]
+    if rank == 0:
+        if state["best_state_dict"] is not None:
+            core.load_state_dict(state["best_state_dict"])
+        probs, labels = predict_dataset(core, ray.train.get_dataset_shard("test"), device)
+        test = classification_metrics(probs, labels, k)
+        final = [{"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"], "test_n": test["n"],
+                  "test_confusion": test["confusion"], "best_epoch": state["best_epoch"],
+                  "epochs_done": state["epoch"], "stopped_early": state["stopped_early"],
+                  "workers": world, "nodes": len(set(nodes))}]
+        log.hparams({k2: s[k2] for k2 in ("model", "epochs", "batch_size", "lr", "optimizer", "schedule",
+                                           "weight_decay", "augment", "workers", "seed")},
+                    {"test_acc": test["acc"], "test_auc": test["auc"], "best_val": state["best_value"] or 0.0})
+        log.close()
+        st.write_text(st.join(cfg["run_dir"], "final.json"), json.dumps(final[0]))
+    if world > 1:
+        dist.broadcast_object_list(final, src=0)
+    ray.train.report({"final": True, **final[0]})
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def resources(workers: int, use_gpu: bool, cpus: float, cpus_per_worker: float | None = None) -> dict:
+    """Per-worker resources: leave at least one CPU (or a quarter of the cluster) for Ray Data's readers."""
+    if use_gpu:
+        return {"CPU": float(cpus_per_worker or 1.0), "GPU": 1.0}
+    if cpus_per_worker:
+        return {"CPU": float(cpus_per_worker)}
+    spare = max(1.0, 0.25 * cpus)
+    per = (cpus - spare) / workers
+    per = max(0.25, min(8.0, per))
+    return {"CPU": float(per if per < 1 else math.floor(per))}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best: str
+    metrics: dict
+    history: list = field(default_factory=list)
+
+
+def _datasets(settings: TrainSettings, manifest: st.Manifest):
+    import ray.data
+
+    from .data import read_stamps, work_items
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # bars from inside Train workers arrive as blank log lines
+    columns = [st.ID, st.IMAGE, st.LABEL] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
+    items = work_items(settings.data, [s["path"] for s in manifest.shards])
+    # A seeded row-group order for training; every epoch re-reads through a local shuffle buffer.
+    order = np.random.default_rng(settings.seed).permutation(len(items)).tolist()
+    out = {}
+    for split in st.SPLIT_NAMES:
+        ds = read_stamps(settings.data, columns=columns,
+                         items=[items[i] for i in order] if split == "train" else items)
+        # Half-CPU tasks: they fit on a node whose other CPUs hold Train workers.
+        out[split] = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=4096, num_cpus=0.5, fn_kwargs={
+            "split": split, "fractions": tuple(settings.fractions), "shape": manifest.spec.shape,
+            "preprocess": settings.preprocess})
+    return out
+
+
+def _check_resume(run_dir: str, settings: TrainSettings) -> None:
+    path = st.join(run_dir, "settings.json")
+    if not st.exists(path):
+        return
+    before = json.loads(st.read_text(path))
+    for key in ("model", "data", "preprocess"):
+        if str(before.get(key)) != str(getattr(settings, key)):
+            msg = (f"run {run_dir} was started with --{key} {before.get(key)}, not {getattr(settings, key)}; "
+                   f"rerun with the same settings to resume it, or choose another --name")
+            raise ValueError(msg)
+
+
+def fit(settings: TrainSettings) -> TrainResult:
+    """Train ``settings.model`` on ``settings.data`` with Ray Train; returns where the run lives and its
+    final metrics (test accuracy of the best epoch among them)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .runtime import cluster_cpus, ray_session
+
+    t0 = time.time()
+    manifest = st.read_manifest(settings.data)
+    spec = manifest.spec
+    if spec.num_classes < 2:
+        msg = (f"{settings.data} declares {spec.num_classes} classes; training needs labelled data with at least "
+               f"two classes (ingest with --classes)")
+        raise ValueError(msg)
+    create_model(settings.model, spec.shape[0], spec.shape[1:], spec.num_classes)  # fail fast on size mismatch
+    labelled = sum(int(v) for v in manifest.label_counts.values())
+    if labelled == 0:
+        msg = f"{settings.data} holds no labelled stamps; training needs labels"
+        raise ValueError(msg)
+    out = settings.out if "://" in settings.out else os.path.abspath(settings.out)
+    run_dir = st.join(out, settings.run_name)
+    _check_resume(run_dir, settings)
+    summary_path = st.join(run_dir, "summary.json")
+    if st.exists(summary_path):
+        done = json.loads(st.read_text(summary_path))
+        if int(done["metrics"].get("epochs_done", 0)) >= settings.epochs or done["metrics"].get("stopped_early"):
+            print(f"train: run {run_dir} is already complete ({done['metrics']['epochs_done']} epochs); "
+                  f"nothing to do. Raise --epochs to continue it.")
+            return TrainResult(run_dir, done["best"], done["metrics"], done.get("history", []))
+
+    weights = class_weights_from_counts(manifest.label_counts, spec.num_classes) \
+        if settings.class_weights == "auto" else None
+    n_train_est = labelled * settings.fractions[0]
+    steps_per_epoch = max(1, math.ceil(n_train_est / (settings.batch_size // settings.workers) / settings.workers))
+    settings_dict = asdict(settings)
+    st.make_dirs(run_dir)
+    st.write_text(st.join(run_dir, "settings.json"), json.dumps(settings_dict, indent=2))
+    unlabelled = manifest.num_rows - labelled
+    if unlabelled:
+        print(f"train: {unlabelled} unlabelled stamps of {settings.data} are not used for training")
+
+    with ray_session(settings.address):
+        cpus = cluster_cpus()
+        res = resources(settings.workers, settings.use_gpu, cpus, settings.cpus_per_worker)
+        cfg = {
+            "settings": settings_dict, "shape": list(spec.shape), "class_names": list(spec.class_names),
+            "class_weights": weights, "steps_per_epoch": steps_per_epoch, "run_dir": run_dir,
+            "threads": max(1, int(res["CPU"])),
+            "val_cache_rows": int(2**29 // (4 * int(np.prod(spec.shape)))),  # about 512 MiB of stamps
+            "data_info": {"path": settings.data, "rows": manifest.num_rows, "shape": list(spec.shape)},
+        }
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=cfg,
+            torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                                   resources_per_worker=res, placement_strategy=settings.placement),
+            run_config=ray.train.RunConfig(
+                name=settings.run_name, storage_path=out,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+                # One console line per epoch from rank 0, not Ray Train's per-report logging; print() is
+                # left alone so each line appears once.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                  "RAY_DATA_LOG_LEVEL": "WARNING"}}),
+            datasets=_datasets(settings, manifest),
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+
+    # The latest checkpoint carries the best epoch's weights: write best.pt and last.pt beside it.
+    with result.checkpoint.as_directory() as d:
+        latest = ck.load_bundle(os.path.join(d, ck.FILE_NAME))
+    last = {k: v for k, v in latest.items() if k not in ("optimizer", "scheduler", "train_state")}
+    ck.save(last, st.join(run_dir, "last.pt"))
+    tstate = latest["train_state"]
+    best = dict(last, state_dict=tstate["best_state_dict"] or latest["state_dict"],
+                epoch=tstate["best_epoch"], metrics=tstate["best_metrics"])
+    best_path = st.join(run_dir, "best.pt")
+    ck.save(best, best_path)
+    metrics = json.loads(st.read_text(st.join(run_dir, "final.json")))
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    history = tstate["history"]
+    metrics["stamps_per_s"] = float(np.mean([h["stamps_per_s"] for h in history])) if history else 0.0
+    st.write_text(summary_path, json.dumps({"best": best_path, "metrics": metrics, "history": history}, indent=2))
+    return TrainResult(run_dir, best_path, metrics, history)

@@ -1,0 +1,214 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stampray import checkpoint as ck
+from stampray import table as st
+from stampray.models import create_model
+from stampray.train import Augment, TrainSettings, class_weights_from_counts, fit, lr_factor, resources
+
+
+def history_epochs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["epoch"] for line in f]
+
+
+def small(tno_small, out, **kw):
+    base = dict(model="cnn", data=tno_small, out=str(out), epochs=2, batch_size=64, seed=1)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path, ray_shared):
+    r = fit(small(tno_small, tmp_path))
+    run = r.run_dir
+    assert run == str(tmp_path / "cnn")
+    assert history_epochs(run) == [1, 2]
+    assert r.metrics["epochs_done"] == 2 and r.metrics["workers"] == 1
+    assert r.metrics["test_n"] > 0 and 0.0 <= r.metrics["test_acc"] <= 1.0
+    assert sum(map(sum, r.metrics["test_confusion"])) == r.metrics["test_n"]
+    assert sorted(os.listdir(os.path.join(run, "tensorboard")))[0].startswith("events.out.tfevents")
+    for name in ("best.pt", "last.pt", "settings.json", "summary.json", "epoch-0002"):
+        assert os.path.exists(os.path.join(run, name)), name
+    # the checkpoint describes itself and loads with weights_only=True
+    bundle = torch.load(os.path.join(run, "best.pt"), weights_only=True)
+    assert bundle["model"] == "cnn" and bundle["class_names"] == ["noise", "source"]
+    assert bundle["preprocess"] == "course" and bundle["in_channels"] == 1 and bundle["image_size"] == [21, 21]
+    assert bundle["epoch"] == r.metrics["best_epoch"]
+    model = ck.load_model(run)  # a run directory resolves to its best.pt
+    assert model.stampray["metrics"]["epoch"] == r.metrics["best_epoch"]
+    # rerunning a finished run does no work
+    again = fit(small(tno_small, tmp_path))
+    assert again.metrics == r.metrics
+
+
+def test_resume_continues_the_epoch_count(tno_small, tmp_path, ray_shared, capfd):
+    fit(small(tno_small, tmp_path, epochs=1, name="resume"))
+    assert history_epochs(str(tmp_path / "resume")) == [1]
+    r = fit(small(tno_small, tmp_path, epochs=3, name="resume"))
+    assert history_epochs(r.run_dir) == [1, 2, 3]
+    assert r.metrics["epochs_done"] == 3
+    assert "resuming cnn from epoch 1" in capfd.readouterr().out
+
+
+def test_resume_refuses_other_settings(tno_small, tmp_path):
+    run = tmp_path / "cnn"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": "/elsewhere", "preprocess": "course"}))
+    with pytest.raises(ValueError, match="was started with --data /elsewhere"):
+        fit(small(tno_small, tmp_path))
+
+
+def test_early_stopping_stops(tno_small, tmp_path, ray_shared):
+    # a learning rate so small that the validation loss cannot improve after the first epoch
+    r = fit(small(tno_small, tmp_path, epochs=6, lr=1e-12, early_stopping=1, monitor="val_loss"))
+    assert r.metrics["stopped_early"] is True
+    assert r.metrics["epochs_done"] == 2 and r.metrics["best_epoch"] == 1
+    assert history_epochs(r.run_dir) == [1, 2]
+
+
+def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path, ray_shared):
+    import psutil
+
+    settings = small(tno_small, tmp_path, epochs=4, max_failures=2, name="fault")
+    killed = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not os.path.exists(tmp_path / "fault" / "epoch-0001"):
+            time.sleep(0.2)
+        for p in psutil.process_iter(["cmdline"]):
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                os.kill(p.pid, signal.SIGKILL)  # a real process death, mid-run
+                killed.append(p.pid)
+                return
+
+    t = threading.Thread(target=killer)
+    t.start()
+    r = fit(settings)
+    t.join()
+    assert killed, "no Train worker process was found to kill"
+    assert r.metrics["epochs_done"] == 4
+    epochs = history_epochs(r.run_dir)
+    assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+
+
+def test_two_workers_on_two_simulated_nodes(tno_small, tmp_path):
+    script = textwrap.dedent(f"""
+        import json, ray
+        from ray.cluster_utils import Cluster
+        from stampray.train import TrainSettings, fit
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, logging_level="ERROR")
+        r = fit(TrainSettings(model="cnn", data={tno_small!r}, out={str(tmp_path)!r}, workers=2, epochs=2,
+                              batch_size=64, placement="SPREAD"))
+        print("RESULT", json.dumps(r.metrics))
+        ray.shutdown()
+        cluster.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = json.loads(line[0][7:])
+    assert metrics["workers"] == 2 and metrics["nodes"] == 2 and metrics["epochs_done"] == 2
+    assert history_epochs(str(tmp_path / "cnn")) == [1, 2]
+
+
+def test_killed_driver_rerun_resumes(tno_small, tmp_path):
+    cmd = [sys.executable, "-m", "stampray", "train", "--model", "cnn", "--data", tno_small, "--out", str(tmp_path),
+           "--epochs", "3", "--batch-size", "64"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.exists(tmp_path / "cnn" / "epoch-0001" / "model.pt"):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the private Ray it started
+    proc.wait()
+    assert not os.path.exists(tmp_path / "cnn" / "summary.json")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming cnn from epoch" in out.stdout + out.stderr
+    assert history_epochs(str(tmp_path / "cnn"))[-1] == 3
+    assert json.loads((tmp_path / "cnn" / "summary.json").read_text())["metrics"]["epochs_done"] == 3
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vgg6", 3, 21, 2).eval()
+    path = str(tmp_path / "model.pt")
+    ck.save(ck.make_bundle(model, class_names=["bogus", "real"], preprocess="standardize"), path)
+    again = ck.load_model(path)
+    x = torch.randn(5, 3, 21, 21)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert again.stampray["class_names"] == ["bogus", "real"] and again.stampray["preprocess"] == "standardize"
+
+
+def test_non_checkpoints_are_refused(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a stampray checkpoint"):
+        ck.load_model(str(tmp_path / "other.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+    with pytest.raises(ValueError, match="is not a loadable stampray checkpoint"):
+        ck.load_model(str(tmp_path / "evil.pt"))
+
+
+def test_class_weights_are_inverse_frequencies():
+    assert class_weights_from_counts({"0": 30, "1": 10}, 2) == [40 / 60, 40 / 20]
+    assert class_weights_from_counts({"0": 5, "2": 15}, 3) == [20 / 15, 0.0, 20 / 45]
+    with pytest.raises(ValueError, match="needs labelled stamps"):
+        class_weights_from_counts({}, 2)
+
+
+def test_augmentation_keeps_shape_and_is_off_in_eval():
+    x = torch.arange(4 * 1 * 21 * 21, dtype=torch.float32).reshape(4, 1, 21, 21)
+    aug = Augment(seed=3)
+    aug.eval()
+    assert torch.equal(aug(x), x)
+    aug.train()
+    y = aug(x)
+    assert y.shape == x.shape and not torch.equal(y, x)
+    # flips and quarter turns only permute pixels
+    exact = Augment(shift=0.0, zoom=0.0, seed=4).train()
+    z = exact(x)
+    for i in range(4):
+        assert torch.equal(torch.sort(z[i].flatten()).values, torch.sort(x[i].flatten()).values)
+
+
+def test_cosine_schedule_and_resource_rule():
+    assert lr_factor(0, 10, 5, "constant", 1) == 1.0
+    assert lr_factor(0, 10, 5, "cosine", 1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 5, "cosine", 1) == pytest.approx(1.0)
+    assert lr_factor(49, 10, 5, "cosine", 1) == pytest.approx(0.5 * (1 + np.cos(np.pi * 39 / 40)))
+    assert resources(2, False, 2.0) == {"CPU": 0.5}  # a 2-CPU laptop keeps a CPU for reading
+    assert resources(1, False, 2.0) == {"CPU": 1.0}
+    assert resources(4, False, 16.0) == {"CPU": 3.0}
+    assert resources(2, True, 16.0) == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_model_data_mismatch_is_caught_before_training(tmp_path):
+    from stampray.ingest import IngestSettings, ingest
+
+    np.save(tmp_path / "tiny.npy", np.zeros((4, 10, 10), np.float32))
+    ingest(IngestSettings(out=str(tmp_path / "d"), class_files=(("a", str(tmp_path / "tiny.npy")),),
+                          classes=("a", "b")))
+    with pytest.raises(ValueError, match="model 'cnn' needs stamps of at least 18x18 pixels, got 10x10"):
+        fit(TrainSettings(model="cnn", data=str(tmp_path / "d"), out=str(tmp_path / "runs")))
+    assert not os.path.exists(tmp_path / "runs")
