@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", dest="max_failures", type=int, default=S,
                    help="restart failed workers from the last checkpoint up to K times (default 0)")
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    p.add_argument("--preprocess", default=S, help="named preprocessing (course, standardize, none; default course)")
+    p.add_argument("--preprocess", default=S, help="named preprocessing: course_scaled (default), course, standardize, none")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S,
                    help="per-epoch checkpoints kept besides best.pt/last.pt (default 2)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=S,
@@ -173,10 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
     _common(p)
 
+    p = sub.add_parser("occlude", help="occlusion maps: where does the network look?")
+    p.add_argument("--model", required=True, help="checkpoint: model.pt, a checkpoint dir, or a run dir")
+    p.add_argument("--data", required=True, help="stamp dataset")
+    p.add_argument("--out", required=True, help="output directory for the maps (Parquet)")
+    p.add_argument("--kernel", type=int, default=S, help="occluding square size in pixels (default 5)")
+    p.add_argument("--stride", type=int, default=S, help="step between occluding positions (default 1)")
+    p.add_argument("--ids", type=_csv, default=S, help="comma-separated stamp ids to map")
+    p.add_argument("--where", choices=["misclassified"], default=S, help="map only misclassified stamps")
+    p.add_argument("--limit", type=int, default=S, help="map at most N stamps")
+    p.add_argument("--png", default=S, metavar="DIR", help="write stamp+heatmap overlays here")
+    p.add_argument("--png-limit", dest="png_limit", type=int, default=S, help="overlays to draw (default 20)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
+                   help="stamps per actor call (each expands to one model batch of all its occlusions)")
+    p.add_argument("--actors", type=int, default=S, help="model replicas (default: one per CPU, or per GPU)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S, help="one GPU per model actor")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="confusion matrices, ROC, thresholds and an HTML report from scores")
+    p.add_argument("--scores", action="append", required=True, help="score directory; repeat to compare models")
+    p.add_argument("--out", required=True, help="report directory (report.html, report.json, PNGs)")
+    p.add_argument("--data", default=S, help="the stamp table, to draw the misclassified stamps")
+    p.add_argument("--run", default=S, help="training run directory, for the training curves")
+    p.add_argument("--by", type=_csv, default=S, help="numeric columns for accuracy curves, e.g. snr")
+    p.add_argument("--tensorboard", default=S, metavar="LOGDIR", help="also write the numbers to TensorBoard")
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default=S,
+                   help="which rows to evaluate (default test: the held-out split)")
+    p.add_argument("--tpr", type=float, default=S, help="report the FPR at this TPR (default 0.95)")
+    p.add_argument("--fpr", type=float, default=S, help="report the FNR at this FPR (default 0.01)")
+    p.add_argument("--names", type=_csv, default=S, help="names of the score tables in the report")
+    _common(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on a small synthetic survey")
     p.add_argument("--out", default=S, help="working directory (default ./stampray-demo)")
     p.add_argument("-n", type=int, default=S, help="number of stamps (default 20000)")
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    p.add_argument("--epochs", type=int, default=S, help="training epochs (default 4)")
+    p.add_argument("--workers", type=int, default=S, help="Ray Train workers (default 2)")
     _common(p)
     return parser
 
@@ -249,6 +282,28 @@ def _cmd_score(ns):
           + f"; {r.seconds:.1f} s, {r.rows_per_s:,.0f} stamps/s")
 
 
+def _cmd_occlude(ns):
+    from .occlusion import OccludeSettings, occlude
+
+    settings = _settings(OccludeSettings, ns)
+    r = occlude(settings)
+    print(f"occlude: {r.rows} occlusion maps (kernel {settings.kernel}, stride {settings.stride}) written to "
+          f"{settings.out}" + (f"; {len(r.pngs)} PNGs in {settings.png}" if r.pngs else "") + f"; {r.seconds:.1f} s")
+
+
+def _cmd_evaluate(ns):
+    from .evaluate import EvaluateSettings, evaluate
+
+    ns.scores = tuple(ns.scores)
+    settings = _settings(EvaluateSettings, ns)
+    r = evaluate(settings)
+    for name, res in r.report["results"].items():
+        print(f"evaluate: {name}: {res['n']} stamps ({settings.split} split), accuracy {res['accuracy']:.4f}, "
+              f"AUC {res['auc'] if res['auc'] is None else round(res['auc'], 4)}, "
+              f"{res['misclassified']['n']} misclassified")
+    print(f"evaluate: report {r.html} ({len(r.plots)} plots), numbers in {settings.out}/report.json")
+
+
 def _cmd_demo(ns):
     from .demo import DemoSettings, demo
 
@@ -256,7 +311,8 @@ def _cmd_demo(ns):
 
 
 COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "models": _cmd_models, "train": _cmd_train,
-            "score": _cmd_score, "demo": _cmd_demo}
+            "score": _cmd_score, "occlude": _cmd_occlude, "evaluate": _cmd_evaluate,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,24 @@
-"""``stampray demo``: a small synthetic survey through the pipeline, in one command.
+"""``stampray demo``: the whole pipeline on a synthetic survey, in one command.
 
-For now: synthesise a tno survey, export it as the course's per-class ``.npy`` files, ingest them back
-(a round trip through the stamp table), check the round trip, and print a summary.
+Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score every stamp with Ray Data,
+draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
+One Ray instance serves every step and is shut down at the end; a second run in the same place starts
+over (the run, scores and report are replaced).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
-from . import table as st
-from .ingest import IngestSettings, ingest
+from .evaluate import EvaluateSettings, evaluate
+from .occlusion import OccludeSettings, occlude
+from .runtime import ray_session
+from .score import ScoreSettings, score
 from .synth import SynthSettings, synth
+from .train import TrainSettings, fit
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,8 @@ class DemoSettings:
     out: str = "stampray-demo"
     n: int = 20_000
     seed: int = 0
+    epochs: int = 4
+    workers: int = 2
     address: str | None = None
 
 
@@ -29,32 +35,40 @@ def demo(settings: DemoSettings) -> dict:
     """Run the demo; returns the numbers it prints."""
     t0 = time.time()
     out = os.path.abspath(settings.out)
-    survey = os.path.join(out, "survey")
-    m = synth(SynthSettings(out=survey, n=settings.n, seed=settings.seed, address=settings.address))
-    print(f"[1/3] synthesised {m.num_rows} tno stamps at {survey} ({m.settings.get('seconds', 0):.1f} s)")
-
-    # Export as the course data comes: one npy file per class.
-    tbl = st.read_table(survey, columns=[st.IMAGE, st.LABEL])
-    images = st.decode_images(tbl.column(st.IMAGE), m.spec.shape)[:, 0]
-    labels = tbl.column(st.LABEL).to_numpy()
-    npy_dir = os.path.join(out, "npy")
-    os.makedirs(npy_dir, exist_ok=True)
-    files = []
-    for k, name in enumerate(m.spec.class_names):
-        path = os.path.join(npy_dir, f"stamps_{name}.npy")
-        np.save(path, images[labels == k])
-        files.append((name, path))
-    print(f"[2/3] exported per-class npy files to {npy_dir}")
-
-    ingested = os.path.join(out, "ingested")
-    r = ingest(IngestSettings(out=ingested, class_files=tuple(files)))
-    back = st.read_table(ingested, columns=[st.IMAGE, st.LABEL])
-    back_images = st.decode_images(back.column(st.IMAGE), r.manifest.spec.shape)[:, 0]
-    same = bool(np.array_equal(np.concatenate([images[labels == k] for k in range(len(files))]), back_images))
-    print(f"[3/3] ingested {r.ingested} stamps back into {ingested} "
-          f"(set aside {sum(r.set_aside.values())}); pixels identical: {same}")
-    summary = {"stamps": m.num_rows, "ingested": r.ingested, "round_trip_identical": same,
-               "classes": dict(zip(m.spec.class_names, m.label_counts.values())),
-               "seconds": round(time.time() - t0, 1)}
-    print(f"demo: done in {summary['seconds']} s; classes {summary['classes']}; outputs under {out}")
-    return summary
+    for sub in ("runs", "scores", "maps", "report"):  # a second run starts over
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    paths = {k: os.path.join(out, k) for k in ("survey", "runs", "scores", "maps", "report")}
+    with ray_session(settings.address):
+        m = synth(SynthSettings(out=paths["survey"], n=settings.n, seed=settings.seed, shard_rows=5000,
+                                address=settings.address))
+        print(f"[1/5] synthesised {m.num_rows:,} tno stamps (21x21, {m.label_counts.get('1', 0):,} with a source) "
+              f"at {paths['survey']}", flush=True)
+        t = time.time()
+        tr = fit(TrainSettings(model="cnn", data=paths["survey"], out=paths["runs"], workers=settings.workers,
+                               epochs=settings.epochs, batch_size=128, seed=settings.seed, address=settings.address))
+        print(f"[2/5] trained cnn on {settings.workers} Ray Train workers in {time.time() - t:.0f} s: "
+              f"test accuracy {tr.metrics['test_acc']:.4f}, AUC {tr.metrics['test_auc']:.4f} "
+              f"(best epoch {tr.metrics['best_epoch']})", flush=True)
+        sc = score(ScoreSettings(model=tr.best, data=paths["survey"], out=paths["scores"], keep=("snr", "artifact"),
+                                 progress=False, address=settings.address))
+        print(f"[3/5] scored {sc.scored:,} stamps with Ray Data in {sc.seconds:.1f} s "
+              f"({sc.rows_per_s:,.0f} stamps/s) into {paths['scores']}", flush=True)
+        oc = occlude(OccludeSettings(model=tr.best, data=paths["survey"], out=paths["maps"], where="misclassified",
+                                     limit=10, png=os.path.join(paths["maps"], "png"), address=settings.address))
+        print(f"[4/5] occlusion maps of {oc.rows} misclassified stamps in {paths['maps']}", flush=True)
+    ev = evaluate(EvaluateSettings(scores=(paths["scores"],), out=paths["report"], data=paths["survey"],
+                                   run=tr.run_dir, by=("snr",), tensorboard=os.path.join(tr.run_dir, "tensorboard"),
+                                   names=("cnn",)))
+    res = ev.report["results"]["cnn"]
+    print(f"[5/5] evaluated {res['n']:,} held-out test stamps: accuracy {res['accuracy']:.4f}, "
+          f"AUC {res['auc']:.4f}", flush=True)
+    seconds = time.time() - t0
+    print(f"\ndemo finished in {seconds:.0f} s\n"
+          f"  report:       {ev.html}\n"
+          f"  TensorBoard:  tensorboard --logdir {os.path.join(tr.run_dir, 'tensorboard')}\n"
+          f"  checkpoint:   {tr.best}\n"
+          f"  scores:       {paths['scores']}  (Parquet, one file per shard)\n"
+          f"  occlusion:    {os.path.join(paths['maps'], 'png', 'occlusion_grid.png')}\n"
+          f"  test accuracy {tr.metrics['test_acc']:.4f}; scoring {sc.rows_per_s:,.0f} stamps/s")
+    return {"test_acc": tr.metrics["test_acc"], "eval_acc": res["accuracy"], "scored": sc.scored,
+            "stamps_per_s": sc.rows_per_s, "occluded": oc.rows, "report": ev.html, "seconds": round(seconds, 1)}

@@ -164,13 +164,25 @@ class ModelActor:
     def decode_valid(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list]:
         """Images of the rows that can be scored, their row indices, and (row, reason) for the others."""
         col = batch.column(st.IMAGE)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         n = batch.num_rows
         width = int(np.prod(self.shape)) * 4
-        if col.type != pa.binary(width):
-            reason = f"shape: image column {col.type} does not hold {self.shape} float32 stamps"
-            return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), [(i, reason) for i in range(n)]
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         reasons: dict[int, str] = {}
+        if col.type != pa.binary(width):
+            # Rows of shards with another image size (a batch may mix shards: Arrow then holds them as
+            # variable-size binary): the rows of the right size are scored, the others set aside.
+            if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
+                    or pa.types.is_fixed_size_binary(col.type)):
+                reason = f"shape: image column {col.type} does not hold {self.shape} float32 stamps"
+                return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), [(i, reason) for i in range(n)]
+            lengths = pc.binary_length(col).fill_null(width).to_numpy(zero_copy_only=False)
+            for i in np.nonzero(lengths != width)[0]:
+                reasons[int(i)] = (f"shape: image of {int(lengths[i]) // 4} float32 values, the model takes "
+                                   f"{self.shape} = {width // 4}")
+            if len(reasons) == n:
+                return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), sorted(reasons.items())
+            col = pc.if_else(pa.array(lengths == width), col.cast(pa.binary()), pa.scalar(b"\x00" * width, pa.binary()))
+            col = col.cast(pa.binary(width))
         if col.null_count:
             for i in np.nonzero(~col.is_valid().to_numpy(zero_copy_only=False))[0]:
                 reasons[int(i)] = "shape: no image"

@@ -67,7 +67,7 @@ class TrainSettings:
     monitor: str = "val_loss"
     max_failures: int = 0
     seed: int = 0
-    preprocess: str = "course"
+    preprocess: str = "course_scaled"
     fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
     amp: bool = True
     keep_checkpoints: int = 2
@@ -145,6 +145,8 @@ class Augment(nn.Module):
                 if sel.any():
                     out[sel] = torch.rot90(x[sel], kk, dims=(-2, -1))
             x = out
+        if self.shift == 0 and self.zoom == 0:
+            return x
         scale = 1.0 + (torch.rand(n, generator=g) * 2 - 1) * self.zoom
         shifts = (torch.rand(n, 2, generator=g) * 2 - 1) * self.shift
         theta = torch.zeros(n, 2, 3)

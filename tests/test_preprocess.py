@@ -43,8 +43,24 @@ def test_standardize_and_none():
     assert np.isfinite(preprocess.get("standardize")(np.ones((1, 1, 3, 3), np.float32))).all()
 
 
+def test_course_scaled_is_course_times_the_pixel_count():
+    x = np.random.default_rng(1).normal(size=(3, 2, 21, 21)).astype(np.float32)
+    np.testing.assert_allclose(preprocess.get("course_scaled")(x), preprocess.get("course")(x) * 441, rtol=1e-6)
+    np.testing.assert_allclose(preprocess.get("course_scaled")(np.zeros((1, 1, 4, 5), np.float32)), 1.0)
+
+
+def test_quartiles_match_numpy_percentile_for_any_pixel_count():
+    rng = np.random.default_rng(2)
+    for m in (441, 400, 63, 2, 1):
+        flat = rng.normal(size=(5, m)).astype(np.float32)
+        got = preprocess._quartiles(flat)
+        want = np.percentile(flat.astype(np.float64), [25, 50, 75], axis=1)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_unknown_step_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown preprocessing 'zscale'; known steps: course, none, standardize"):
+    with pytest.raises(ValueError, match="unknown preprocessing 'zscale'; known steps: course, course_scaled, none, standardize"):
         preprocess.get("zscale")
 
 

@@ -42,7 +42,7 @@ def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path,
     # the checkpoint describes itself and loads with weights_only=True
     bundle = torch.load(os.path.join(run, "best.pt"), weights_only=True)
     assert bundle["model"] == "cnn" and bundle["class_names"] == ["noise", "source"]
-    assert bundle["preprocess"] == "course" and bundle["in_channels"] == 1 and bundle["image_size"] == [21, 21]
+    assert bundle["preprocess"] == "course_scaled" and bundle["in_channels"] == 1 and bundle["image_size"] == [21, 21]
     assert bundle["epoch"] == r.metrics["best_epoch"]
     model = ck.load_model(run)  # a run directory resolves to its best.pt
     assert model.stampray["metrics"]["epoch"] == r.metrics["best_epoch"]
@@ -63,7 +63,7 @@ def test_resume_continues_the_epoch_count(tno_small, tmp_path, ray_shared, capfd
 def test_resume_refuses_other_settings(tno_small, tmp_path):
     run = tmp_path / "cnn"
     run.mkdir()
-    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": "/elsewhere", "preprocess": "course"}))
+    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": "/elsewhere", "preprocess": "course_scaled"}))
     with pytest.raises(ValueError, match="was started with --data /elsewhere"):
         fit(small(tno_small, tmp_path))
 

@@ -1,0 +1,490 @@
+"""Evaluation reports from score tables: ``stampray evaluate``.
+
+For every score table (with labels): confusion matrix (counts and row-normalised), per-class precision,
+recall and F1, accuracy; ROC curves and AUC (one-vs-rest beyond two classes); the false-positive rate at a
+fixed true-positive rate and the false-negative rate at a fixed false-positive rate (the figures ZTF's
+real/bogus papers quote); a threshold sweep; the notebooks' "confident subset" (p < 0.01 or p > 0.99);
+probability histograms per true class; the misclassified stamps (ids, probabilities and, with the stamp
+table, a picture grid); training curves from a run directory; accuracy against numeric metadata (SNR).
+Several score tables are compared side by side. Output: ``report.json`` with every number, PNG plots and
+one self-contained ``report.html`` (images embedded), plus TensorBoard scalars when asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import table as st
+from .score import prob_column, read_scores, score_manifest
+
+SPLITS = ("test", "val", "train", "all")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """Settings of ``stampray evaluate``; see ``stampray evaluate --help``."""
+
+    scores: tuple[str, ...]
+    out: str
+    data: str | None = None
+    run: str | None = None
+    by: tuple[str, ...] = ()
+    tensorboard: str | None = None
+    split: str = "test"
+    tpr: float = 0.95
+    fpr: float = 0.01
+    confident: float = 0.01
+    misclassified_grid: int = 20
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.scores:
+            msg = "give at least one --scores directory"
+            raise ValueError(msg)
+        if self.split not in SPLITS:
+            msg = f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}"
+            raise ValueError(msg)
+        for name, v in (("--tpr", self.tpr), ("--fpr", self.fpr)):
+            if not 0 < float(v) < 1:
+                msg = f"{name} must lie strictly between 0 and 1, got {v!r}"
+                raise ValueError(msg)
+        if not 0 < float(self.confident) < 0.5:
+            msg = f"--confident must lie in (0, 0.5), got {self.confident!r}"
+            raise ValueError(msg)
+        if self.names and len(self.names) != len(self.scores):
+            msg = f"--names gives {len(self.names)} names for {len(self.scores)} score tables"
+            raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (plain numpy / scikit-learn; each returns JSON-ready values)
+# --------------------------------------------------------------------------------------------------
+def confusion(labels: np.ndarray, pred: np.ndarray, k: int) -> dict:
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    rows = cm.sum(axis=1, keepdims=True)
+    return {"counts": cm.tolist(), "normalized": np.divide(cm, np.maximum(rows, 1)).round(6).tolist()}
+
+
+def per_class(labels: np.ndarray, pred: np.ndarray, k: int, names) -> list[dict]:
+    out = []
+    for c in range(k):
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp = int(((pred == c) & (labels != c)).sum())
+        fn = int(((pred != c) & (labels == c)).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out.append({"class": names[c], "precision": precision, "recall": recall, "f1": f1,
+                    "support": int((labels == c).sum())})
+    return out
+
+
+def roc(labels_bin: np.ndarray, score: np.ndarray, tpr_at: float, fpr_at: float) -> dict:
+    """ROC curve, AUC, FPR at a fixed TPR and FNR at a fixed FPR, for one positive class."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if labels_bin.all() or not labels_bin.any():
+        return {"auc": None, "fpr": [], "tpr": [], "thresholds": [], "fpr_at_tpr": None, "fnr_at_fpr": None}
+    fpr, tpr, thr = roc_curve(labels_bin, score)
+    auc = float(roc_auc_score(labels_bin, score))
+    # smallest FPR among operating points reaching the TPR; largest TPR among points within the FPR
+    fpr_at_tpr = float(fpr[np.argmax(tpr >= tpr_at)])
+    ok = fpr <= fpr_at
+    fnr_at_fpr = float(1.0 - tpr[ok].max()) if ok.any() else 1.0
+    thr = np.where(np.isfinite(thr), thr, 1.0)
+    return {"auc": auc, "fpr": fpr.round(6).tolist(), "tpr": tpr.round(6).tolist(), "thresholds": thr.round(6).tolist(),
+            "fpr_at_tpr": fpr_at_tpr, "fnr_at_fpr": fnr_at_fpr}
+
+
+def threshold_sweep(labels_bin: np.ndarray, score: np.ndarray, steps: int = 99) -> list[dict]:
+    out = []
+    pos, neg = labels_bin.sum(), (~labels_bin).sum()
+    for t in np.linspace(0.01, 0.99, steps):
+        p = score >= t
+        tp, fp = int((p & labels_bin).sum()), int((p & ~labels_bin).sum())
+        out.append({"threshold": round(float(t), 4), "tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None,
+                    "precision": tp / (tp + fp) if tp + fp else None,
+                    "accuracy": float((p == labels_bin).mean()) if len(p) else None})
+    return out
+
+
+def accuracy_by(values: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+    """Accuracy in quantile bins of a numeric column (log-spaced when all values are positive and spread)."""
+    ok = np.isfinite(values)
+    values, correct = values[ok], correct[ok]
+    if len(values) == 0:
+        return []
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:
+        return [{"lo": float(values.min()), "hi": float(values.max()), "n": int(len(values)),
+                 "accuracy": float(correct.mean())}]
+    idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+    out = []
+    for b in range(len(edges) - 1):
+        sel = idx == b
+        if sel.any():
+            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
+                        "accuracy": float(correct[sel].mean())})
+    return out
+
+
+def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettings) -> dict:
+    """Every number of the report for one score table (rows with labels and without errors)."""
+    k = len(class_names)
+    probs = np.stack([t.column(prob_column(c)).to_numpy(zero_copy_only=False) for c in class_names], axis=1)
+    labels = t.column(st.LABEL).to_numpy(zero_copy_only=False).astype(np.int64)
+    pred = probs.argmax(axis=1)
+    correct = pred == labels
+    res: dict = {"n": int(len(labels)), "accuracy": float(correct.mean()) if len(labels) else None,
+                 "confusion": confusion(labels, pred, k), "per_class": per_class(labels, pred, k, class_names)}
+    res["macro_f1"] = float(np.mean([c["f1"] for c in res["per_class"]])) if k else None
+    positive = range(1, 2) if k == 2 else range(k)
+    res["roc"] = {class_names[c]: roc(labels == c, probs[:, c], settings.tpr, settings.fpr) for c in positive}
+    aucs = [r["auc"] for r in res["roc"].values() if r["auc"] is not None]
+    res["auc"] = float(np.mean(aucs)) if aucs else None
+    lo = settings.confident
+    if k == 2:
+        res["threshold_sweep"] = threshold_sweep(labels == 1, probs[:, 1])
+        conf = (probs[:, 1] < lo) | (probs[:, 1] > 1 - lo)
+    else:
+        conf = probs.max(axis=1) > 1 - lo
+    res["confident"] = {"rule": f"p < {lo} or p > {1 - lo}" if k == 2 else f"max p > {1 - lo}",
+                        "share": float(conf.mean()) if len(conf) else None, "n": int(conf.sum()),
+                        "accuracy": float(correct[conf].mean()) if conf.any() else None,
+                        "confusion": confusion(labels[conf], pred[conf], k)}
+    wrong = np.nonzero(~correct)[0]
+    order = wrong[np.argsort(-probs[wrong, pred[wrong]])] if len(wrong) else wrong
+    ids = t.column(st.ID).to_pylist()
+    res["misclassified"] = {"n": int(len(wrong)), "rows": [
+        {"stamp_id": ids[i], "label": class_names[labels[i]], "pred": class_names[pred[i]],
+         "probabilities": {c: round(float(probs[i, j]), 6) for j, c in enumerate(class_names)}} for i in order]}
+    res["histograms"] = {}
+    score_col = probs[:, 1] if k == 2 else probs.max(axis=1)
+    edges = np.linspace(0, 1, 21)
+    for c in range(k):
+        h, _ = np.histogram(score_col[labels == c], bins=edges)
+        res["histograms"][class_names[c]] = h.tolist()
+    res["by"] = {}
+    for col in settings.by:
+        if col in t.column_names:
+            res["by"][col] = accuracy_by(t.column(col).to_numpy(zero_copy_only=False).astype(float), correct)
+    res["_arrays"] = {"probs": probs, "labels": labels, "pred": pred, "ids": ids}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def plot_confusion(cm: dict, names, title, path):
+    from .train import _confusion_figure
+
+    fig = _confusion_figure(cm["counts"], names, title)
+    return _save(fig, path)
+
+
+def plot_roc(results: dict[str, dict], path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for run, res in results.items():
+        for cls, r in res["roc"].items():
+            if r["auc"] is not None:
+                label = f"{run}" + (f" [{cls}]" if len(res["roc"]) > 1 else "") + f" AUC {r['auc']:.4f}"
+                ax.plot(r["fpr"], r["tpr"], label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_title("ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_histograms(res: dict, names, title, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    centers = np.linspace(0.025, 0.975, 20)
+    for cls, h in res["histograms"].items():
+        ax.step(centers, np.maximum(h, 0.8), where="mid", label=f"true {cls}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"p({names[1]})" if len(names) == 2 else "max probability")
+    ax.set_ylabel("stamps")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_by(results: dict[str, dict], col: str, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for run, res in results.items():
+        rows = res["by"].get(col, [])
+        if rows:
+            x = [np.sqrt(max(r["lo"], 1e-9) * max(r["hi"], 1e-9)) if r["lo"] > 0 else (r["lo"] + r["hi"]) / 2
+                 for r in rows]
+            ax.plot(x, [r["accuracy"] for r in rows], "o-", label=run)
+    ax.set_xlabel(col)
+    ax.set_ylabel("accuracy")
+    if all(r["lo"] > 0 for res in results.values() for r in res["by"].get(col, [])):
+        ax.set_xscale("log")
+    ax.set_title(f"accuracy against {col}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_curves(history: list[dict], path):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    e = [h["epoch"] for h in history]
+    axes[0].plot(e, [h["train_loss"] for h in history], label="training")
+    axes[0].plot(e, [h["val_loss"] for h in history], label="validation")
+    axes[0].set_title("loss")
+    axes[1].plot(e, [h["train_acc"] for h in history], label="training")
+    axes[1].plot(e, [h["val_acc"] for h in history], label="validation")
+    axes[1].set_title("accuracy")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_stamps(images: np.ndarray, titles: list[str], path, cols: int = 5):
+    plt = _plt()
+    rows = max(1, (len(images) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k < len(images):
+            ax.imshow(images[k][0], cmap="gray", origin="lower")
+            ax.set_title(titles[k], fontsize=6, color="tab:blue")
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _find_stamps(data: str, ids: list[str]) -> dict[str, np.ndarray]:
+    """Images of a few stamps by id, streaming the dataset once."""
+    m = st.read_manifest(data)
+    want = pa.array(ids, pa.string())
+    found = {}
+    for batch in st.iter_batches(data, columns=[st.ID, st.IMAGE]):
+        tbl = pa.Table.from_batches([batch])
+        hit = tbl.filter(pc.is_in(tbl.column(st.ID), value_set=want))
+        if hit.num_rows:
+            imgs = st.decode_images(hit.column(st.IMAGE), m.spec.shape)
+            for sid, img in zip(hit.column(st.ID).to_pylist(), imgs):
+                found[sid] = np.array(img)
+        if len(found) == len(ids):
+            break
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluateResult:
+    out: str
+    report: dict
+    html: str
+    plots: list = field(default_factory=list)
+
+
+def _run_name(path: str, i: int, names) -> str:
+    return names[i] if names else (os.path.basename(os.path.normpath(path)) or f"scores{i}")
+
+
+def evaluate(settings: EvaluateSettings) -> EvaluateResult:
+    """Build the report for one or more score tables."""
+    t0 = time.time()
+    os.makedirs(settings.out, exist_ok=True)
+    results, meta = {}, {}
+    class_names = None
+    for i, path in enumerate(settings.scores):
+        doc = score_manifest(path)
+        names = list(doc["class_names"])
+        if class_names is None:
+            class_names = names
+        elif names != class_names:
+            msg = f"{path} scores classes {names}, the first table {class_names}; compare like with like"
+            raise ValueError(msg)
+        t = read_scores(path)
+        total = t.num_rows
+        if st.LABEL in t.column_names:
+            t = t.filter(t.column(st.LABEL).is_valid())
+        if settings.split != "all" and st.SPLIT in t.column_names:
+            t = t.filter(pc.equal(t.column(st.SPLIT), settings.split))
+        if t.num_rows == 0:
+            msg = (f"{path} has no labelled rows in split {settings.split!r} ({total} rows in all); "
+                   f"try --split all, or score labelled data")
+            raise ValueError(msg)
+        name = _run_name(path, i, settings.names)
+        results[name] = evaluate_table(t, class_names, settings)
+        meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"),
+                      "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
+
+    plots: dict[str, str] = {}
+    out = settings.out
+    plots["roc"] = plot_roc(results, os.path.join(out, "roc.png"))
+    for name, res in results.items():
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+        plots[f"confusion:{name}"] = plot_confusion(res["confusion"], class_names, f"{name}: confusion",
+                                                    os.path.join(out, f"confusion_{safe}.png"))
+        plots[f"confident:{name}"] = plot_confusion(res["confident"]["confusion"], class_names,
+                                                    f"{name}: confident subset", os.path.join(out, f"confident_{safe}.png"))
+        plots[f"hist:{name}"] = plot_histograms(res, class_names, f"{name}: probabilities by true class",
+                                                os.path.join(out, f"histograms_{safe}.png"))
+        if settings.data and res["misclassified"]["rows"]:
+            rows = res["misclassified"]["rows"][:settings.misclassified_grid]
+            found = _find_stamps(settings.data, [r["stamp_id"] for r in rows])
+            rows = [r for r in rows if r["stamp_id"] in found]
+            if rows:
+                titles = [f"true {r['label']}, pred {r['pred']}\np={r['probabilities'][r['pred']]:.3f}" for r in rows]
+                plots[f"misclassified:{name}"] = plot_stamps(np.stack([found[r["stamp_id"]] for r in rows]), titles,
+                                                             os.path.join(out, f"misclassified_{safe}.png"))
+    for col in settings.by:
+        if any(col in res["by"] for res in results.values()):
+            plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{col}.png"))
+        else:
+            print(f"evaluate: warning: no score table has a column {col!r}; score with --keep {col}")
+    history = []
+    if settings.run:
+        path = os.path.join(settings.run, "metrics.jsonl")
+        if not os.path.exists(path):
+            msg = f"--run {settings.run} holds no metrics.jsonl; give a run directory written by 'stampray train'"
+            raise FileNotFoundError(msg)
+        with open(path) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        if history:
+            plots["curves"] = plot_curves(history, os.path.join(out, "training_curves.png"))
+
+    report = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+              "class_names": class_names, "tables": meta,
+              "results": {n: {k: v for k, v in r.items() if k != "_arrays"} for n, r in results.items()},
+              "training": history, "plots": {k: os.path.basename(v) for k, v in plots.items()},
+              "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    html_path = os.path.join(out, "report.html")
+    with open(html_path, "w") as f:
+        f.write(render_html(report, plots))
+    if settings.tensorboard:
+        to_tensorboard(settings.tensorboard, results, class_names, plots)
+    return EvaluateResult(out, report, html_path, list(plots.values()))
+
+
+def _img(path: str, alt: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def render_html(report: dict, plots: dict[str, str]) -> str:
+    """One self-contained page: every plot embedded as a data URI."""
+    names = report["class_names"]
+    res = report["results"]
+    s = report["settings"]
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>stampray report</title><style>",
+             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+             "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             "img{max-width:100%;margin:.3em}h2{border-bottom:1px solid #ddd}</style></head><body>",
+             "<h1>stampray evaluation</h1>",
+             f"<p>split: <b>{html.escape(s['split'])}</b>; classes: {html.escape(', '.join(names))}</p>",
+             "<h2>Summary</h2><table><tr><th>scores</th><th>model</th><th>stamps</th><th>accuracy</th><th>AUC</th>"
+             f"<th>FPR at TPR={s['tpr']}</th><th>FNR at FPR={s['fpr']}</th><th>macro F1</th>"
+             "<th>confident share</th><th>confident accuracy</th></tr>"]
+    for name, r in res.items():
+        first = next(iter(r["roc"].values()))
+        parts.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(report['tables'][name]['model'])}</td>"
+                     f"<td>{r['n']}</td><td>{_fmt(r['accuracy'])}</td><td>{_fmt(r['auc'])}</td>"
+                     f"<td>{_fmt(first['fpr_at_tpr'])}</td><td>{_fmt(first['fnr_at_fpr'])}</td>"
+                     f"<td>{_fmt(r['macro_f1'])}</td><td>{_fmt(r['confident']['share'])}</td>"
+                     f"<td>{_fmt(r['confident']['accuracy'])}</td></tr>")
+    parts.append("</table>")
+    if "roc" in plots:
+        parts.append(_img(plots["roc"], "ROC curves"))
+    for name, r in res.items():
+        parts.append(f"<h2>{html.escape(name)}</h2><table><tr><th>class</th><th>precision</th><th>recall</th>"
+                     "<th>F1</th><th>support</th></tr>")
+        for c in r["per_class"]:
+            parts.append(f"<tr><td>{html.escape(c['class'])}</td><td>{_fmt(c['precision'])}</td>"
+                         f"<td>{_fmt(c['recall'])}</td><td>{_fmt(c['f1'])}</td><td>{c['support']}</td></tr>")
+        parts.append("</table>")
+        for key in ("confusion", "confident", "hist", "misclassified"):
+            if f"{key}:{name}" in plots:
+                parts.append(_img(plots[f"{key}:{name}"], f"{key} {name}"))
+        wrong = r["misclassified"]
+        parts.append(f"<p>{wrong['n']} misclassified stamps (most confident first; all in report.json):</p>"
+                     "<table><tr><th>stamp_id</th><th>true</th><th>predicted</th>"
+                     + "".join(f"<th>p({html.escape(c)})</th>" for c in names) + "</tr>")
+        for row in wrong["rows"][:25]:
+            parts.append(f"<tr><td>{html.escape(row['stamp_id'])}</td><td>{html.escape(row['label'])}</td>"
+                         f"<td>{html.escape(row['pred'])}</td>"
+                         + "".join(f"<td>{row['probabilities'][c]:.4f}</td>" for c in names) + "</tr>")
+        parts.append("</table>")
+    for key, path in plots.items():
+        if key.startswith("by:"):
+            parts.append(f"<h2>Accuracy against {html.escape(key[3:])}</h2>" + _img(path, key))
+    if "curves" in plots:
+        parts.append("<h2>Training</h2>" + _img(plots["curves"], "training curves"))
+    parts.append(f"<p style='color:#888'>made by stampray in {report['seconds']} s</p></body></html>")
+    return "".join(parts)
+
+
+def to_tensorboard(logdir: str, results: dict, class_names, plots: dict[str, str]) -> None:
+    """The report's headline numbers, PR curves and confusion images as TensorBoard summaries."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, res in results.items():
+        w = SummaryWriter(os.path.join(logdir, "evaluate", name))
+        for key in ("accuracy", "auc", "macro_f1"):
+            if res[key] is not None:
+                w.add_scalar(f"evaluate/{key}", res[key], 0)
+        first = next(iter(res["roc"].values()))
+        for key in ("fpr_at_tpr", "fnr_at_fpr"):
+            if first[key] is not None:
+                w.add_scalar(f"evaluate/{key}", first[key], 0)
+        if res["confident"]["share"] is not None:
+            w.add_scalar("evaluate/confident_share", res["confident"]["share"], 0)
+        arr = res["_arrays"]
+        k = len(class_names)
+        for c in (range(1, 2) if k == 2 else range(k)):
+            w.add_pr_curve(f"evaluate/pr_{class_names[c]}", arr["labels"] == c, arr["probs"][:, c], 0)
+        from .train import _confusion_figure
+
+        w.add_figure("evaluate/confusion_matrix", _confusion_figure(res["confusion"]["counts"], class_names, name), 0)
+        w.close()

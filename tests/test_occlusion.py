@@ -1,0 +1,72 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from stampray.occlusion import OccludeSettings, occlude, occlusion_maps, read_maps
+
+
+def central_probe(x: np.ndarray) -> np.ndarray:
+    """P(class 1) rises with the sum of the central 3x3 pixels: the answer is known."""
+    s = torch.from_numpy(x)[:, 0, 9:12, 9:12].sum(dim=(1, 2))
+    logits = torch.stack([torch.zeros_like(s), 10.0 * s - 85.0], dim=1)
+    return torch.softmax(logits, 1).numpy()
+
+
+def identity(x):
+    return x
+
+
+@pytest.mark.parametrize("kernel", [3, 4, 5, 6])
+def test_heatmap_drops_exactly_where_the_kernel_covers_the_central_pixels(kernel):
+    img = np.ones((2, 1, 21, 21), np.float32)
+    heat = occlusion_maps(img, np.array([1, 1]), kernel, 1, identity, central_probe)
+    assert heat.shape == (2, 21, 21)
+    full = central_probe(img)[0, 1]
+    before = (kernel - 1) // 2
+    expected = np.zeros((21, 21), bool)  # pixel (i, j) stands for the window starting at (i-before, j-before)
+    for i in range(before, 21 - kernel // 2):
+        for j in range(before, 21 - kernel // 2):
+            y, x = i - before, j - before
+            expected[i, j] = (y <= 11 and y + kernel - 1 >= 9) and (x <= 11 and x + kernel - 1 >= 9)
+    inner = np.zeros((21, 21), bool)
+    inner[before:21 - kernel // 2, before:21 - kernel // 2] = True
+    assert np.allclose(heat[0][inner & ~expected], full)
+    assert (heat[0][inner & expected] < full - 0.1).all()
+    # the padding carries the map's minimum, as the notebooks pad
+    assert np.allclose(heat[0][~inner], heat[0][inner].min())
+
+
+@pytest.mark.parametrize("kernel,stride", [(5, 1), (6, 1), (5, 2), (4, 3)])
+def test_output_is_stamp_sized(kernel, stride):
+    img = np.random.default_rng(0).random((3, 2, 21, 21)).astype(np.float32)
+    heat = occlusion_maps(img, np.array([0, 1, 0]), kernel, stride, identity,
+                          lambda x: np.full((len(x), 2), 0.5, np.float32))
+    assert heat.shape == (3, 21, 21)
+    even = occlusion_maps(np.ones((1, 1, 20, 20), np.float32), np.array([0]), kernel, stride, identity,
+                          lambda x: np.full((len(x), 2), 0.5, np.float32))
+    assert even.shape == (1, 20, 20)
+
+
+def test_kernel_larger_than_the_stamp_is_refused():
+    with pytest.raises(ValueError, match="--kernel 30 does not fit in stamps of 21x21"):
+        occlusion_maps(np.ones((1, 1, 21, 21), np.float32), np.array([0]), 30, 1, identity, central_probe)
+
+
+def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
+    from test_score import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps"), limit=4,
+                                png=str(tmp_path / "png")))
+    assert r.rows == 4
+    t = read_maps(str(tmp_path / "maps"))
+    assert t.num_rows == 4
+    heat = t.column("heatmap").combine_chunks().to_numpy_ndarray()
+    assert heat.shape == (4, 21, 21) and np.isfinite(heat).all() and (heat >= 0).all() and (heat <= 1).all()
+    assert sorted(os.listdir(tmp_path / "png")) == sorted(
+        [f"{i}.png" for i in t.column("stamp_id").to_pylist()] + ["occlusion_grid.png"])
+    ids = t.column("stamp_id").to_pylist()[:2]
+    r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps2"), ids=tuple(ids)))
+    assert sorted(read_maps(str(tmp_path / "maps2")).column("stamp_id").to_pylist()) == sorted(ids)

@@ -1,0 +1,164 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stampray import checkpoint as ck
+from stampray import table as st
+from stampray.models import create_model
+from stampray.score import ScoreSettings, read_scores, score
+
+
+def make_checkpoint(path, name="cnn", channels=1, size=21, classes=("noise", "source"), preprocess="course"):
+    torch.manual_seed(0)
+    model = create_model(name, channels, size, len(classes))
+    ck.save(ck.make_bundle(model, class_names=classes, preprocess=preprocess), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cnn_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+def write_dataset(path, images, ids=None, labels=None, spec=None, shard_rows=1000):
+    spec = spec or st.StampSpec(images.shape[1:], ("noise", "source"))
+    w = st.StampWriter(str(path), spec, shard_rows)
+    ids = ids or [f"s{i}" for i in range(len(images))]
+    if len(images):
+        w.write(st.make_table(spec, ids, images, labels))
+    w.close()
+    return str(path)
+
+
+def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_path, ray_shared):
+    out = str(tmp_path / "scores")
+    r = score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, keep=("snr",)))
+    assert r.scored == 600 and r.set_aside == 0 and not r.nothing_to_do
+    t = read_scores(out)
+    src = st.read_table(tno_small, columns=["stamp_id", "label", "snr"])
+    assert sorted(t.column("stamp_id").to_pylist()) == sorted(src.column("stamp_id").to_pylist())
+    assert t.num_rows == len(set(t.column("stamp_id").to_pylist()))
+    p = np.stack([t.column("p_noise").to_numpy(), t.column("p_source").to_numpy()], axis=1)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert (t.column("pred").to_numpy() == p.argmax(axis=1)).all()
+    assert set(t.column("pred_name").to_pylist()) <= {"noise", "source"}
+    tag = t.column("model").to_pylist()[0]
+    assert tag.startswith("cnn@") and len(tag) == 16 and set(t.column("model").to_pylist()) == {tag}
+    assert set(t.column("split").to_pylist()) == {"train", "val", "test"}
+    by_id = dict(zip(src.column("stamp_id").to_pylist(), src.column("snr").to_pylist()))
+    assert all(by_id[i] == s for i, s in zip(t.column("stamp_id").to_pylist(), t.column("snr").to_pylist()))
+    # the same stamps through the model directly give the same probabilities
+    from stampray import preprocess as pp
+
+    model = ck.load_model(cnn_ckpt)
+    first = st.read_table(tno_small).slice(0, 5)
+    x = pp.get("course")(st.decode_images(first.column("image"), (1, 21, 21)))
+    with torch.no_grad():
+        direct = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+    rows = {sid: i for i, sid in enumerate(t.column("stamp_id").to_pylist())}
+    got = p[[rows[s] for s in first.column("stamp_id").to_pylist()]]
+    np.testing.assert_allclose(got, direct, atol=1e-5)
+    # a rerun of a finished job does no work
+    again = score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, keep=("snr",)))
+    assert again.nothing_to_do and again.scored == 600
+
+
+def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared):
+    images = np.random.default_rng(0).normal(size=(10, 1, 21, 21)).astype(np.float32)
+    images[2, 0, 3, 3] = np.nan
+    images[7, 0, 0, 0] = np.inf
+    data = write_dataset(tmp_path / "d", images, labels=[0, 1] * 5, shard_rows=4)
+    # a foreign shard whose images are 20x20: its rows cannot be scored
+    spec20 = st.StampSpec((1, 20, 20), ("noise", "source"))
+    st.write_shard(str(tmp_path / "d" / "part-00003.parquet"),
+                   st.make_table(spec20, ["w0", "w1"], np.zeros((2, 1, 20, 20), np.float32), [0, 1]))
+    m = st.read_manifest(data)
+    m.shards.append({"path": "part-00003.parquet", "rows": 2})
+    st.write_text(st.join(data, st.MANIFEST_NAME), m.to_json())
+    out = str(tmp_path / "scores")
+    r = score(ScoreSettings(model=cnn_ckpt, data=data, out=out))
+    assert r.scored == 8 and r.set_aside == 4 and r.errors == {"nonfinite": 2, "shape": 2}
+    errors = pq.read_table(str(tmp_path / "scores" / "_errors")).to_pylist()
+    reasons = {e["stamp_id"]: e["reason"] for e in errors}
+    assert reasons["s2"] == "nonfinite: 1 non-finite pixels" and reasons["s7"] == "nonfinite: 1 non-finite pixels"
+    assert reasons["w0"] == "shape: image of 400 float32 values, the model takes (1, 21, 21) = 441"
+    assert sorted(read_scores(out).column("stamp_id").to_pylist()) == sorted(f"s{i}" for i in range(10) if i not in (2, 7))
+    doc = json.loads((tmp_path / "scores" / "_manifest.json").read_text())
+    assert doc["num_rows"] == 8 and doc["set_aside"] == 4
+
+
+def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, capsys):
+    empty = write_dataset(tmp_path / "empty", np.zeros((0, 1, 21, 21), np.float32))
+    r = score(ScoreSettings(model=cnn_ckpt, data=empty, out=str(tmp_path / "s0")))
+    assert r.scored == 0 and r.set_aside == 0
+    assert "holds no stamps" in capsys.readouterr().err
+    assert read_scores(str(tmp_path / "s0")).num_rows == 0
+    one = write_dataset(tmp_path / "one", np.ones((1, 1, 21, 21), np.float32), ids=["only"])
+    r = score(ScoreSettings(model=cnn_ckpt, data=one, out=str(tmp_path / "s1")))
+    assert r.scored == 1
+    t = read_scores(str(tmp_path / "s1"))
+    assert t.column("stamp_id").to_pylist() == ["only"] and t.column("label").to_pylist() == [None]
+    assert t.column("p_noise")[0].as_py() + t.column("p_source")[0].as_py() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path):
+    three = write_dataset(tmp_path / "c3", np.zeros((2, 3, 21, 21), np.float32))
+    with pytest.raises(ValueError, match="the model takes 1-channel stamps, .* holds 3-channel stamps"):
+        score(ScoreSettings(model=cnn_ckpt, data=three, out=str(tmp_path / "o1")))
+    small = write_dataset(tmp_path / "s20", np.zeros((2, 1, 20, 20), np.float32))
+    with pytest.raises(ValueError, match="trained on 21x21 stamps, .* holds 20x20 stamps"):
+        score(ScoreSettings(model=cnn_ckpt, data=small, out=str(tmp_path / "o2")))
+    four = write_dataset(tmp_path / "k4", np.zeros((4, 1, 21, 21), np.float32), labels=[0, 1, 2, 3],
+                         spec=st.StampSpec((1, 21, 21), ("a", "b", "c", "d")))
+    with pytest.raises(ValueError, match="has labels up to 3 .* but the model predicts 2 classes"):
+        score(ScoreSettings(model=cnn_ckpt, data=four, out=str(tmp_path / "o3")))
+    ok = write_dataset(tmp_path / "ok", np.zeros((2, 1, 21, 21), np.float32))
+    with pytest.raises(ValueError, match="--keep names columns \\['ra'\\] that .* does not have; it has: none"):
+        score(ScoreSettings(model=cnn_ckpt, data=ok, out=str(tmp_path / "o4"), keep=("ra",)))
+    for name in ("o1", "o2", "o3", "o4"):
+        assert not os.path.exists(tmp_path / name)
+
+
+def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, ray_shared):
+    out = str(tmp_path / "scores")
+    score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out))
+    other = make_checkpoint(tmp_path / "other.pt", name="dense")
+    with pytest.raises(ValueError, match="holds results of another job"):
+        score(ScoreSettings(model=other, data=tno_small, out=out))
+    r = score(ScoreSettings(model=other, data=tno_small, out=out, overwrite=True))
+    assert r.scored == 600
+    tags = set(read_scores(out).column("model").to_pylist())
+    assert len(tags) == 1 and tags.pop().startswith("dense@")
+
+
+def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path):
+    from stampray.synth import SynthSettings, synth
+
+    data = str(tmp_path / "survey")
+    synth(SynthSettings(out=data, n=40_000, seed=3, shard_rows=2000))
+    out = str(tmp_path / "scores")
+    cmd = [sys.executable, "-m", "stampray", "score", "--model", cnn_ckpt, "--data", data, "--out", out,
+           "--batch-size", "512", "--compile", "off"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len([f for f in os.listdir(out)] if os.path.exists(out) else []) < 4:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, part way through
+    proc.wait()
+    done_before = [f for f in os.listdir(out) if f.startswith("part-")]
+    assert 0 < len(done_before) < 20, done_before
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(done_before)} shards were already done" in rerun.stdout
+    ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
+    assert len(ids) == 40_000 and len(set(ids)) == 40_000
+    assert set(ids) == set(st.read_table(data, columns=["stamp_id"]).column("stamp_id").to_pylist())
