@@ -150,7 +150,7 @@ def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path)
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and len([f for f in os.listdir(out)] if os.path.exists(out) else []) < 4:
+    while time.time() < deadline and len([f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []) < 4:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its private Ray, part way through
     proc.wait()

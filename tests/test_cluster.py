@@ -1,0 +1,116 @@
+"""cluster.yaml against Ray's own schema; a job submitted to a real local Ray head; security defaults."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    validate_config(config)  # raises on any key the cluster launcher does not know
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}  # the head runs no GPU or heavy work
+    assert types["ray.worker.gpu"]["min_workers"] == 0 and types["ray.worker.gpu"]["node_config"]["InstanceType"] == "g5.xlarge"
+    assert "ray.worker.cpu" in types
+    assert any("pip install" in c and "stampray" in c for c in config["setup_commands"])
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE" not in open(os.path.join(ROOT, "cluster.yaml")).read()
+    assert not re.search(r"aws_(access|secret)|AKIA", open(os.path.join(ROOT, "cluster.yaml")).read(), re.I)
+
+
+def test_every_key_of_cluster_yaml_has_a_comment():
+    lines = open(os.path.join(ROOT, "cluster.yaml")).read().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[A-Za-z_][\w.]*:", line):
+            prev = next((p for p in reversed(lines[:i]) if p.strip()), "")
+            if not prev.strip().startswith("#") and "#" not in line:
+                missing.append(line.strip())
+    assert missing == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submitted_to_a_local_ray_head(tmp_path):
+    """`ray start --head`, then `ray job submit --working-dir . -- python jobs/synth.py ...` as the README says."""
+    import secrets
+    import tempfile
+
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    gcs, dash = free_port(), free_port()
+    # Token authentication on, with this test's own token for the head and the Jobs client.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    short_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--include-dashboard=true", "--block", f"--temp-dir={short_tmp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline, up = time.time() + 120, None
+        while time.time() < deadline:
+            up = subprocess.run([ray_cli, "job", "list", "--address", url], capture_output=True, text=True, env=env)
+            if up.returncode == 0:
+                break
+            time.sleep(1)
+        assert up is not None and up.returncode == 0, "the local Ray head did not come up: " + up.stderr[-2000:]
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run([ray_cli, "job", "list", "--address", url], capture_output=True, text=True,
+                                 env={**no_token, "HOME": str(tmp_path)})
+        assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+        out = str(tmp_path / "survey")
+        job = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", ROOT, "--",
+                              sys.executable, "jobs/synth.py", "-n", "300", "--seed", "4", "--out", out],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "synth: wrote 300 tno stamps" in job.stdout + job.stderr
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        from stampray import table as st
+
+        assert st.read_manifest(out).num_rows == 300
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
+
+
+def test_private_local_ray_is_localhost_only_and_keeps_token_auth(monkeypatch):
+    import inspect
+
+    from stampray import runtime
+
+    src = inspect.getsource(runtime)
+    assert 'dashboard_host="127.0.0.1"' in src
+    assert "RAY_AUTH_MODE" not in src  # stampray never turns Ray's token authentication off
+    monkeypatch.setenv("RAY_ADDRESS", "ray://example:10001")
+    assert runtime.target_address(None) == "ray://example:10001"
+    assert runtime.target_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert runtime.target_address(None) is None
+
+
+def test_nothing_in_stampray_unpickles_without_opt_in():
+    hits = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "stampray")):
+        for name in files:
+            if name.endswith(".py"):
+                for line in open(os.path.join(dirpath, name)):
+                    if re.search(r"pickle\.loads?\(|torch\.load\(", line):
+                        hits.append((name, line.strip()))
+    assert [h for h in hits if "pickle.load(" in h[1]] == [("ingest.py", "return pickle.load(f)  # noqa: S301 - explicit opt-in")]
+    for name, line in hits:
+        assert "pickle.load(" in line or "weights_only=True" in line, (name, line)
