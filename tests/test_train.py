@@ -149,7 +149,9 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     model = create_model("vgg6", 3, 21, 2).eval()
     path = str(tmp_path / "model.pt")
     ck.save(ck.make_bundle(model, class_names=["bogus", "real"], preprocess="standardize"), path)
-    again = ck.load_model(path)
+    import stampray
+
+    again = stampray.load_model(path)
     x = torch.randn(5, 3, 21, 21)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
