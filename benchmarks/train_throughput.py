@@ -6,7 +6,6 @@ includes start-up). Run: ``python benchmarks/train_throughput.py [-n 50000] [--e
 """
 
 import argparse
-import json
 import os
 import shutil
 import time

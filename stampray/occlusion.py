@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import checkpoint as ck
 from . import table as st
-from .score import ModelActor, check_compatible, pool_plan
+from .score import ModelActor, open_model_for, pool_plan
 
 WHERE = ("misclassified",)
 
@@ -166,17 +165,11 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     from .runtime import cluster_cpus, cluster_gpus, ray_session
 
     t0 = time.time()
-    manifest = st.read_manifest(settings.data)
-    model_path = ck.resolve_path(settings.model)
-    bundle = ck.load_bundle(model_path)
-    check_compatible(bundle, manifest, settings.data)
+    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
     occlusion_masks(manifest.spec.shape, settings.kernel, settings.stride)  # kernel fits?
     if settings.where == "misclassified" and not manifest.label_counts:
         msg = f"--where misclassified needs labels, and {settings.data} holds none"
         raise ValueError(msg)
-    fs, mp = st.resolve(model_path)
-    with fs.open_input_stream(mp) as f:
-        model_bytes = f.read()
     st.make_dirs(settings.out)
     ofs, _ = st.resolve(settings.out)
     for item in ofs.get_file_info(st.pafs.FileSelector(st.resolve(settings.out)[1], allow_not_found=True)):

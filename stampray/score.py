@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 import re
 import sys
@@ -310,6 +309,18 @@ class ScoreResult:
     nothing_to_do: bool = False
 
 
+def open_model_for(model: str, data: str) -> tuple[st.Manifest, str, dict, bytes]:
+    """The dataset's manifest, the checkpoint's path, bundle and bytes, after the compatibility check
+    (shared by ``score`` and ``occlude``: the replicas load the bytes from the object store)."""
+    manifest = st.read_manifest(data)
+    model_path = ck.resolve_path(model)
+    bundle = ck.load_bundle(model_path)
+    check_compatible(bundle, manifest, data)
+    fs, p = st.resolve(model_path)
+    with fs.open_input_stream(p) as f:
+        return manifest, model_path, bundle, f.read()
+
+
 def _job_doc(settings: ScoreSettings, bundle: dict, tag: str) -> dict:
     return {"model": settings.model, "model_tag": tag, "data": settings.data, "keep": list(settings.keep),
             "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"])}
@@ -325,10 +336,7 @@ def score(settings: ScoreSettings) -> ScoreResult:
     from .runtime import cluster_cpus, cluster_gpus, ray_session
 
     t0 = time.time()
-    manifest = st.read_manifest(settings.data)
-    model_path = ck.resolve_path(settings.model)
-    bundle = ck.load_bundle(model_path)
-    check_compatible(bundle, manifest, settings.data)
+    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
     missing = [k for k in settings.keep if k not in manifest.columns]
     if missing:
         extra = [c for c in manifest.columns if c not in st.CORE_COLUMNS]
@@ -367,9 +375,6 @@ def score(settings: ScoreSettings) -> ScoreResult:
 
     counts = {"scored": 0, "set_aside": 0, "errors": {}, "duplicates": 0}
     if todo:
-        mfs, mp = st.resolve(model_path)
-        with mfs.open_input_stream(mp) as f:
-            model_bytes = f.read()
         with ray_session(settings.address):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # stampray prints one progress line instead

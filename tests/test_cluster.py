@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stampray import table as st
 from stampray.evaluate import EvaluateSettings, accuracy_by, evaluate, roc
 
 

@@ -99,8 +99,6 @@ def test_killed_driver_rerun_completes_scoring_on_a_cluster(tmp_path):
 
     data, out = str(tmp_path / "survey"), str(tmp_path / "scores")
     synth(SynthSettings(out=data, n=30000, seed=5, shard_rows=1000))
-    import torch
-
     from stampray import checkpoint as ck
     from stampray.models import create_model
 

@@ -3,7 +3,6 @@ import pickle
 
 import h5py
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 

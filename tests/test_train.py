@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from stampray import checkpoint as ck
-from stampray import table as st
 from stampray.models import create_model
 from stampray.train import Augment, TrainSettings, class_weights_from_counts, fit, lr_factor, resources
 
