@@ -348,7 +348,7 @@ def train_loop(cfg: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, int(s["epochs"]), s["schedule"], s["warmup_epochs"]))
     state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "since_best": 0,
-             "best_state_dict": None, "best_metrics": {}, "stopped_early": False}
+             "best_state_dict": None, "best_metrics": {}, "stopped_early": False, "resumes": []}
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -357,6 +357,7 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(bundle["optimizer"])
         scheduler.load_state_dict(bundle["scheduler"])
         state.update(bundle["train_state"])
+        state["resumes"] = list(state.get("resumes", [])) + [state["epoch"]]  # epochs a restart began from
         if rank == 0:
             print(f"[stampray] resuming {s['model']} from epoch {state['epoch']}", flush=True)
     model = ray.train.torch.prepare_model(model)  # DDP across workers (and the device move)
@@ -416,7 +417,7 @@ def train_loop(cfg: dict) -> None:
             "epoch": epoch + 1, "train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
             "lr": float(optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
-            "train_n": int(sums[2]), "seconds": seconds,
+            "train_n": int(sums[2]), "seconds": seconds, "node_ids": list(nodes),
         }
 
         # 4. Best epoch and early stopping (identical decision on every worker).
@@ -467,7 +468,7 @@ def train_loop(cfg: dict) -> None:
         final = [{"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"], "test_n": test["n"],
                   "test_confusion": test["confusion"], "best_epoch": state["best_epoch"],
                   "epochs_done": state["epoch"], "stopped_early": state["stopped_early"],
-                  "workers": world, "nodes": len(set(nodes))}]
+                  "workers": world, "nodes": len(set(nodes)), "resumed_from": state["resumes"]}]
         log.hparams({k2: s[k2] for k2 in ("model", "epochs", "batch_size", "lr", "optimizer", "schedule",
                                            "weight_decay", "augment", "workers", "seed")},
                     {"test_acc": test["acc"], "test_auc": test["auc"], "best_val": state["best_value"] or 0.0})

@@ -73,9 +73,13 @@ def test_job_submitted_to_a_local_ray_head(tmp_path):
                                  env={**no_token, "HOME": str(tmp_path)})
         assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
         out = str(tmp_path / "survey")
-        job = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", ROOT, "--",
-                              sys.executable, "jobs/synth.py", "-n", "300", "--seed", "4", "--out", out],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        for _ in range(30):  # the head's job agent may come up after its API server
+            job = subprocess.run([ray_cli, "job", "submit", "--address", url, "--working-dir", ROOT, "--",
+                                  sys.executable, "jobs/synth.py", "-n", "300", "--seed", "4", "--out", out],
+                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "synth: wrote 300 tno stamps" in job.stdout + job.stderr
         assert "succeeded" in (job.stdout + job.stderr).lower()
