@@ -324,11 +324,14 @@ def train_loop(cfg: dict) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    nodes = [ray.get_runtime_context().get_node_id()]
+    # Where every worker runs (node, process): recorded per epoch, so a person (or a fault test) can tell
+    # which node and process holds which rank.
+    where = [(ray.get_runtime_context().get_node_id(), os.getpid())]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, nodes[0])
-        nodes = gathered
+        dist.all_gather_object(gathered, where[0])
+        where = gathered
+    nodes, pids = [w[0] for w in where], [int(w[1]) for w in where]
     s = cfg["settings"]
     torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(int(s["seed"]))
@@ -417,7 +420,7 @@ def train_loop(cfg: dict) -> None:
             "epoch": epoch + 1, "train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
             "lr": float(optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
-            "train_n": int(sums[2]), "seconds": seconds, "node_ids": list(nodes),
+            "train_n": int(sums[2]), "seconds": seconds, "node_ids": list(nodes), "worker_pids": pids,
         }
 
         # 4. Best epoch and early stopping (identical decision on every worker).

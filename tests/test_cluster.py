@@ -52,12 +52,17 @@ def test_job_submitted_to_a_local_ray_head(tmp_path):
 
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     gcs, dash = free_port(), free_port()
+    # Every port of its own: the test session's Ray (and its dashboard agent on Ray's default 52365) is up
+    # beside this head, and an agent that cannot bind its port leaves the head with "No available agent".
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
     # Token authentication on, with this test's own token for the head and the Jobs client.
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     short_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen(
         [ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--include-dashboard=true", "--block", f"--temp-dir={short_tmp}"],
+         f"--dashboard-port={dash}", "--include-dashboard=true", "--block", f"--temp-dir={short_tmp}", *ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:

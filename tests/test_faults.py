@@ -75,8 +75,9 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
         def killer():
             hosts = None
             metrics = os.path.join(runs, "cnn", "metrics.jsonl")
-            while not os.path.exists(os.path.join(runs, "cnn", "epoch-0001", "model.pt")) or not os.path.exists(metrics):
-                time.sleep(0.1)
+            # Epoch 3 logged: epoch 1's checkpoint is registered (see test_train's worker-kill test).
+            while not os.path.exists(metrics) or len(open(metrics).read().splitlines()) < 3:
+                time.sleep(0.05)
             try:
                 hosts = set(json.loads(open(metrics).readline())["node_ids"])  # where the Train workers run
                 victim = next(n for n in nodes if n.node_id in hosts)
@@ -94,6 +95,7 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
     """)
     assert result["killed"], result["errors"]
     assert result["done"] == 6 and result["workers"] == 2, result
+    assert len(result["resumed_from"]) >= 1 and result["resumed_from"][0] >= 1, result  # from a checkpoint
     assert result["epochs"][-1] == 6 and sorted(set(result["epochs"])) == [1, 2, 3, 4, 5, 6], result
 
 

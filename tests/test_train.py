@@ -78,27 +78,31 @@ def test_early_stopping_stops(tno_small, tmp_path, ray_shared):
 def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path, ray_shared):
     import psutil
 
-    settings = small(tno_small, tmp_path, epochs=4, max_failures=2, name="fault")
+    settings = small(tno_small, tmp_path, epochs=5, max_failures=2, name="fault")
     killed = []
 
     def killer():
+        # Kill one of *this* run's Train workers (its pids are in the run's own metrics) once epoch 3 is logged.
+        # A worker's report waits until Ray Train's controller has taken the one before (a queue of one,
+        # polled every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so by then epoch 1's checkpoint is registered and
+        # the restart must begin from a checkpoint.
+        metrics = tmp_path / "fault" / "metrics.jsonl"
         deadline = time.time() + 240
-        while time.time() < deadline and not os.path.exists(tmp_path / "fault" / "epoch-0001"):
-            time.sleep(0.2)
-        for p in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-                os.kill(p.pid, signal.SIGKILL)  # a real process death, mid-run
-                killed.append(p.pid)
-                return
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        pid = json.loads(metrics.read_text().splitlines()[-1])["worker_pids"][0]
+        if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+            os.kill(pid, signal.SIGKILL)  # a real process death, mid-run
+            killed.append(pid)
 
     t = threading.Thread(target=killer)
     t.start()
     r = fit(settings)
     t.join()
     assert killed, "no Train worker process was found to kill"
-    assert r.metrics["epochs_done"] == 4 and r.metrics["resumed_from"][0] >= 1
+    assert r.metrics["epochs_done"] == 5 and r.metrics["resumed_from"][0] >= 1
     epochs = history_epochs(r.run_dir)
-    assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+    assert epochs[-1] == 5 and sorted(set(epochs)) == [1, 2, 3, 4, 5]
 
 
 def test_two_workers_on_two_simulated_nodes(tno_small, tmp_path):
