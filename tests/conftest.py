@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # then skips most process start-ups. Saves several seconds per training run in the suite.
 os.environ.setdefault("RAY_num_workers_soft_limit", "16")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+# Ray Train's controller collects each epoch's report when it polls (every 2 s by default); the tests'
+# epochs take a fraction of that.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,8 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
 
 
 def test_training_survives_the_loss_of_a_node(tmp_path):
+    # Ray Train's default 2 s poll: the run must still be going when the node's death is noticed.
+    env = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     result, log = run_script(f"""
         import json, os, threading, time, ray
         from ray.cluster_utils import Cluster
@@ -92,7 +94,7 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
                                      "done": r.metrics["epochs_done"], "workers": r.metrics["workers"],
                                      "resumed_from": r.metrics["resumed_from"], "errors": errors}}), flush=True)
         os._exit(0)
-    """)
+    """, env=env)
     assert result["killed"], result["errors"]
     assert result["done"] == 6 and result["workers"] == 2, result
     assert len(result["resumed_from"]) >= 1 and result["resumed_from"][0] >= 1, result  # from a checkpoint
