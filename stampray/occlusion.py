@@ -18,12 +18,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import table as st
 from .score import ModelActor, open_model_for, pool_plan
 
 WHERE = ("misclassified",)
+ERROR = "_error"  # set on rows that could not be occluded (their reason); they go to OUT/_errors/
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,11 @@ class Occluder(ModelActor):
         self.ids = pa.array(sorted(ids), pa.string()) if ids else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
         if self.ids is not None:
             batch = batch.filter(pc.is_in(batch.column(st.ID), value_set=self.ids))
         images, good, bad = self.decode_valid(batch)
+        all_ids = batch.column(st.ID).to_pylist()
+        bad_ids = [all_ids[i] for i, _ in bad]
         batch = batch.take(pa.array(good, pa.int64()))
         base = self.probabilities(self.preprocess(images))
         pred = base.argmax(axis=1) if len(base) else np.zeros(0, np.int64)
@@ -136,14 +138,22 @@ class Occluder(ModelActor):
         heat = occlusion_maps(images[idx], target[idx], self.kernel, self.stride, self.preprocess,
                               self.probabilities)
         rows = len(idx)
+        # Rows that cannot be occluded (non-finite pixels, a wrong image size) travel on with their reason
+        # and zero-filled maps; the driver writes them to ``OUT/_errors/`` and never among the maps.
+        n_bad, hw = len(bad), tuple(self.shape[1:])
+        id_col = batch.column(st.ID).combine_chunks()
         return pa.table({
-            st.ID: batch.column(st.ID).take(pa.array(idx, pa.int64())),
-            st.LABEL: pa.array(label[idx], pa.int64(), mask=~has_label[idx]),
-            "pred": pa.array(pred[idx].astype(np.int64)),
-            "target": pa.array(target[idx].astype(np.int64)),
-            "base_prob": pa.array(base[idx, target[idx]] if rows else np.zeros(0), pa.float32()),
-            "heatmap": _tensor_column(heat),
-            "stamp": _tensor_column(self.preprocess(images[idx])[:, 0] if rows else np.zeros((0, *self.shape[1:]))),
+            st.ID: pa.concat_arrays([id_col.take(pa.array(idx, pa.int64())), pa.array(bad_ids, id_col.type)]),
+            st.LABEL: pa.array(np.concatenate([label[idx], np.zeros(n_bad, np.int64)]), pa.int64(),
+                               mask=np.concatenate([~has_label[idx], np.ones(n_bad, bool)])),
+            "pred": pa.array(np.concatenate([pred[idx], np.full(n_bad, -1)]).astype(np.int64)),
+            "target": pa.array(np.concatenate([target[idx], np.full(n_bad, -1)]).astype(np.int64)),
+            "base_prob": pa.array(np.concatenate([base[idx, target[idx]] if rows else np.zeros(0),
+                                                  np.full(n_bad, np.nan)]), pa.float32()),
+            "heatmap": _tensor_column(np.concatenate([heat.reshape(rows, *hw), np.zeros((n_bad, *hw))])),
+            "stamp": _tensor_column(np.concatenate([self.preprocess(images[idx])[:, 0] if rows else
+                                                    np.zeros((0, *hw)), np.zeros((n_bad, *hw))])),
+            ERROR: pa.array([None] * rows + [reason for _, reason in bad], pa.string()),
         })
 
 
@@ -153,6 +163,7 @@ class OccludeResult:
     rows: int
     pngs: list
     seconds: float
+    set_aside: int = 0
 
 
 def occlude(settings: OccludeSettings) -> OccludeResult:
@@ -175,7 +186,7 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     for item in ofs.get_file_info(st.pafs.FileSelector(st.resolve(settings.out)[1], allow_not_found=True)):
         if os.path.basename(item.path).startswith("part-"):
             ofs.delete_file(item.path)
-    tables, written, total = [], 0, 0
+    tables, errors, written, total = [], [], 0, 0
     with ray_session(settings.address):
         ray.data.DataContext.get_current().enable_progress_bars = False
         plan = pool_plan(settings.use_gpu, settings.actors, cluster_cpus(), cluster_gpus())
@@ -186,25 +197,49 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
             fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "kernel": settings.kernel,
                                    "stride": settings.stride, "ids": list(settings.ids), "where": settings.where,
                                    "threads": plan["threads"], "use_gpu": settings.use_gpu})
-        if settings.limit:
-            ds = ds.limit(int(settings.limit))
+        limit = int(settings.limit) if settings.limit else None
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if not batch.num_rows:
                 continue
+            failed = batch.column(ERROR).is_valid()
+            if pc.any(failed).as_py():
+                errors.append(batch.filter(failed).select([st.ID, ERROR]))
+            batch = batch.filter(pc.invert(failed)).drop_columns([ERROR])
+            if limit is not None:
+                batch = batch.slice(0, limit - total)
             tables.append(batch)
             total += batch.num_rows
             if sum(t.num_rows for t in tables) >= 10_000:
                 written = _flush(settings.out, tables, written)
                 tables = []
+            if limit is not None and total >= limit:
+                break
     if tables or written == 0:
         written = _flush(settings.out, tables, written, allow_empty=True)
+    set_aside = _write_errors(settings.out, errors)
+    if set_aside:
+        print(f"occlude: {set_aside} stamps could not be occluded (non-finite pixels or a wrong image size); "
+              f"listed with their reasons in {st.join(settings.out, st.ERRORS_DIR)}", file=sys.stderr)
     if total == 0:
         print("occlude: warning: no stamp matched the selection; wrote an empty table", file=sys.stderr)
     pngs = []
     if settings.png and total:
         first = pq.read_table(st.resolve(st.join(settings.out, "part-00000.parquet"))[1], filesystem=ofs)
         pngs = write_pngs(first.slice(0, settings.png_limit), settings.png, list(bundle["class_names"]))
-    return OccludeResult(settings.out, total, pngs, time.time() - t0)
+    return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside)
+
+
+def _write_errors(out: str, errors: list) -> int:
+    """Write the rows that could not be occluded to ``OUT/_errors/part-00000.parquet``; their count."""
+    fs, _ = st.resolve(out)
+    epath = st.join(out, st.ERRORS_DIR)
+    fs.delete_dir_contents(st.resolve(epath)[1], missing_dir_ok=True)
+    if not errors:
+        return 0
+    tbl = pa.concat_tables(errors).rename_columns([st.ID, "reason"])
+    st.make_dirs(epath)
+    pq.write_table(tbl, st.resolve(st.join(epath, "part-00000.parquet"))[1], filesystem=fs)
+    return tbl.num_rows
 
 
 def _flush(out: str, tables: list, index: int, allow_empty: bool = False) -> int:

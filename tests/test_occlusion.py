@@ -70,3 +70,23 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
     ids = t.column("stamp_id").to_pylist()[:2]
     r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps2"), ids=tuple(ids)))
     assert sorted(read_maps(str(tmp_path / "maps2")).column("stamp_id").to_pylist()) == sorted(ids)
+
+
+def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, capsys):
+    import pyarrow.parquet as pq
+    from test_score import make_checkpoint, write_dataset
+
+    images = np.random.default_rng(1).normal(size=(6, 1, 21, 21)).astype(np.float32)
+    images[1, 0, 5, 5] = np.nan
+    images[4, 0, 0, 0] = -np.inf
+    data = write_dataset(tmp_path / "d", images, labels=[0, 1] * 3, shard_rows=4)
+    r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps")))
+    assert r.rows == 4 and r.set_aside == 2
+    assert sorted(read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist()) == ["s0", "s2", "s3", "s5"]
+    errors = {e["stamp_id"]: e["reason"] for e in pq.read_table(str(tmp_path / "maps" / "_errors")).to_pylist()}
+    assert errors == {"s1": "nonfinite: 1 non-finite pixels", "s4": "nonfinite: 1 non-finite pixels"}
+    assert "2 stamps could not be occluded" in capsys.readouterr().err
+    # with --limit, set-aside rows do not count towards the maps asked for
+    r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
+                                limit=3))
+    assert r.rows == 3 and read_maps(str(tmp_path / "maps")).num_rows == 3
