@@ -220,7 +220,11 @@ def plot_roc(results: dict[str, dict], path):
     ax.set_ylabel("true positive rate")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_title("ROC")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    else:  # every run's labels hold a single class: no ROC to draw
+        ax.text(0.5, 0.5, "ROC undefined: the labels hold one class", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
     return _save(fig, path)
 
 
