@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, help="rows per shard (default 50000)")
     p.add_argument("--positive-fraction", dest="positive_fraction", type=float, default=S,
                    help="tno: fraction of stamps holding a source (default 0.45, as the course data)")
+    p.add_argument("--max-offset", dest="max_offset", type=float, default=S, metavar="PX",
+                   help="tno: sources lie within PX of the centre (default 0.75: sub-pixel, as the course data; "
+                        "4 for trial orbits that only nearly match)")
+    p.add_argument("--trail", type=float, default=S, metavar="PX",
+                   help="tno: smear each source by up to PX along a random direction (default 0)")
     _common(p)
 
     p = sub.add_parser("ingest", help="convert npy/npz, HDF5, FITS or pickle stamps into a stamp table")

@@ -2,11 +2,13 @@
 
 ``tno``
     21×21 coadded stamps along trial orbits, like the course data (about 45 % sources). Positives hold a
-    Gaussian PSF (FWHM 2–4 px) placed uniformly within 4 px of the centre (a trial orbit rarely passes
-    through the object exactly) and smeared along a random direction by 0–4 px (the rate mismatch over
-    the coadd), with a true SNR drawn log-uniformly from 3 to 100 (the matched-filter SNR of the smeared
-    PSF, ``F / (sigma sqrt(4 pi s_a s_b))``). The off-centre placement is what a per-pixel dense net
-    cannot generalise over and a CNN can: see the README's training numbers.
+    Gaussian PSF (FWHM 2–4 px) with a sub-pixel offset from the centre (within ``max_offset`` = 0.75 px)
+    and a true SNR drawn log-uniformly from 3 to 100 (the matched-filter SNR, ``F / (sigma sqrt(4 pi) s)``).
+    Two options make the survey harder, as a search whose trial orbits only nearly match the objects
+    would be: ``--max-offset PX`` spreads sources over a disc of that radius around the centre, and
+    ``--trail PX`` smears each by up to PX along a random direction (the rate mismatch over the coadd;
+    an elliptical Gaussian, SNR defined on the smeared PSF). Off-centre sources are what a per-pixel
+    dense net cannot generalise over and a CNN can: see the README's training numbers.
     Negatives are noise-only trajectories; a share of them (and a smaller share of positives) carries
     look-alikes: off-centre stars, cosmic-ray streaks, hot pixels, hot columns, partly masked regions.
 ``radio``
@@ -41,8 +43,7 @@ _ARTIFACT_P = np.array([
 ])
 SNR_RANGE = (3.0, 100.0)
 FWHM_RANGE = (2.0, 4.0)
-CENTRE_OFFSET = 4.0  # px: how far from the centre the trial orbit may miss the source
-TRAIL_RANGE = (0.0, 4.0)  # px: smear along the orbit from a rate mismatch over the coadd
+MAX_OFFSET = 0.75  # px: sources lie within this distance of the centre (sub-pixel, as the course data)
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 LOCAL_LIMIT = 50_000  # up to this many stamps are generated in-process; more go to Ray tasks
 
@@ -57,6 +58,8 @@ class SynthSettings:
     seed: int = 0
     shard_rows: int = 50_000
     positive_fraction: float = 0.45
+    max_offset: float = MAX_OFFSET
+    trail: float = 0.0
     address: str | None = None
 
     def __post_init__(self):
@@ -68,6 +71,12 @@ class SynthSettings:
             raise ValueError(msg)
         if not 0.0 <= float(self.positive_fraction) <= 1.0:
             msg = f"--positive-fraction must lie in [0, 1], got {self.positive_fraction!r}"
+            raise ValueError(msg)
+        if not 0.0 <= float(self.max_offset) <= 8.0:
+            msg = f"--max-offset must lie in [0, 8] px (a 21x21 stamp), got {self.max_offset!r}"
+            raise ValueError(msg)
+        if not 0.0 <= float(self.trail) <= 10.0:
+            msg = f"--trail must lie in [0, 10] px, got {self.trail!r}"
             raise ValueError(msg)
         if int(self.shard_rows) <= 0:
             msg = f"--shard-rows must be a positive integer, got {self.shard_rows!r}"
@@ -105,7 +114,8 @@ def _log_uniform(rng, lo, hi, n):
     return np.exp(rng.uniform(np.log(lo), np.log(hi), n)).astype(np.float32)
 
 
-def _tno_block(seed: int, block: int, n: int, positive_fraction: float) -> dict:
+def _tno_block(seed: int, block: int, n: int, positive_fraction: float, max_offset: float = MAX_OFFSET,
+               trail: float = 0.0) -> dict:
     rng = np.random.default_rng([int(seed), int(block), 21])
     size, mid = 21, 10.0
     sigma = rng.uniform(0.8, 1.2, n).astype(np.float32)
@@ -120,15 +130,15 @@ def _tno_block(seed: int, block: int, n: int, positive_fraction: float) -> dict:
         fw = rng.uniform(*FWHM_RANGE, len(pos)).astype(np.float32)
         s = fw * FWHM_TO_SIGMA
         sn = _log_uniform(rng, *SNR_RANGE, len(pos))
-        trail = rng.uniform(*TRAIL_RANGE, len(pos)).astype(np.float32)
+        length = rng.uniform(0.0, float(trail), len(pos)).astype(np.float32)
         angle = rng.uniform(0, np.pi, len(pos)).astype(np.float32)
-        sa = np.sqrt(s * s + trail * trail / 12.0)
+        sa = np.sqrt(s * s + length * length / 12.0)
         flux = sn * sigma[pos] * np.sqrt(4 * np.pi * sa * s)  # the matched-filter SNR is ``sn``
-        r = CENTRE_OFFSET * np.sqrt(rng.random(len(pos)))  # uniform over a disc around the centre
+        r = float(max_offset) * np.sqrt(rng.random(len(pos)))  # uniform over a disc around the centre
         phi = rng.uniform(0, 2 * np.pi, len(pos))
         cy = (mid + r * np.sin(phi)).astype(np.float32)
         cx = (mid + r * np.cos(phi)).astype(np.float32)
-        img[pos] += flux[:, None, None] * _psf(cy, cx, s, size, trail, angle)
+        img[pos] += flux[:, None, None] * _psf(cy, cx, s, size, length if trail else None, angle)
         snr[pos], fwhm[pos] = sn, fw
 
     art = np.empty(n, np.int64)
@@ -190,7 +200,7 @@ def _tno_block(seed: int, block: int, n: int, positive_fraction: float) -> dict:
     }
 
 
-def _radio_block(seed: int, block: int, n: int, positive_fraction: float) -> dict:
+def _radio_block(seed: int, block: int, n: int, positive_fraction: float, **_tno_only) -> dict:
     del positive_fraction  # four balanced classes
     rng = np.random.default_rng([int(seed), int(block), 64])
     size, mid = 64, 31.5
@@ -241,13 +251,15 @@ def _radio_block(seed: int, block: int, n: int, positive_fraction: float) -> dic
 _GENERATORS = {"tno": _tno_block, "radio": _radio_block}
 
 
-def generate(kind: str, seed: int, start: int, stop: int, positive_fraction: float = 0.45) -> dict:
-    """Stamps ``start`` to ``stop`` (exclusive) of the survey ``(kind, seed)`` as numpy arrays."""
+def generate(kind: str, seed: int, start: int, stop: int, positive_fraction: float = 0.45,
+             max_offset: float = MAX_OFFSET, trail: float = 0.0) -> dict:
+    """Stamps ``start`` to ``stop`` (exclusive) of the survey ``(kind, seed, options)`` as numpy arrays."""
     gen = _GENERATORS[kind]
+    options = {"positive_fraction": positive_fraction, "max_offset": max_offset, "trail": trail}
     parts = []
     for b in range(start // BLOCK, (stop + BLOCK - 1) // BLOCK if stop > start else start // BLOCK):
         lo, hi = b * BLOCK, (b + 1) * BLOCK
-        block = gen(seed, b, BLOCK, positive_fraction)
+        block = gen(seed, b, BLOCK, **options)
         a, z = max(start, lo) - lo, min(stop, hi) - lo
         parts.append({
             "images": block["images"][a:z],
@@ -255,7 +267,7 @@ def generate(kind: str, seed: int, start: int, stop: int, positive_fraction: flo
             "metadata": {k: v[a:z] for k, v in block["metadata"].items()},
         })
     if not parts:
-        empty = gen(seed, 0, 0, positive_fraction)
+        empty = gen(seed, 0, 0, **options)
         return empty
     out = {
         "images": np.concatenate([p["images"] for p in parts]),
@@ -267,9 +279,9 @@ def generate(kind: str, seed: int, start: int, stop: int, positive_fraction: flo
 
 
 def _write_shard(out: str, index: int, kind: str, seed: int, start: int, stop: int,
-                 positive_fraction: float) -> tuple[str, int, dict[str, int], "pa.Schema"]:
+                 options: dict) -> tuple[str, int, dict[str, int], "pa.Schema"]:
     spec = spec_for(kind)
-    data = generate(kind, seed, start, stop, positive_fraction)
+    data = generate(kind, seed, start, stop, **options)
     tbl = st.make_table(spec, data["ids"], data["images"], data["label"], data["metadata"])
     name = st.shard_name(index)
     st.write_shard(st.join(out, name), tbl)
@@ -288,8 +300,10 @@ def synth(settings: SynthSettings) -> st.Manifest:
     n, rows = int(settings.n), int(settings.shard_rows)
     jobs = [(i, a, min(a + rows, n)) for i, a in enumerate(range(0, n, rows))]
     args = (settings.kind, int(settings.seed))
+    options = {"positive_fraction": float(settings.positive_fraction), "max_offset": float(settings.max_offset),
+               "trail": float(settings.trail)}
     if n <= LOCAL_LIMIT:
-        results = [_write_shard(settings.out, i, *args, a, z, settings.positive_fraction) for i, a, z in jobs]
+        results = [_write_shard(settings.out, i, *args, a, z, options) for i, a, z in jobs]
     else:
         import ray
 
@@ -298,7 +312,7 @@ def synth(settings: SynthSettings) -> st.Manifest:
         with ray_session(settings.address):
             # One task per shard: memory per task is one shard, and the tasks spread over the cluster.
             task = ray.remote(num_cpus=1, max_retries=3)(_write_shard)
-            refs = [task.remote(settings.out, i, *args, a, z, settings.positive_fraction) for i, a, z in jobs]
+            refs = [task.remote(settings.out, i, *args, a, z, options) for i, a, z in jobs]
             results = ray.get(refs)
     for name, count, labels, sch in results:
         writer.add_shard(name, count, labels, sch)

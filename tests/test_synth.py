@@ -73,3 +73,26 @@ def test_settings_are_validated():
         SynthSettings(out="x", kind="sdss")
     with pytest.raises(ValueError, match="--positive-fraction must lie in"):
         SynthSettings(out="x", positive_fraction=1.5)
+
+
+def test_max_offset_and_trail_move_and_smear_the_sources():
+    from stampray.synth import generate
+
+    def peaks(**kw):
+        d = generate("tno", 5, 0, 2000, **kw)
+        keep = (d["label"] == 1) & (d["metadata"]["snr"] > 40) & (d["metadata"]["artifact"] == "none")
+        img = d["images"][keep, 0]
+        flat = img.reshape(len(img), -1).argmax(axis=1)
+        return np.hypot(flat // 21 - 10, flat % 21 - 10), img
+
+    near, _ = peaks()
+    assert near.max() <= 1.5  # the default: sub-pixel offsets, the brightest pixel next to the centre
+    far, _ = peaks(max_offset=4.0)
+    assert far.max() > 2.5 and far.max() <= 4.0 + 1.5 and np.median(far) > 1.5
+    # the same stamps smeared: the same noise and look-alikes, only the sources differ
+    plain, trailed = generate("tno", 5, 0, 50), generate("tno", 5, 0, 50, trail=4.0)
+    noise = plain["label"] == 0
+    assert np.array_equal(plain["images"][noise], trailed["images"][noise])
+    assert not np.array_equal(plain["images"][~noise], trailed["images"][~noise])
+    with pytest.raises(ValueError, match="--max-offset must lie in"):
+        SynthSettings(out="x", max_offset=9)
