@@ -121,8 +121,7 @@ class Occluder(ModelActor):
         if self.ids is not None:
             batch = batch.filter(pc.is_in(batch.column(st.ID), value_set=self.ids))
         images, good, bad = self.decode_valid(batch)
-        all_ids = batch.column(st.ID).to_pylist()
-        bad_ids = [all_ids[i] for i, _ in bad]
+        bad_ids = batch.column(st.ID).take(pa.array([i for i, _ in bad], pa.int64())).combine_chunks()
         batch = batch.take(pa.array(good, pa.int64()))
         base = self.probabilities(self.preprocess(images))
         pred = base.argmax(axis=1) if len(base) else np.zeros(0, np.int64)
@@ -143,7 +142,7 @@ class Occluder(ModelActor):
         n_bad, hw = len(bad), tuple(self.shape[1:])
         id_col = batch.column(st.ID).combine_chunks()
         return pa.table({
-            st.ID: pa.concat_arrays([id_col.take(pa.array(idx, pa.int64())), pa.array(bad_ids, id_col.type)]),
+            st.ID: pa.concat_arrays([id_col.take(pa.array(idx, pa.int64())), bad_ids.cast(id_col.type)]),
             st.LABEL: pa.array(np.concatenate([label[idx], np.zeros(n_bad, np.int64)]), pa.int64(),
                                mask=np.concatenate([~has_label[idx], np.ones(n_bad, bool)])),
             "pred": pa.array(np.concatenate([pred[idx], np.full(n_bad, -1)]).astype(np.int64)),
