@@ -75,6 +75,11 @@ def load_bundle(path: str, map_location: str | torch.device = "cpu") -> dict:
     fs, p = st.resolve(path)
     with fs.open_input_stream(p) as f:
         data = f.read()
+    return bundle_from_bytes(data, path, map_location)
+
+
+def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device = "cpu") -> dict:
+    """:func:`load_bundle` on a checkpoint's bytes already read (``path`` names it in messages)."""
     try:
         bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint

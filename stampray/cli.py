@@ -67,6 +67,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="JSON or TOML file of settings; flags override it")
 
 
+def _pool_flags(p: argparse.ArgumentParser) -> None:
+    """The model-replica pool of score and occlude (see stampray/inference.py)."""
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S,
+                   help="one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, "
+                        "ask the autoscaler for them and wait (see --wait-gpu)")
+    p.add_argument("--max-actors", dest="max_actors", type=int, default=S,
+                   help="most model replicas of the autoscaling pool (default: one per CPU core, or per GPU, "
+                        "of every node the cluster has or its autoscaler can launch)")
+    p.add_argument("--actors", type=int, default=S, help="a fixed pool of exactly N replicas instead")
+    p.add_argument("--wait-gpu", dest="wait_gpu", type=float, default=S, metavar="SECONDS",
+                   help="with --use-gpu, how long to wait for the autoscaler's GPU nodes (default 1800)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stampray",
@@ -119,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow unpickling (runs code from the file: only for trusted sources)")
     p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, help="rows per shard (default 50000)")
     p.add_argument("--id-prefix", dest="id_prefix", default=S, help="prefix for generated stamp ids")
+    p.add_argument("--parallel", choices=["auto", "on", "off"], default=S,
+                   help="read the inputs with Ray tasks: auto (when the input makes more than one unit), on, off "
+                        "(default auto); on a remote cluster inputs must be URIs or on a shared filesystem")
+    p.add_argument("--unit-files", dest="unit_files", type=int, default=S, help="FITS cutouts per Ray task (default 500)")
+    p.add_argument("--unit-rows", dest="unit_rows", type=int, default=S, help="array rows per Ray task (default 200000)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
     _common(p)
 
     p = sub.add_parser("models", help="list the registered models with parameters and FLOPs")
@@ -132,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=S, help="run name (default: the model name); rerun a name to resume it")
     p.add_argument("--workers", type=int, default=S, help="data-parallel Train workers (default 1)")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S,
-                   help="one GPU per worker, NCCL, mixed precision")
+                   help="one GPU per worker, NCCL, mixed precision; on an autoscaling cluster whose GPU nodes "
+                        "are not up yet, ask the autoscaler for them and wait (see --wait-gpu)")
+    p.add_argument("--wait-gpu", dest="wait_gpu", type=float, default=S, metavar="SECONDS",
+                   help="with --use-gpu, how long to wait for the GPU nodes (default 1800)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=S, help="no mixed precision on GPU")
     p.add_argument("--epochs", type=int, default=S, help="epochs (default 10)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
@@ -170,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_csv, default=S, help="metadata columns to pass through, e.g. snr,ra,dec")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
                    help="stamps per model call (default 4096 on CPU, 16384 on GPU)")
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S, help="one GPU per model actor")
-    p.add_argument("--actors", type=int, default=S, help="model replicas (default: one per CPU, or per GPU)")
+    _pool_flags(p)
     p.add_argument("--overwrite", action="store_true", default=S, help="discard earlier results in --out")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=S,
                    help="torch.compile the model in each replica (auto: for jobs of 200,000 stamps or more)")
@@ -191,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png-limit", dest="png_limit", type=int, default=S, help="overlays to draw (default 20)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
                    help="stamps per actor call (each expands to one model batch of all its occlusions)")
-    p.add_argument("--actors", type=int, default=S, help="model replicas (default: one per CPU, or per GPU)")
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=S, help="one GPU per model actor")
+    _pool_flags(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
     _common(p)
 
     p = sub.add_parser("evaluate", help="confusion matrices, ROC, thresholds and an HTML report from scores")
@@ -281,10 +302,12 @@ def _cmd_score(ns):
               f"nothing to do")
         return
     detail = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "none"
+    where = f" on {len(r.nodes)} nodes" if len(r.nodes) > 1 else ""
+    before = (f"; {r.skipped_shards} shards were already done ({r.scored + r.set_aside - r.scored_now} stamps), "
+              f"{r.scored_now} stamps scored now{where}") if r.skipped_shards else where
     print(f"score: {r.scored} stamps scored into {settings.out}; set aside {r.set_aside} ({detail})"
           + (f", listed in {settings.out}/_errors" if r.set_aside else "")
-          + (f"; {r.skipped_shards} shards were already done" if r.skipped_shards else "")
-          + f"; {r.seconds:.1f} s, {r.rows_per_s:,.0f} stamps/s")
+          + before + f"; {r.seconds:.1f} s, {r.rows_per_s:,.0f} stamps/s")
 
 
 def _cmd_occlude(ns):

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import table as st
 
 SHARD = "_shard"
+ROW = "_row"  # the row's index within its shard
 
 
 def _read_items(items: pa.Table, root: str, columns: list[str] | None, tag: bool):
     """map_batches callable: read the listed (shard, row group) pieces, one Arrow table each."""
     fs, _ = st.resolve(root)
     out = []
-    for name, rg in zip(items.column("shard").to_pylist(), items.column("row_group").to_pylist()):
+    row0s = items.column("row0").to_pylist() if "row0" in items.schema.names else [0] * items.num_rows
+    for name, rg, row0 in zip(items.column("shard").to_pylist(), items.column("row_group").to_pylist(), row0s):
         with fs.open_input_file(st.resolve(st.join(root, name))[1]) as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
             tbl = pf.read_row_group(rg, columns=cols)
         if tag:
             tbl = tbl.append_column(SHARD, pa.array([name] * tbl.num_rows, pa.string()))
+            tbl = tbl.append_column(ROW, pa.array(np.arange(row0, row0 + tbl.num_rows, dtype=np.int64)))
         out.append(tbl)
     return pa.concat_tables(out) if len(out) > 1 else out[0]
 
@@ -39,7 +43,10 @@ def work_items(path: str, shards: Sequence[str]) -> list[dict]:
     items = []
     for name in shards:
         meta = pq.read_metadata(st.resolve(st.join(path, name))[1], filesystem=fs)
-        items += [{"shard": name, "row_group": i} for i in range(meta.num_row_groups)]
+        row0 = 0
+        for i in range(meta.num_row_groups):
+            items.append({"shard": name, "row_group": i, "row0": row0})
+            row0 += meta.row_group(i).num_rows
     return items
 
 
@@ -56,7 +63,7 @@ def read_stamps(path: str, shards: Sequence[str] | None = None, columns: Sequenc
     columns : sequence of str, optional
         Columns to read; default all.
     tag_shard : bool
-        Add a ``_shard`` column naming each row's shard.
+        Add a ``_shard`` column naming each row's shard and a ``_row`` column with its index there.
     num_cpus : float
         CPU request of each read task.
     items : list of dict, optional

@@ -3,16 +3,19 @@
 Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score every stamp with Ray Data,
 draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
 One Ray instance serves every step and is shut down at the end; a second run in the same place starts
-over (the run, scores and report are replaced).
+over (the run, scores, maps and report are replaced). ``--out`` may be a local directory or a URI
+(``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
+from . import table as st
 from .evaluate import EvaluateSettings, evaluate
 from .occlusion import OccludeSettings, occlude
 from .runtime import ray_session
@@ -34,10 +37,9 @@ class DemoSettings:
 def demo(settings: DemoSettings) -> dict:
     """Run the demo; returns the numbers it prints."""
     t0 = time.time()
-    out = os.path.abspath(settings.out)
-    for sub in ("runs", "scores", "maps", "report"):  # a second run starts over
-        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    paths = {k: os.path.join(out, k) for k in ("survey", "runs", "scores", "maps", "report")}
+    out = settings.out.rstrip("/") if "://" in settings.out else os.path.abspath(settings.out)
+    _start_over(out)
+    paths = {k: st.join(out, k) for k in ("survey", "runs", "scores", "maps", "report")}
     with ray_session(settings.address):
         m = synth(SynthSettings(out=paths["survey"], n=settings.n, seed=settings.seed, shard_rows=5000,
                                 address=settings.address))
@@ -54,10 +56,10 @@ def demo(settings: DemoSettings) -> dict:
         print(f"[3/5] scored {sc.scored:,} stamps with Ray Data in {sc.seconds:.1f} s "
               f"({sc.rows_per_s:,.0f} stamps/s) into {paths['scores']}", flush=True)
         oc = occlude(OccludeSettings(model=tr.best, data=paths["survey"], out=paths["maps"], where="misclassified",
-                                     limit=10, png=os.path.join(paths["maps"], "png"), address=settings.address))
+                                     limit=10, png=st.join(paths["maps"], "png"), address=settings.address))
         print(f"[4/5] occlusion maps of {oc.rows} misclassified stamps in {paths['maps']}", flush=True)
     ev = evaluate(EvaluateSettings(scores=(paths["scores"],), out=paths["report"], data=paths["survey"],
-                                   run=tr.run_dir, by=("snr",), tensorboard=os.path.join(tr.run_dir, "tensorboard"),
+                                   run=tr.run_dir, by=("snr",), tensorboard=st.join(tr.run_dir, "tensorboard"),
                                    names=("cnn",)))
     res = ev.report["results"]["cnn"]
     print(f"[5/5] evaluated {res['n']:,} held-out test stamps: accuracy {res['accuracy']:.4f}, "
@@ -65,10 +67,32 @@ def demo(settings: DemoSettings) -> dict:
     seconds = time.time() - t0
     print(f"\ndemo finished in {seconds:.0f} s\n"
           f"  report:       {ev.html}\n"
-          f"  TensorBoard:  tensorboard --logdir {os.path.join(tr.run_dir, 'tensorboard')}\n"
+          f"  TensorBoard:  tensorboard --logdir {st.join(tr.run_dir, 'tensorboard')}\n"
           f"  checkpoint:   {tr.best}\n"
           f"  scores:       {paths['scores']}  (Parquet, one file per shard)\n"
-          f"  occlusion:    {os.path.join(paths['maps'], 'png', 'occlusion_grid.png')}\n"
+          f"  occlusion:    {st.join(paths['maps'], 'png', 'occlusion_grid.png')}\n"
           f"  test accuracy {tr.metrics['test_acc']:.4f}; scoring {sc.rows_per_s:,.0f} stamps/s")
     return {"test_acc": tr.metrics["test_acc"], "eval_acc": res["accuracy"], "scored": sc.scored,
             "stamps_per_s": sc.rows_per_s, "occluded": oc.rows, "report": ev.html, "seconds": round(seconds, 1)}
+
+
+def _start_over(out: str) -> None:
+    """Delete the sub-directories an earlier demo wrote in ``out`` (runs, scores, maps, report) and nothing
+    else; the survey is rewritten in place by ``synth``. Local or a URI."""
+    try:
+        fs, _ = st.resolve(out)
+    except (ValueError, OSError) as e:
+        msg = f"--out {out}: {' '.join(str(e).split())}; give a local directory or a URI such as s3://bucket/prefix"
+        raise ValueError(msg) from None
+    for sub in ("runs", "scores", "maps", "report"):
+        path = st.join(out, sub)
+        p = st.resolve(path)[1]
+        try:
+            if fs.get_file_info(p).type == pafs.FileType.Directory:
+                fs.delete_dir(p)
+        except OSError as e:
+            if "://" not in out:  # as before: a local directory that cannot be removed is left
+                continue
+            msg = (f"--out {out}: cannot clear {path} from an earlier run ({' '.join(str(e).split())}); check that "
+                   f"the bucket exists and that the AWS credentials allow writing there")
+            raise PermissionError(msg) from None

@@ -8,6 +8,11 @@ probability histograms per true class; the misclassified stamps (ids, probabilit
 table, a picture grid); training curves from a run directory; accuracy against numeric metadata (SNR).
 Several score tables are compared side by side. Output: ``report.json`` with every number, PNG plots and
 one self-contained ``report.html`` (images embedded), plus TensorBoard scalars when asked.
+
+Every path may be local or a URI (``s3://bucket/prefix``). For a URI ``--out`` the report is built in a
+local temporary directory and uploaded through pyarrow's filesystem when it is complete (PNGs first,
+``report.json``, then ``report.html`` last); a URI ``--tensorboard`` logdir gets event files written
+locally and then uploaded; ``--run`` and ``--scores`` are read through the filesystem.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import base64
 import html
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from . import table as st
 from .score import prob_column, read_scores, score_manifest
@@ -327,7 +335,24 @@ def _run_name(path: str, i: int, names) -> str:
 def evaluate(settings: EvaluateSettings) -> EvaluateResult:
     """Build the report for one or more score tables."""
     t0 = time.time()
-    os.makedirs(settings.out, exist_ok=True)
+    remote = _is_uri(settings.out)
+    if _is_uri(settings.tensorboard):  # fail before any work, not after it
+        _check_uri_dir(settings.tensorboard, "--tensorboard")
+    if remote:  # build the report here, upload it when complete
+        _check_uri_dir(settings.out, "--out")
+        work = tempfile.mkdtemp(prefix="stampray-report-")
+    else:
+        os.makedirs(settings.out, exist_ok=True)
+        work = settings.out
+    try:
+        return _evaluate(settings, work, t0)
+    finally:
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult:
+    """The report, written into the local directory ``out`` (``settings.out`` itself when it is local)."""
     results, meta = {}, {}
     class_names = None
     for i, path in enumerate(settings.scores):
@@ -354,7 +379,6 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
 
     plots: dict[str, str] = {}
-    out = settings.out
     plots["roc"] = plot_roc(results, os.path.join(out, "roc.png"))
     for name, res in results.items():
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
@@ -379,12 +403,7 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
             print(f"evaluate: warning: no score table has a column {col!r}; score with --keep {col}")
     history = []
     if settings.run:
-        path = os.path.join(settings.run, "metrics.jsonl")
-        if not os.path.exists(path):
-            msg = f"--run {settings.run} holds no metrics.jsonl; give a run directory written by 'stampray train'"
-            raise FileNotFoundError(msg)
-        with open(path) as f:
-            history = [json.loads(line) for line in f if line.strip()]
+        history = _read_history(settings.run)
         if history:
             plots["curves"] = plot_curves(history, os.path.join(out, "training_curves.png"))
 
@@ -398,9 +417,100 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
     html_path = os.path.join(out, "report.html")
     with open(html_path, "w") as f:
         f.write(render_html(report, plots))
+    plot_paths = list(plots.values())
+    if _is_uri(settings.out):
+        names = [os.path.basename(p) for p in plot_paths]
+        _upload(out, [*names, "report.json", "report.html"], settings.out, "--out")  # report.html last
+        html_path = st.join(settings.out, "report.html")
+        plot_paths = [st.join(settings.out, n) for n in names]
     if settings.tensorboard:
-        to_tensorboard(settings.tensorboard, results, class_names, plots)
-    return EvaluateResult(out, report, html_path, list(plots.values()))
+        if _is_uri(settings.tensorboard):
+            tb = tempfile.mkdtemp(prefix="stampray-report-tb-")
+            try:
+                to_tensorboard(tb, results, class_names, plots)
+                _upload(tb, None, settings.tensorboard, "--tensorboard")
+            finally:
+                shutil.rmtree(tb, ignore_errors=True)
+        else:
+            to_tensorboard(settings.tensorboard, results, class_names, plots)
+    return EvaluateResult(settings.out, report, html_path, plot_paths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Object storage: URIs go through pyarrow's filesystems
+# --------------------------------------------------------------------------------------------------
+def _is_uri(path: str | None) -> bool:
+    return path is not None and "://" in str(path)
+
+
+def _storage_error(flag: str, path: str, e: Exception, doing: str) -> OSError:
+    """A one-line error naming the path and what to check (the CLI prints these without a traceback)."""
+    detail = " ".join(str(e).split()).replace(" To create buckets, enable the allow_bucket_creation option.", "")
+    msg = (f"{flag} {path}: cannot {doing} ({detail}); check that the bucket exists and that the AWS "
+           f"credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and AWS_ENDPOINT_URL for an "
+           f"S3-compatible store) allow it")
+    low = detail.lower()
+    if isinstance(e, FileNotFoundError) or "not found" in low or "does not exist" in low or "no_such" in low:
+        return FileNotFoundError(msg)
+    return PermissionError(msg)
+
+
+def _resolve(path: str, flag: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return st.resolve(path)
+    except (ValueError, pa.ArrowException) as e:  # an unknown scheme, a malformed URI
+        msg = f"{flag} {path}: {' '.join(str(e).split())}; give a local path or a URI such as s3://bucket/prefix"
+        raise ValueError(msg) from None
+
+
+def _check_uri_dir(path: str, flag: str) -> None:
+    """Before any work: the URI opens, is not a file, and its directory can be created."""
+    fs, p = _resolve(path, flag)
+    try:
+        info = fs.get_file_info(p)
+    except OSError as e:
+        raise _storage_error(flag, path, e, "read") from None
+    if info.type == pafs.FileType.File:
+        msg = f"{flag} {path} is a file; give a directory (a prefix) for the output"
+        raise ValueError(msg)
+    try:
+        fs.create_dir(p, recursive=True)
+    except OSError as e:
+        raise _storage_error(flag, path, e, "create the directory") from None
+
+
+def _upload(local_dir: str, names: list[str] | None, dest: str, flag: str) -> None:
+    """Copy ``names`` (in this order) from ``local_dir`` to the URI ``dest``; every file when ``names`` is None."""
+    fs, p = _resolve(dest, flag)
+    local = pafs.LocalFileSystem()
+    try:
+        fs.create_dir(p, recursive=True)
+        if names is None:
+            pafs.copy_files(local_dir, p, source_filesystem=local, destination_filesystem=fs)
+            return
+        for name in dict.fromkeys(names):
+            pafs.copy_files(os.path.join(local_dir, name), f"{p.rstrip('/')}/{name}", source_filesystem=local,
+                            destination_filesystem=fs)
+    except OSError as e:
+        raise _storage_error(flag, dest, e, "write") from None
+
+
+def _read_history(run: str) -> list[dict]:
+    """The epochs of ``RUNDIR/metrics.jsonl`` (local or a URI)."""
+    if _is_uri(run):
+        _resolve(run, "--run")
+    path = st.join(run, "metrics.jsonl")
+    try:
+        found = st.exists(path)
+        text = st.read_text(path) if found else ""
+    except OSError as e:
+        if not _is_uri(run):
+            raise
+        raise _storage_error("--run", run, e, "read metrics.jsonl") from None
+    if not found:
+        msg = f"--run {run} holds no metrics.jsonl; give a run directory written by 'stampray train'"
+        raise FileNotFoundError(msg)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _img(path: str, alt: str) -> str:

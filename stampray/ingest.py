@@ -13,24 +13,63 @@ Image arrays may be (N,H,W), channels-last (N,H,W,C), channels-first (N,C,H,W) o
 Arrays are read in chunks (``.npy`` memory-mapped, ``.npz`` members streamed, HDF5 sliced), so memory stays
 bounded by the chunk size whatever the file size. Rows that cannot be used are set aside in the dataset's
 ``_errors`` table with their reason and counted; nothing is dropped silently.
+
+Every input may be a local path or a URI (``s3://bucket/key``), read through pyarrow filesystems: FITS
+cutouts, catalogues and pickles are read as bytes, ``.npy`` files by byte ranges, and ``.npz`` and HDF5
+files are copied to a local temporary file first (deleted afterwards).
+
+Distributed ingest
+------------------
+FITS directories and class files are split into *units*: runs of ``unit_files`` catalogue rows, or of up to
+``unit_rows`` array rows (small files grouped, ``.npy`` files cut into row ranges). With more than one unit
+(``parallel="auto"``) or with ``parallel="on"`` each unit is one Ray task that reads its inputs and writes
+its own shards ``part-UUUUU-KKK.parquet``, its set-aside rows ``_errors/part-UUUUU.parquet`` and then a
+marker ``_ingest/unit-UUUUU.json``; the driver receives only these small records. Shard names sort in input
+order, so the table reads back with exactly the rows, order, ids and reasons of the in-process ingest.
+Duplicate ids are found on the driver before dispatch (ids are known up front: the catalogue's, or file
+stem plus row). The first row that names an id owns it, on either path.
+
+The manifest is written last. ``_ingest/_job.json`` records the settings and a fingerprint of the inputs
+(names, sizes, modification times): rerunning a killed ingest with the same settings and inputs keeps the
+units that have markers, deletes the others' partial files and finishes; other settings or inputs, or a
+complete table, start over. ``_ingest/`` is removed once the manifest is written.
+
+The Ray workers read the inputs themselves: on a remote cluster, inputs (and ``out``) must be URIs or on
+a filesystem that every node shares.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import hashlib
+import io
+import json
 import os
+import posixpath
+import shutil
+import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from . import table as st
 
 LAYOUTS = ("auto", "nchw", "nhwc", "nhw", "flat")
 NONFINITE = ("set-aside", "fail")
+PARALLEL = ("auto", "on", "off")
+UNIT_FILES = 500  # FITS cutouts per unit: each file is one small read, so a unit is a few seconds of work
+UNIT_ROWS = 200_000  # array rows per unit (about 350 MB of 21x21 float32 stamps)
+JOB_NAME = "_job.json"
+WAIT_S = 1.0  # the longest the driver blocks on Ray at a time (progress, Ctrl-C)
+STALL_S = 600.0  # warn when no unit has finished for this long
 
 
 @dataclass(frozen=True)
@@ -57,6 +96,11 @@ class IngestSettings:
     shard_rows: int = 50_000
     chunk_rows: int = 8192
     id_prefix: str | None = None
+    parallel: str = "auto"  # Ray tasks: auto (when the input makes more than one unit), on, off
+    unit_files: int = UNIT_FILES  # FITS cutouts per unit
+    unit_rows: int = UNIT_ROWS  # array rows per unit (class files)
+    progress: bool = True  # the distributed ingest's progress line on stderr
+    address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else a private local Ray)
 
     def __post_init__(self):
         forms = [bool(self.class_files), bool(self.images), bool(self.hdf5), bool(self.fits), bool(self.pickle)]
@@ -79,14 +123,85 @@ class IngestSettings:
         if self.size is not None and int(self.size) <= 0:
             msg = f"--size must be a positive integer, got {self.size!r}"
             raise ValueError(msg)
-        for name in ("shard_rows", "chunk_rows"):
+        for name in ("shard_rows", "chunk_rows", "unit_files", "unit_rows"):
             if int(getattr(self, name)) <= 0:
                 msg = f"{name} must be a positive integer, got {getattr(self, name)!r}"
                 raise ValueError(msg)
+        if self.parallel not in PARALLEL:
+            msg = (f"--parallel must be one of {', '.join(PARALLEL)} (auto: Ray tasks when the input makes "
+                   f"more than one unit), got {self.parallel!r}")
+            raise ValueError(msg)
+        if self.parallel == "on" and not (self.fits or self.class_files):
+            msg = ("--parallel on distributes --fits and --class inputs; --images, --hdf5 and --pickle are "
+                   "single inputs read in-process: use --parallel auto or off")
+            raise ValueError(msg)
 
 
 class IngestError(ValueError):
     """A problem with the input that stops the whole ingest (the message names the file and the fix)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: local paths or URIs
+# --------------------------------------------------------------------------------------------------
+def _is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _exists(path: str) -> bool:
+    return st.exists(path) if _is_uri(path) else os.path.exists(path)
+
+
+def _is_dir(path: str) -> bool:
+    if not _is_uri(path):
+        return os.path.isdir(path)
+    fs, p = st.resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    # compression=None: the bytes as stored; callers that accept compressed data detect it themselves.
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()
+
+
+class _LocalCopies:
+    """Local temporary copies of URI inputs, for readers that need a file on disk (zipfile, h5py, pickle).
+
+    ``local(path)`` returns ``path`` itself for a local path, else a copy's path; the copies are deleted on
+    ``close()`` (or leaving the ``with`` block).
+    """
+
+    def __init__(self):
+        self._dir: str | None = None
+        self._paths: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        if not _is_uri(path):
+            return path
+        if path not in self._paths:
+            self._dir = self._dir or tempfile.mkdtemp(prefix="stampray-ingest-")
+            # Keep the base name: readers choose the format by the extension.
+            local = os.path.join(self._dir, f"{len(self._paths)}-{posixpath.basename(path.rstrip('/'))}")
+            fs, p = st.resolve(path)
+            try:
+                with fs.open_input_stream(p, compression=None) as src, open(local, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            except FileNotFoundError:
+                raise IngestError(f"{path} does not exist") from None
+            self._paths[path] = local
+        return self._paths[path]
+
+    def close(self) -> None:
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir, self._paths = None, {}
+
+    def __enter__(self) -> "_LocalCopies":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,12 +213,22 @@ def _refuse_pickle(path: str) -> IngestError:
         f"If you trust where it came from, pass --allow-pickle; better, convert it once to .npy/.npz/HDF5")
 
 
-class _StreamedNpy:
-    """A ``.npy`` member of an ``.npz`` archive read sequentially, chunk by chunk."""
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return reader(f)
 
-    def __init__(self, path: str, key: str):
+
+class _StreamedNpy:
+    """A ``.npy`` member of an ``.npz`` archive read sequentially, chunk by chunk.
+
+    ``path`` names the archive in messages; ``file`` (a local copy, or a random-access file of a URI when
+    only the header is wanted) is what is opened, ``path`` itself when not given.
+    """
+
+    def __init__(self, path: str, key: str, file=None):
         self.path, self.key = path, key
-        self._zip = zipfile.ZipFile(path)
+        self._zip = zipfile.ZipFile(path if file is None else file)
         name = key if key.endswith(".npy") else key + ".npy"
         if name not in self._zip.namelist():
             keys = ", ".join(n[:-4] for n in self._zip.namelist() if n.endswith(".npy"))
@@ -114,27 +239,65 @@ class _StreamedNpy:
         if self.dtype.hasobject:
             raise _refuse_pickle(f"{path}[{key}]")
 
-    @staticmethod
-    def _header(f):
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return reader(f)
+    _header = staticmethod(_npy_header)
 
     def __len__(self):
         return self.shape[0]
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         if self.fortran:
             raise IngestError(f"{self.path}[{self.key}] is stored in Fortran order and cannot be streamed; "
                               f"save it with np.savez(..., np.ascontiguousarray(a))")
+        stop = self.shape[0] if stop is None else stop
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         with self._zip.open(self._name) as f:
             self._header(f)
-            for start in range(0, self.shape[0], rows):
-                n = min(rows, self.shape[0] - start)
+            if start:
+                f.seek(start * row_bytes, os.SEEK_CUR)
+            for a in range(start, stop, rows):
+                n = min(rows, stop - a)
                 buf = f.read(n * row_bytes)
-                yield start, np.frombuffer(buf, dtype=self.dtype).reshape(n, *row_shape)
+                yield a, np.frombuffer(buf, dtype=self.dtype).reshape(n, *row_shape)
+
+    def read_all(self) -> np.ndarray:
+        parts = [a for _, a in self.chunks(1 << 20)]
+        return np.concatenate(parts) if parts else np.zeros(self.shape, self.dtype)
+
+
+class _RangedNpy:
+    """A ``.npy`` file behind a URI, read by byte ranges: a unit reads only its own rows, and nothing is
+    copied whole (the memory-mapped local reader's counterpart)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fs, p = st.resolve(path)
+        try:
+            self._f = fs.open_input_file(p)
+        except FileNotFoundError:
+            raise IngestError(f"{path} does not exist") from None
+        try:
+            head = io.BytesIO(self._f.read_at(min(self._f.size(), 1 << 20), 0))
+            self.shape, fortran, self.dtype = _npy_header(head)
+        except ValueError as e:
+            raise IngestError(f"{path} is not a readable .npy file: {e}") from None
+        if self.dtype.hasobject:
+            raise _refuse_pickle(path)
+        if fortran:
+            raise IngestError(f"{path} is stored in Fortran order and cannot be read by rows; "
+                              f"save it with np.save(..., np.ascontiguousarray(a))")
+        self._offset = head.tell()
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self):
+        return self.shape[0]
+
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        stop = self.shape[0] if stop is None else stop
+        for a in range(start, stop, rows):
+            n = min(rows, stop - a)
+            buf = self._f.read_at(n * self._row_bytes, self._offset + a * self._row_bytes)
+            yield a, np.frombuffer(buf, dtype=self.dtype).reshape(n, *self.shape[1:])
 
     def read_all(self) -> np.ndarray:
         parts = [a for _, a in self.chunks(1 << 20)]
@@ -151,15 +314,18 @@ class _Sliced:
     def __len__(self):
         return self.shape[0]
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.shape[0], rows):
-            yield start, np.asarray(self.arr[start:start + rows])
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        stop = self.shape[0] if stop is None else stop
+        for a in range(start, stop, rows):
+            yield a, np.asarray(self.arr[a:min(a + rows, stop)])
 
     def read_all(self) -> np.ndarray:
         return np.asarray(self.arr[:])
 
 
 def _open_npy(path: str):
+    if _is_uri(path):
+        return _RangedNpy(path)
     if not os.path.exists(path):
         raise IngestError(f"{path} does not exist")
     try:
@@ -170,12 +336,15 @@ def _open_npy(path: str):
         raise IngestError(f"{path} is not a readable .npy file: {e}") from None
 
 
-def _open_array(path: str, key: str | None, allow_pickle: bool = False):
-    """Open ``path`` (.npy, .npz with ``key``, or a pickle when allowed) for chunked reading."""
-    if not os.path.exists(path):
+def _open_array(path: str, key: str | None, allow_pickle: bool = False, local: _LocalCopies | None = None):
+    """Open ``path`` (.npy, .npz with ``key``, or a pickle when allowed) for chunked reading.
+
+    ``local`` makes local copies of URIs for the readers that need a file (``.npz``, pickles).
+    """
+    if not _exists(path):
         raise IngestError(f"{path} does not exist")
     if path.endswith(".npz"):
-        return _StreamedNpy(path, key or "")
+        return _StreamedNpy(path, key or "", local(path) if local is not None else None)
     if path.endswith(".npy"):
         return _open_npy(path)
     if path.endswith((".pkl", ".pickle", ".p")):
@@ -188,6 +357,12 @@ def _load_pickle(path: str, allow_pickle: bool):
         raise _refuse_pickle(path)
     import pickle  # only reached with the user's explicit --allow-pickle
 
+    if _is_uri(path):
+        fs, p = st.resolve(path)
+        try:
+            return pickle.loads(_read_bytes(fs, p))  # noqa: S301 - explicit opt-in
+        except FileNotFoundError:
+            raise IngestError(f"{path} does not exist") from None
     with open(path, "rb") as f:
         return pickle.load(f)  # noqa: S301 - explicit opt-in
 
@@ -274,6 +449,7 @@ def map_labels(raw: np.ndarray | None, classes: tuple[str, ...], path: str):
     return names, out, bad
 
 
+
 # --------------------------------------------------------------------------------------------------
 # The common validation and writing loop
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +464,37 @@ class _Chunk:
     metadata: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _screen(chunk: _Chunk, nonfinite: str) -> dict[int, str]:
+    """Reasons to set rows of a chunk aside that the chunk itself shows (input problems, non-finite
+    pixels), by row within the chunk; raises under ``nonfinite="fail"``."""
+    reasons: dict[int, str] = dict(chunk.bad)
+    finite = np.isfinite(chunk.images).all(axis=(1, 2, 3))
+    for i in np.nonzero(~finite)[0]:
+        count = int((~np.isfinite(chunk.images[i])).sum())
+        where = f"{chunk.source} row {chunk.row0 + int(i)}"
+        if nonfinite == "fail":
+            raise IngestError(f"{where} has {count} non-finite pixels (NaN or inf); pass "
+                              f"--nonfinite set-aside to set such rows aside, or repair the input")
+        reasons.setdefault(int(i), f"nonfinite: {count} non-finite pixels (NaN or inf)")
+    return reasons
+
+
+def _kept_table(chunk: _Chunk, reasons: dict[int, str], spec: st.StampSpec, split: str | None) -> pa.Table | None:
+    """The chunk's rows that were not set aside, as a stamp table (None when none is left)."""
+    keep = np.ones(len(chunk.images), bool)
+    keep[list(reasons)] = False
+    if not keep.any():
+        return None
+    idx = np.nonzero(keep)[0]
+    labels = None
+    if chunk.labels is not None:
+        lab = chunk.labels[idx]
+        labels = pa.array(lab, type=pa.int64(), mask=lab < 0)
+    return st.make_table(spec, [chunk.ids[i] for i in idx], chunk.images[idx], labels,
+                         {k: v[idx] for k, v in chunk.metadata.items()},
+                         split=[split] * len(idx) if split else None)
+
+
 class _Ingester:
     def __init__(self, settings: IngestSettings, spec: st.StampSpec):
         self.settings, self.spec = settings, spec
@@ -297,38 +504,21 @@ class _Ingester:
         self.rows_in = 0
 
     def add(self, chunk: _Chunk) -> None:
-        n = len(chunk.images)
-        self.rows_in += n
-        reasons: dict[int, str] = dict(chunk.bad)
-        finite = np.isfinite(chunk.images).all(axis=(1, 2, 3))
-        for i in np.nonzero(~finite)[0]:
-            count = int((~np.isfinite(chunk.images[i])).sum())
-            where = f"{chunk.source} row {chunk.row0 + int(i)}"
-            if self.settings.nonfinite == "fail":
-                raise IngestError(f"{where} has {count} non-finite pixels (NaN or inf); pass "
-                                  f"--nonfinite set-aside to set such rows aside, or repair the input")
-            reasons.setdefault(int(i), f"nonfinite: {count} non-finite pixels (NaN or inf)")
+        self.rows_in += len(chunk.images)
+        reasons = _screen(chunk, self.settings.nonfinite)
         for i, sid in enumerate(chunk.ids):
             first = self.seen.get(sid)
             if first is not None:
                 reasons.setdefault(i, f"duplicate_id: {sid!r} already used by {first}")
-            elif i not in reasons:
+            else:
+                # The first row naming an id owns it even when it is set aside for another reason: the owner
+                # then follows from the ids alone, as the distributed ingest decides it before reading.
                 self.seen[sid] = f"{chunk.source} row {chunk.row0 + i}"
         for i, reason in sorted(reasons.items()):
             self.writer.set_aside(chunk.ids[i], chunk.source, chunk.row0 + i, reason)
-        keep = np.ones(n, bool)
-        keep[list(reasons)] = False
-        if not keep.any():
-            return
-        idx = np.nonzero(keep)[0]
-        labels = None
-        if chunk.labels is not None:
-            lab = chunk.labels[idx]
-            labels = pa.array(lab, type=pa.int64(), mask=lab < 0)
-        split = [self.settings.split] * len(idx) if self.settings.split else None
-        tbl = st.make_table(self.spec, [chunk.ids[i] for i in idx], chunk.images[idx], labels,
-                            {k: v[idx] for k, v in chunk.metadata.items()}, split=split)
-        self.writer.write(tbl)
+        table = _kept_table(chunk, reasons, self.spec, self.settings.split)
+        if table is not None:
+            self.writer.write(table)
 
 
 def _jsonable(d):
@@ -385,31 +575,94 @@ def _extra_columns(names_and_arrays: dict, n: int, taken: set[str]) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------------
-# Source forms
+# Source forms: class files
 # --------------------------------------------------------------------------------------------------
-def _plan_class_files(s: IngestSettings):
+@dataclass(frozen=True)
+class _ClassFile:
+    """One ``--class NAME=FILE`` input, planned from its header."""
+
+    path: str
+    label: int
+    prefix: str
+    rows: int
+    layout: str
+    shape: tuple[int, int, int]
+
+    @property
+    def splittable(self) -> bool:
+        return self.path.endswith(".npy")  # memory-mapped or read by byte ranges: any row range is cheap
+
+
+def _array_header(path: str, s: IngestSettings, local: _LocalCopies):
+    """The array in ``path`` opened for its shape: a URI's ``.npz`` through the filesystem's random access
+    (a few small reads), not copied."""
+    if _is_uri(path) and path.endswith(".npz"):
+        if not _exists(path):
+            raise IngestError(f"{path} does not exist")
+        fs, p = st.resolve(path)
+        return _StreamedNpy(path, s.images_key, fs.open_input_file(p))
+    return _open_array(path, s.images_key, s.allow_pickle, local)
+
+
+def _class_files(s: IngestSettings, local: _LocalCopies) -> tuple[st.StampSpec, list[_ClassFile], dict]:
+    """Plan the class files from their headers: ``(spec, files, opened readers to reuse in-process)``."""
     names = [n for n, _ in s.class_files]
     classes = tuple(s.classes) if s.classes else tuple(names)
     missing = [n for n in names if n not in classes]
     if missing:
         raise IngestError(f"--class names {missing} are not in --classes {','.join(classes)}")
-    arrays, layouts = [], {}
+    files, shapes, opened = [], {}, {}
     for name, path in s.class_files:
-        arr = _open_array(path, s.images_key, s.allow_pickle)
+        arr = _array_header(path, s, local)
         layout, shape = image_layout(arr.shape, s.layout, path)
-        arrays.append((name, path, arr, layout, shape))
-        layouts[path] = shape
-    shape = _check_same_shape(layouts, "the --class files")
-
-    def chunks():
-        for name, path, arr, layout, shp in arrays:
-            labels = np.full(len(arr), classes.index(name), dtype=np.int64)
-            prefix = s.id_prefix + "-" + _stem(path) if s.id_prefix else _stem(path)
-            yield from _array_chunks(arr, layout, shp, s.chunk_rows, path, prefix, labels, {})
-
-    return st.StampSpec(shape, classes, "class files: " + ", ".join(p for _, p in s.class_files)), chunks()
+        prefix = s.id_prefix + "-" + _stem(path) if s.id_prefix else _stem(path)
+        files.append(_ClassFile(path, classes.index(name), prefix, len(arr), layout, shape))
+        shapes[path] = shape
+        if not (_is_uri(path) and path.endswith(".npz")):  # that one was opened for its header only
+            opened[path] = arr
+    shape = _check_same_shape(shapes, "the --class files")
+    return st.StampSpec(shape, classes, "class files: " + ", ".join(p for _, p in s.class_files)), files, opened
 
 
+def _class_chunks(arr, f: _ClassFile, rows: int, start: int = 0, stop: int | None = None) -> Iterator[_Chunk]:
+    for a, raw in arr.chunks(rows, start, stop):
+        n = len(raw)
+        yield _Chunk(source=f.path, row0=a, images=to_nchw(raw, f.layout, f.shape), ids=_ids(f.prefix, a, n),
+                     labels=np.full(n, f.label, dtype=np.int64))
+
+
+def _class_duplicates(files: list[_ClassFile]) -> list[tuple[tuple[int, int, str], ...]]:
+    """For each file, the row ranges ``(lo, hi, path)`` whose ids an earlier file already used.
+
+    Ids are ``PREFIX-ROW``, so two files collide only when they share a prefix (their file stem), and then
+    row by row: row i belongs to the first file with that prefix that has more than i rows.
+    """
+    earlier: dict[str, list[tuple[int, str]]] = {}
+    out = []
+    for f in files:
+        ranges, covered = [], 0
+        for rows, path in earlier.get(f.prefix, []):
+            hi = min(rows, f.rows)
+            if hi > covered:
+                ranges.append((covered, hi, path))
+            covered = max(covered, rows)
+        out.append(tuple(ranges))
+        earlier.setdefault(f.prefix, []).append((f.rows, f.path))
+    return out
+
+
+def _range_dups(chunk: _Chunk, ranges) -> dict[int, str]:
+    out = {}
+    for lo, hi, path in ranges:
+        for row in range(max(lo, chunk.row0), min(hi, chunk.row0 + len(chunk.ids))):
+            sid = chunk.ids[row - chunk.row0]
+            out[row - chunk.row0] = f"duplicate_id: {sid!r} already used by {path} row {row}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Source forms: single arrays (images + labels, HDF5, pickle), always read in-process
+# --------------------------------------------------------------------------------------------------
 def _plan_arrays(s: IngestSettings, images, labels_raw, ids, metadata, source: str, path: str):
     layout, shape = image_layout(images.shape, s.layout, path)
     if labels_raw is not None and len(labels_raw) != len(images):
@@ -423,35 +676,39 @@ def _plan_arrays(s: IngestSettings, images, labels_raw, ids, metadata, source: s
             _array_chunks(images, layout, shape, s.chunk_rows, path, prefix, labels, bad, ids, metadata))
 
 
-def _plan_images(s: IngestSettings):
+def _plan_images(s: IngestSettings, local: _LocalCopies):
     if s.images.endswith(".npz"):
-        images = _StreamedNpy(s.images, s.images_key)
-        with zipfile.ZipFile(s.images) as z:
+        if not _exists(s.images):
+            raise IngestError(f"{s.images} does not exist")
+        file = local(s.images)
+        images = _StreamedNpy(s.images, s.images_key, file)
+        with zipfile.ZipFile(file) as z:
             keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
         labels_raw = None
         if s.labels:
-            labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle).read_all()
+            labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all()
         elif s.labels_key in keys:
-            labels_raw = _StreamedNpy(s.images, s.labels_key).read_all()
-        ids = _StreamedNpy(s.images, s.ids_key).read_all().astype(str) if s.ids_key else None
-        others = {k: _StreamedNpy(s.images, k) for k in keys if k not in (s.images_key, s.labels_key, s.ids_key)}
+            labels_raw = _StreamedNpy(s.images, s.labels_key, file).read_all()
+        ids = _StreamedNpy(s.images, s.ids_key, file).read_all().astype(str) if s.ids_key else None
+        others = {k: _StreamedNpy(s.images, k, file) for k in keys
+                  if k not in (s.images_key, s.labels_key, s.ids_key)}
         meta = {k: a.read_all() for k, a in others.items() if len(a.shape) == 1 and a.shape[0] == len(images)}
         meta = _extra_columns(meta, len(images), set())
         return _plan_arrays(s, images, labels_raw, ids, meta, s.images, s.images)
-    images = _open_array(s.images, s.images_key, s.allow_pickle)
-    labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle).read_all() if s.labels else None
+    images = _open_array(s.images, s.images_key, s.allow_pickle, local)
+    labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all() if s.labels else None
     source = s.images + (f" + {s.labels}" if s.labels else "")
     return _plan_arrays(s, images, labels_raw, None, {}, source, s.images)
 
 
-def _plan_hdf5(s: IngestSettings):
+def _plan_hdf5(s: IngestSettings, local: _LocalCopies):
     try:
         import h5py
     except ImportError:  # pragma: no cover - h5py is a core dependency
         raise IngestError("HDF5 input needs h5py: pip install h5py") from None
-    if not os.path.exists(s.hdf5):
+    if not _exists(s.hdf5):
         raise IngestError(f"{s.hdf5} does not exist")
-    f = h5py.File(s.hdf5, "r")
+    f = h5py.File(local(s.hdf5), "r")
     if s.images_key not in f:
         raise IngestError(f"{s.hdf5} has no dataset {s.images_key!r}; it holds: {', '.join(f.keys())}; "
                           f"name the images with --images-key")
@@ -465,7 +722,7 @@ def _plan_hdf5(s: IngestSettings):
     return _plan_arrays(s, images, labels_raw, ids, meta, s.hdf5, s.hdf5)
 
 
-def _plan_pickle(s: IngestSettings):
+def _plan_pickle(s: IngestSettings, local: _LocalCopies):
     obj = _load_pickle(s.pickle, s.allow_pickle)
     labels_raw = None
     if isinstance(obj, dict):
@@ -477,10 +734,31 @@ def _plan_pickle(s: IngestSettings):
     else:
         images = obj
     if s.labels:
-        labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle).read_all()
+        labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all()
     images = _Sliced(np.asarray(images), s.pickle)
     labels_raw = None if labels_raw is None else np.asarray(labels_raw)
     return _plan_arrays(s, images, labels_raw, None, {}, s.pickle, s.pickle)
+
+
+# --------------------------------------------------------------------------------------------------
+# Source forms: FITS cutouts and their catalogue
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _FitsRows:
+    """A run of catalogue rows (the whole catalogue, or one unit's part) with what the driver knows of them."""
+
+    row0: int  # catalogue row of the first entry
+    files: list[str]
+    ids: list[str]
+    labels: np.ndarray | None
+    bad: dict[int, str]  # catalogue row -> reason known from the catalogue (a label outside the classes)
+    metadata: dict[str, np.ndarray]
+
+    def slice(self, a: int, b: int, bad: dict[int, str]) -> "_FitsRows":
+        """Catalogue rows ``a`` to ``b`` (exclusive); ``bad`` holds those of ``self.bad`` in that range."""
+        i, j = a - self.row0, b - self.row0
+        return _FitsRows(a, self.files[i:j], self.ids[i:j], None if self.labels is None else self.labels[i:j],
+                         bad, {k: v[i:j] for k, v in self.metadata.items()})
 
 
 def _fit_size(img: np.ndarray, size: int) -> np.ndarray:
@@ -496,10 +774,20 @@ def _fit_size(img: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _read_fits(path: str) -> np.ndarray:
+def _read_fits(path: str, fs: pafs.FileSystem | None = None) -> np.ndarray:
+    """The first image HDU of a FITS file as (C, H, W) float32; through ``fs`` (a URI's filesystem) when given."""
     from astropy.io import fits
 
-    with fits.open(path, memmap=False) as hdul:
+    source = path
+    if fs is not None:
+        data = _read_bytes(fs, path)
+        # astropy un-gzips files it opens by name, not file objects: do it here for .fits.gz (and .bz2).
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        elif data[:3] == b"BZh":
+            data = bz2.decompress(data)
+        source = io.BytesIO(data)
+    with fits.open(source, memmap=False) as hdul:
         for hdu in hdul:
             if hdu.data is not None and getattr(hdu, "is_image", True) and np.ndim(hdu.data) >= 2:
                 data = np.asarray(hdu.data)
@@ -509,13 +797,63 @@ def _read_fits(path: str) -> np.ndarray:
     raise ValueError("no image HDU")
 
 
-def _plan_fits(s: IngestSettings):
-    if not os.path.isdir(s.fits):
+def _fits_root(s: IngestSettings) -> tuple[pafs.FileSystem | None, str]:
+    """``(filesystem, root)`` of a URI FITS directory; ``(None, dir)`` for a local one, opened by name."""
+    return st.resolve(s.fits) if _is_uri(s.fits) else (None, s.fits)
+
+
+def _fits_cutout(s: IngestSettings, fs, root: str, name: str, shape) -> tuple[str | None, np.ndarray | None]:
+    """Read one catalogue file: ``(None, image)``, or ``(reason, None)`` when it must be set aside."""
+    path = os.path.join(root, name) if fs is None else st.join(s.fits, name)
+    try:
+        img = _read_fits(path if fs is None else posixpath.join(root, name), fs)
+    except FileNotFoundError:
+        return f"unreadable: {path} does not exist", None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is set aside with its reason
+        return f"unreadable: {path}: {e}", None
+    if img.shape[0] != shape[0]:
+        return f"shape: {path} has {img.shape[0]} channels, the dataset {shape[0]}", None
+    if img.shape[1:] != shape[1:]:
+        if s.size:
+            return None, _fit_size(img, int(s.size))
+        return (f"shape: {path} is {img.shape[1]}x{img.shape[2]}, the dataset {shape[1]}x{shape[2]}; "
+                f"pass --size N to centre-crop or pad every cutout"), None
+    return None, img
+
+
+def _read_catalog(path: str) -> list[dict]:
+    if _is_uri(path):
+        if not st.exists(path):
+            raise IngestError(f"--catalog {path} does not exist")
+        return list(csv.DictReader(io.StringIO(st.read_text(path), newline="")))
+    if not os.path.exists(path):
+        raise IngestError(f"--catalog {path} does not exist")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fits_shape(s: IngestSettings, files: list[str]) -> tuple[int, int, int]:
+    """Channels (and, without --size, height and width) of the first readable cutout."""
+    fs, root = _fits_root(s)
+    first = None
+    for name in files:
+        try:
+            first = _read_fits(os.path.join(root, name) if fs is None else posixpath.join(root, name), fs).shape
+            break
+        except Exception:  # noqa: BLE001 - unreadable files are reported per row when read
+            continue
+    if first is None and not s.size:
+        raise IngestError(f"no readable FITS cutout among the {len(files)} files of {s.catalog}")
+    channels = first[0] if first else 1
+    hw = (int(s.size), int(s.size)) if s.size else (first[1], first[2])
+    return int(channels), int(hw[0]), int(hw[1])
+
+
+def _fits_catalog(s: IngestSettings) -> tuple[st.StampSpec, _FitsRows]:
+    """Read the catalogue (labels, ids, metadata) and the stamp shape; no cutout is read beyond the first."""
+    if not _is_dir(s.fits):
         raise IngestError(f"--fits {s.fits} is not a directory of FITS cutouts")
-    if not os.path.exists(s.catalog):
-        raise IngestError(f"--catalog {s.catalog} does not exist")
-    with open(s.catalog, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_catalog(s.catalog)
     if rows and "file" not in rows[0]:
         raise IngestError(f"{s.catalog}: the catalogue needs a 'file' column (file,label[,id,metadata...]); "
                           f"its columns are {', '.join(rows[0])}")
@@ -529,67 +867,44 @@ def _plan_fits(s: IngestSettings):
     meta_cols = [c for c in (rows[0] if rows else {}) if c not in ("file", "label", "id", "split")]
     meta = {c: _column(rows, c) for c in meta_cols}
     ids = [r.get("id") or (s.id_prefix + "-" if s.id_prefix else "") + _stem(r["file"]) for r in rows]
-    if s.size:
-        shape_hw = (int(s.size), int(s.size))
-        first = None
-    else:
-        first = None
-        for r in rows:
-            try:
-                first = _read_fits(os.path.join(s.fits, r["file"])).shape
-                break
-            except Exception:  # noqa: BLE001 - unreadable files are reported per row below
-                continue
-        if first is None:
-            raise IngestError(f"no readable FITS cutout among the {len(rows)} files of {s.catalog}")
-        shape_hw = first[1:]
-    channels = first[0] if first else None
-    if channels is None:
-        for r in rows:
-            try:
-                channels = _read_fits(os.path.join(s.fits, r["file"])).shape[0]
-                break
-            except Exception:  # noqa: BLE001
-                continue
-        channels = channels or 1
-    shape = (int(channels), int(shape_hw[0]), int(shape_hw[1]))
+    files = [r["file"] for r in rows]
+    shape = _fits_shape(s, files)
     spec = st.StampSpec(shape, classes, f"FITS cutouts: {s.fits} + {s.catalog}")
+    return spec, _FitsRows(0, files, ids, labels, label_bad, meta)
 
-    def chunks():
-        for start in range(0, len(rows), s.chunk_rows):
-            block = rows[start:start + s.chunk_rows]
-            imgs = np.zeros((len(block), *shape), np.float32)
-            bad = {}
-            for i, r in enumerate(block):
-                row = start + i
-                path = os.path.join(s.fits, r["file"])
-                if row in label_bad:
-                    bad[i] = label_bad[row]
-                    continue
-                try:
-                    img = _read_fits(path)
-                except FileNotFoundError:
-                    bad[i] = f"unreadable: {path} does not exist"
-                    continue
-                except Exception as e:  # noqa: BLE001 - any unreadable file is set aside with its reason
-                    bad[i] = f"unreadable: {path}: {e}"
-                    continue
-                if img.shape[0] != shape[0]:
-                    bad[i] = f"shape: {path} has {img.shape[0]} channels, the dataset {shape[0]}"
-                elif img.shape[1:] != shape[1:]:
-                    if s.size:
-                        img = _fit_size(img, int(s.size))
-                    else:
-                        bad[i] = (f"shape: {path} is {img.shape[1]}x{img.shape[2]}, the dataset "
-                                  f"{shape[1]}x{shape[2]}; pass --size N to centre-crop or pad every cutout")
-                        continue
-                imgs[i] = img
-            sl = slice(start, start + len(block))
-            yield _Chunk(source=s.catalog, row0=start, images=imgs, ids=ids[sl],
-                         labels=None if labels is None else labels[sl], bad=bad,
-                         metadata={k: v[sl] for k, v in meta.items()})
 
-    return spec, chunks()
+def _fits_chunks(s: IngestSettings, shape: tuple[int, int, int], rows: _FitsRows) -> Iterator[_Chunk]:
+    """Read the cutouts of ``rows`` in chunks of ``chunk_rows``."""
+    fs, root = _fits_root(s)
+    for a in range(0, len(rows.files), s.chunk_rows):
+        b = min(len(rows.files), a + s.chunk_rows)
+        imgs = np.zeros((b - a, *shape), np.float32)
+        bad = {}
+        for i in range(a, b):
+            if rows.row0 + i in rows.bad:
+                bad[i - a] = rows.bad[rows.row0 + i]
+                continue
+            reason, img = _fits_cutout(s, fs, root, rows.files[i], shape)
+            if reason is None:
+                imgs[i - a] = img
+            else:
+                bad[i - a] = reason
+        yield _Chunk(source=s.catalog, row0=rows.row0 + a, images=imgs, ids=rows.ids[a:b],
+                     labels=None if rows.labels is None else rows.labels[a:b], bad=bad,
+                     metadata={k: v[a:b] for k, v in rows.metadata.items()})
+
+
+def _fits_duplicates(s: IngestSettings, rows: _FitsRows) -> dict[int, str]:
+    """Catalogue row -> reason, for rows whose id an earlier row already used."""
+    first: dict[str, int] = {}
+    out = {}
+    for i, sid in enumerate(rows.ids):
+        row = rows.row0 + i
+        if sid in first:
+            out[row] = f"duplicate_id: {sid!r} already used by {s.catalog} row {first[sid]}"
+        else:
+            first[sid] = row
+    return out
 
 
 def _is_number(v: str) -> bool:
@@ -608,6 +923,429 @@ def _column(rows: list[dict], name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# Units: the pieces of a distributed ingest
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Names:
+    """File names of a distributed ingest, zero-padded so that they sort in input order."""
+
+    unit_width: int = 5
+    shard_width: int = 3
+
+    def shard(self, unit: int, k: int) -> str:
+        return f"part-{unit:0{self.unit_width}d}-{k:0{self.shard_width}d}.parquet"
+
+    def errors(self, unit: int) -> str:
+        return f"part-{unit:0{self.unit_width}d}.parquet"
+
+    def marker(self, unit: int) -> str:
+        return f"unit-{unit:0{self.unit_width}d}.json"
+
+
+def _names(units: int, rows_per_unit: int, shard_rows: int) -> _Names:
+    shards = max(1, -(-rows_per_unit // shard_rows))
+    return _Names(max(5, len(str(max(units - 1, 0)))), max(3, len(str(shards - 1))))
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Rows ``start`` to ``stop`` of one class file, with the row ranges whose ids an earlier file used."""
+
+    file: _ClassFile
+    start: int
+    stop: int
+    dups: tuple[tuple[int, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _ArrayUnit:
+    index: int
+    segments: tuple[_Segment, ...]
+
+    @property
+    def inputs(self) -> int:  # progress counts stamps
+        return sum(seg.stop - seg.start for seg in self.segments)
+
+
+@dataclass(frozen=True)
+class _FitsUnit:
+    index: int
+    rows: _FitsRows
+    dups: dict[int, str]  # catalogue row -> duplicate_id reason
+
+    @property
+    def inputs(self) -> int:  # progress counts files
+        return len(self.rows.files)
+
+
+@dataclass
+class _Plan:
+    """What to ingest, both ways: ``units`` for Ray tasks, ``chunks()`` for the in-process reader."""
+
+    spec: st.StampSpec
+    units: list
+    names: _Names
+    total: int
+    what: str  # what progress counts: "files" or "stamps"
+    fingerprint: Callable[[], dict]
+    chunks: Callable[[], Iterator[_Chunk]]
+
+
+def _plan_fits(s: IngestSettings) -> _Plan:
+    spec, rows = _fits_catalog(s)
+    n, step = len(rows.files), int(s.unit_files)
+    dups: dict[int, dict[int, str]] = {}
+    bad: dict[int, dict[int, str]] = {}
+    # Bucketed by unit in one pass: filtering them per unit would cost units x rows.
+    for row, reason in _fits_duplicates(s, rows).items():
+        dups.setdefault(row // step, {})[row] = reason
+    for row, reason in rows.bad.items():
+        bad.setdefault(row // step, {})[row] = reason
+    units = [_FitsUnit(u, rows.slice(a, min(a + step, n), bad.get(u, {})), dups.get(u, {}))
+             for u, a in enumerate(range(0, n, step))]
+    return _Plan(spec, units, _names(len(units), step, s.shard_rows), n, "files",
+                 lambda: _fits_fingerprint(s, rows.files), lambda: _fits_chunks(s, spec.shape, rows))
+
+
+def _plan_class_files(s: IngestSettings, local: _LocalCopies) -> _Plan:
+    spec, files, opened = _class_files(s, local)
+    units, segments, room = [], [], int(s.unit_rows)
+    for f, dups in zip(files, _class_duplicates(files)):
+        start = 0
+        while start < f.rows:
+            # Small files share a unit; a .npy is cut at the unit boundary, any other file stays whole.
+            if segments and (room <= 0 or (not f.splittable and f.rows > room)):
+                units.append(_ArrayUnit(len(units), tuple(segments)))
+                segments, room = [], int(s.unit_rows)
+            stop = min(f.rows, start + room) if f.splittable else f.rows
+            segments.append(_Segment(f, start, stop, tuple(d for d in dups if d[0] < stop and d[1] > start)))
+            room -= stop - start
+            start = stop
+    if segments:
+        units.append(_ArrayUnit(len(units), tuple(segments)))
+    widest = max((u.inputs for u in units), default=1)
+
+    def chunks():
+        for f in files:
+            arr = opened[f.path] if f.path in opened else _open_array(f.path, s.images_key, s.allow_pickle, local)
+            yield from _class_chunks(arr, f, s.chunk_rows)
+
+    return _Plan(spec, units, _names(len(units), widest, s.shard_rows), sum(f.rows for f in files), "stamps",
+                 lambda: {"files": [_stat(p) for _, p in s.class_files]}, chunks)
+
+
+def _stat(path: str) -> list:
+    """``[path, size, mtime_ns]``, sizes and times None when the file is missing."""
+    fs, p = st.resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        return [path, None, None]
+    return [path, info.size, info.mtime_ns]
+
+
+def _fits_fingerprint(s: IngestSettings, files: list[str]) -> dict:
+    """Names, sizes and modification times of the catalogue and its cutouts (one listing of the directory)."""
+    fs, root = st.resolve(s.fits)
+    root = root.rstrip("/")
+    listing = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            listing[info.path[len(root) + 1:]] = [info.size, info.mtime_ns]
+    entries = []
+    for name in dict.fromkeys(files):
+        key = posixpath.normpath(name)
+        # Files outside the directory's listing (absolute paths in the catalogue) are looked up one by one.
+        stat = listing.get(key) or _stat(st.join(s.fits, name))[1:]
+        entries.append([name, *stat])
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"catalog": _stat(s.catalog), "fits": s.fits, "files": len(entries), "sha256": digest}
+
+
+# --------------------------------------------------------------------------------------------------
+# One unit, inside its Ray task
+# --------------------------------------------------------------------------------------------------
+class _UnitWriter:
+    """Writes one unit's shards and set-aside rows; ``finish()`` returns the unit's small record."""
+
+    def __init__(self, s: IngestSettings, spec: st.StampSpec, names: _Names, unit: int):
+        self.s, self.spec, self.names, self.unit = s, spec, names, unit
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.schema: pa.Schema | None = None
+        self.shards: list[dict] = []
+        self.errors: list[dict] = []
+        self.label_counts: dict[str, int] = {}
+        self.rows_in = 0
+
+    def add(self, chunk: _Chunk, dups: dict[int, str]) -> None:
+        """Set aside and write one chunk exactly as the in-process ingest would; ``dups`` were decided on
+        the driver (reasons by row within the chunk)."""
+        self.rows_in += len(chunk.images)
+        reasons = _screen(chunk, self.s.nonfinite)
+        for i, reason in dups.items():
+            reasons.setdefault(i, reason)
+        for i, reason in sorted(reasons.items()):
+            self.errors.append({"stamp_id": chunk.ids[i], "source": chunk.source, "row": chunk.row0 + i,
+                                "reason": reason})
+        table = _kept_table(chunk, reasons, self.spec, self.s.split)
+        if table is None:
+            return
+        if self.schema is None:
+            self.schema = table.schema
+        else:
+            table = table.cast(self.schema)
+        st.count_labels(table, self.label_counts)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.s.shard_rows:
+            self._flush(self.s.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        whole = pa.concat_tables(self.pending)
+        head, tail = whole.slice(0, rows), whole.slice(rows)
+        name = self.names.shard(self.unit, len(self.shards))
+        st.write_shard(st.join(self.s.out, name), head.combine_chunks())
+        self.shards.append({"path": name, "rows": head.num_rows})
+        self.pending = [tail] if tail.num_rows else []
+        self.pending_rows = tail.num_rows
+
+    def finish(self, inputs: int) -> dict:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        counts: dict[str, int] = {}
+        error_file = None
+        if self.errors:
+            error_file = self.names.errors(self.unit)
+            st.write_shard(st.join(self.s.out, st.ERRORS_DIR, error_file),
+                           pa.Table.from_pylist(self.errors, schema=st.ERROR_SCHEMA))
+            for e in self.errors:
+                kind = e["reason"].split(":", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+        return {"unit": self.unit, "shards": self.shards, "label_counts": self.label_counts, "errors": counts,
+                "error_file": error_file, "rows_in": self.rows_in, "inputs": inputs,
+                "columns": list(self.schema.names) if self.schema is not None else None}
+
+
+def _unit_chunks(s: IngestSettings, spec: st.StampSpec, unit, local: _LocalCopies):
+    """``(chunk, duplicate reasons by row within the chunk)`` of one unit, in input order."""
+    if isinstance(unit, _FitsUnit):
+        for chunk in _fits_chunks(s, spec.shape, unit.rows):
+            end = chunk.row0 + len(chunk.ids)
+            yield chunk, {r - chunk.row0: d for r, d in unit.dups.items() if chunk.row0 <= r < end}
+        return
+    for seg in unit.segments:
+        arr = _open_array(seg.file.path, s.images_key, s.allow_pickle, local)
+        for chunk in _class_chunks(arr, seg.file, s.chunk_rows, seg.start, seg.stop):
+            yield chunk, _range_dups(chunk, seg.dups)
+
+
+def _run_unit(s: IngestSettings, spec: st.StampSpec, names: _Names, unit) -> dict:
+    """Ray task: read one unit's inputs, write its shards and set-aside rows, then its marker."""
+    with _LocalCopies() as local:
+        writer = _UnitWriter(s, spec, names, unit.index)
+        for chunk, dups in _unit_chunks(s, spec, unit, local):
+            writer.add(chunk, dups)
+        record = writer.finish(unit.inputs)
+    # The marker comes after the unit's files: a unit without one is unfinished, and a rerun redoes it.
+    st.write_text(st.join(s.out, st.INGEST_DIR, names.marker(unit.index)), json.dumps(record))
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver of a distributed ingest
+# --------------------------------------------------------------------------------------------------
+_RUN_ONLY = ("parallel", "address", "progress")  # how to run, not what to write: a resume may change them
+
+
+def _job_doc(s: IngestSettings, plan: _Plan) -> dict:
+    """What identifies the job: a rerun resumes only when this is the same."""
+    settings = {k: v for k, v in _jsonable(asdict(s)).items() if k not in _RUN_ONLY}
+    doc = {"version": 1, "settings": settings, "inputs": plan.fingerprint(), "spec": plan.spec.metadata(),
+           "units": len(plan.units), "names": [plan.names.unit_width, plan.names.shard_width]}
+    return json.loads(json.dumps(doc))  # as it reads back from the job file
+
+
+def _read_json(fs: pafs.FileSystem, path: str):
+    try:
+        return json.loads(_read_bytes(fs, path))
+    except (OSError, ValueError):  # missing, or cut short by a kill: treated as absent
+        return None
+
+
+def _listing(fs: pafs.FileSystem, path: str) -> set[str]:
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+
+
+def _prepare(s: IngestSettings, plan: _Plan, job: dict) -> dict[int, dict]:
+    """Resume a killed run of the same job (returns the finished units' records) or start over (``{}``)."""
+    fs, root = st.resolve(s.out)
+    info = fs.get_file_info(root)
+    job_path = posixpath.join(root, st.INGEST_DIR, JOB_NAME)
+    if (info.type == pafs.FileType.Directory and not st.exists(st.join(s.out, st.MANIFEST_NAME))
+            and _read_json(fs, job_path) == job):
+        return _keep_finished(fs, root, plan)
+    st.clear_dataset(s.out)  # deletes only what stampray wrote: shards, manifest, _errors/, _ingest/
+    st.make_dirs(st.join(s.out, st.ERRORS_DIR))
+    st.make_dirs(st.join(s.out, st.INGEST_DIR))
+    st.write_text(st.join(s.out, st.INGEST_DIR, JOB_NAME), json.dumps(job, indent=1))
+    return {}
+
+
+_RECORD_KEYS = {"unit", "shards", "label_counts", "errors", "error_file", "rows_in", "inputs", "columns"}
+
+
+def _complete(rec, unit: int, shards: set[str], errors: set[str]) -> bool:
+    """Whether a unit's marker is whole and every file it lists is there."""
+    try:
+        return (_RECORD_KEYS <= set(rec) and rec["unit"] == unit
+                and all(sh["path"] in shards and int(sh["rows"]) >= 0 for sh in rec["shards"])
+                and (rec["error_file"] is None or rec["error_file"] in errors))
+    except (TypeError, KeyError, ValueError):  # valid JSON of another shape: not a marker we wrote
+        return False
+
+
+def _keep_finished(fs: pafs.FileSystem, root: str, plan: _Plan) -> dict[int, dict]:
+    """The units whose marker and files are all there; every other shard, errors file and marker goes."""
+    shards = _listing(fs, root)
+    errors = _listing(fs, posixpath.join(root, st.ERRORS_DIR))
+    markers = _listing(fs, posixpath.join(root, st.INGEST_DIR))
+    done: dict[int, dict] = {}
+    for u in range(len(plan.units)):
+        if plan.names.marker(u) not in markers:
+            continue
+        rec = _read_json(fs, posixpath.join(root, st.INGEST_DIR, plan.names.marker(u)))
+        if _complete(rec, u, shards, errors):
+            done[u] = rec
+    keep = {sh["path"] for rec in done.values() for sh in rec["shards"]}
+    for name in shards:
+        if name.startswith("part-") and name.endswith(".parquet") and name not in keep:
+            fs.delete_file(posixpath.join(root, name))  # a partial shard of an unfinished unit
+    keep = {rec["error_file"] for rec in done.values()}
+    for name in errors - keep:
+        fs.delete_file(posixpath.join(root, st.ERRORS_DIR, name))
+    keep = {plan.names.marker(u) for u in done} | {JOB_NAME}
+    for name in markers - keep:
+        fs.delete_file(posixpath.join(root, st.INGEST_DIR, name))
+    return done
+
+
+class _Progress:
+    """The driver's progress line on stderr (``ingest: 1,234/2,000 files (61.7%), 850 stamps/s``): in place
+    on a terminal, a new line every ~10 s otherwise; off with ``progress=False`` or ``STAMPRAY_PROGRESS=0``."""
+
+    def __init__(self, total: int, what: str, enabled: bool, done: int = 0):
+        self.total, self.what, self.done, self.stamps = total, what, done, 0
+        self.enabled = enabled and os.environ.get("STAMPRAY_PROGRESS", "1") != "0"
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.last_unit = time.time()
+        self.last = 0.0
+        self.stall_warned = self.t0
+
+    def update(self, inputs: int, stamps: int) -> None:
+        self.done += inputs
+        self.stamps += stamps
+        self.last_unit = time.time()
+        self.show()
+
+    def show(self, running: int = 0) -> None:
+        now = time.time()
+        if now - max(self.last_unit, self.stall_warned) > STALL_S:
+            # Printed whatever the progress setting (a stuck ingest must say so), below an in-place line.
+            print(("\n" if self.tty and self.last else "")
+                  + f"ingest: no unit finished in the last {STALL_S / 60:.0f} min ({running} running); "
+                  f"check that the Ray cluster has free CPUs ('ray status')", file=sys.stderr, flush=True)
+            self.stall_warned = now
+        if not self.enabled or now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = self.stamps / max(now - self.t0, 1e-9)
+        pct = 100.0 * self.done / max(self.total, 1)
+        line = f"ingest: {self.done:,}/{self.total:,} {self.what} ({pct:.1f}%), {rate:,.0f} stamps/s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.last:
+            self.last = 0.0
+            self.show()  # the final count
+            if self.tty:
+                print(file=sys.stderr)
+
+
+def _result(ref) -> dict:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=WAIT_S)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, IngestError):
+            raise IngestError(str(cause)) from None  # the input's own one-line message, not a traceback
+        raise
+
+
+def _dispatch(s: IngestSettings, plan: _Plan, todo: list[int], progress: _Progress) -> dict[int, dict]:
+    """Run the units in ``todo`` as Ray tasks, a bounded number in flight; return their records."""
+    import ray
+
+    from .runtime import cluster_cpus
+
+    task = ray.remote(num_cpus=1, max_retries=3)(_run_unit)
+    window = max(2, 2 * int(cluster_cpus()))  # enough queued to keep every CPU busy, not the whole plan
+    queue = list(reversed(todo))
+    pending: dict = {}
+    records: dict[int, dict] = {}
+    try:
+        while queue or pending:
+            while queue and len(pending) < window:
+                u = queue.pop()
+                pending[task.remote(s, plan.spec, plan.names, plan.units[u])] = u
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=WAIT_S)
+            for ref in ready:
+                u = pending.pop(ref)
+                records[u] = _result(ref)
+                progress.update(records[u]["inputs"], records[u]["rows_in"])
+            progress.show(len(pending))
+    except BaseException:
+        for ref in pending:  # a failed or interrupted ingest leaves no task running on a shared cluster
+            ray.cancel(ref)
+        raise
+    return records
+
+
+def _ingest_units(s: IngestSettings, plan: _Plan, t0: float) -> "IngestResult":
+    """The distributed ingest: resume or start over, run the missing units, write the manifest last."""
+    done = _prepare(s, plan, _job_doc(s, plan))
+    todo = [u for u in range(len(plan.units)) if u not in done]
+    records = dict(done)
+    if todo:
+        from .runtime import ray_session
+
+        with ray_session(s.address):
+            # Started here, so that the rate counts reading, not Ray's start-up.
+            progress = _Progress(plan.total, plan.what, s.progress, sum(r["inputs"] for r in done.values()))
+            try:
+                records.update(_dispatch(s, plan, todo, progress))
+            finally:
+                progress.close()
+    writer = st.StampWriter(s.out, plan.spec, s.shard_rows, settings={"ingest": _jsonable(asdict(s))}, clear=False)
+    for u in range(len(plan.units)):
+        rec = records[u]
+        for k, shard in enumerate(rec["shards"]):
+            writer.add_shard(shard["path"], shard["rows"], rec["label_counts"] if k == 0 else None,
+                             columns=rec["columns"])
+        writer.add_errors(rec["errors"])
+    manifest = writer.close()
+    fs, root = st.resolve(s.out)
+    fs.delete_dir(posixpath.join(root, st.INGEST_DIR))  # after the manifest: a kill in between starts over
+    if not any(r["error_file"] for r in records.values()):
+        # Made before dispatch for the tasks; without set-aside rows there is no _errors/, as in-process.
+        fs.delete_dir(posixpath.join(root, st.ERRORS_DIR))
+    rows_in = sum(int(r["rows_in"]) for r in records.values())
+    return IngestResult(manifest, rows_in, time.time() - t0, units=len(plan.units), resumed=len(done))
+
+
+# --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -615,6 +1353,8 @@ class IngestResult:
     manifest: st.Manifest
     rows_in: int
     seconds: float
+    units: int = 0  # units run as Ray tasks (0: read in-process)
+    resumed: int = 0  # units a rerun found finished and kept
 
     @property
     def ingested(self) -> int:
@@ -625,8 +1365,17 @@ class IngestResult:
         return dict(self.manifest.errors)
 
 
+def _distribute(s: IngestSettings, plan: _Plan) -> bool:
+    if s.parallel == "auto":
+        return len(plan.units) > 1  # one unit: a single small input stays in-process
+    return s.parallel == "on"
+
+
 def ingest(settings: IngestSettings) -> IngestResult:
     """Read one source form and write a stamp dataset at ``settings.out``.
+
+    FITS directories and class files that make more than one unit are read by Ray tasks (see the module
+    docstring); a killed run resumes when rerun with the same settings and inputs.
 
     Raises
     ------
@@ -635,18 +1384,20 @@ def ingest(settings: IngestSettings) -> IngestResult:
         non-finite pixels under ``nonfinite="fail"``). Row problems are set aside, not raised.
     """
     t0 = time.time()
-    if settings.class_files:
-        spec, chunks = _plan_class_files(settings)
-    elif settings.images:
-        spec, chunks = _plan_images(settings)
-    elif settings.hdf5:
-        spec, chunks = _plan_hdf5(settings)
-    elif settings.fits:
-        spec, chunks = _plan_fits(settings)
-    else:
-        spec, chunks = _plan_pickle(settings)
-    job = _Ingester(settings, spec)
-    for chunk in chunks:
-        job.add(chunk)
-    manifest = job.writer.close()
+    with _LocalCopies() as local:
+        if settings.class_files or settings.fits:
+            plan = _plan_fits(settings) if settings.fits else _plan_class_files(settings, local)
+            if _distribute(settings, plan):
+                return _ingest_units(settings, plan, t0)
+            spec, chunks = plan.spec, plan.chunks()
+        elif settings.images:
+            spec, chunks = _plan_images(settings, local)
+        elif settings.hdf5:
+            spec, chunks = _plan_hdf5(settings, local)
+        else:
+            spec, chunks = _plan_pickle(settings, local)
+        job = _Ingester(settings, spec)
+        for chunk in chunks:
+            job.add(chunk)
+        manifest = job.writer.close()
     return IngestResult(manifest, job.rows_in, time.time() - t0)

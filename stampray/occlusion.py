@@ -5,13 +5,20 @@ every position, preprocess again, predict, and map the probability of the true c
 class when the stamp is unlabelled) at each position; the map is padded back to the stamp size
 (``(kernel-1)//2`` before, ``kernel//2`` after, with the map's minimum as the notebooks do), so odd and
 even kernels both give an H×W map. All occluded variants of a batch of stamps go through the model as
-one large batch, on the same actor-pool machinery as ``stampray score``.
+one large batch, on the same actor-pool machinery as ``stampray score``
+(:mod:`stampray.inference`): the replicas write their maps straight to ``MAPS/_parts/`` and return one
+small record per piece; once enough stamps are mapped (``--limit``) or the data is exhausted, one commit
+task joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and ``MAPS/_errors/``) and removes the
+pieces, so no map passes through the driver and a new output replaces an old one only once complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import table as st
-from .score import ModelActor, open_model_for, pool_plan
+from .data import ROW, SHARD
+from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, delete_dir, list_files,
+                        open_model_for, write_atomic)
 
 WHERE = ("misclassified",)
 ERROR = "_error"  # set on rows that could not be occluded (their reason); they go to OUT/_errors/
@@ -45,6 +54,9 @@ class OccludeSettings:
     batch_size: int | None = None
     actors: int | None = None
     use_gpu: bool = False
+    max_actors: int | None = None
+    wait_gpu: float = 1800.0
+    progress: bool = True
     address: str | None = None
 
     def __post_init__(self):
@@ -109,19 +121,31 @@ def _tensor_column(arr: np.ndarray) -> pa.ExtensionArray:
 
 
 class Occluder(ModelActor):
-    """map_batches callable: stamp rows in, one heatmap row per selected stamp out."""
+    """map_batches callable: stamp rows in; the selected stamps' maps written as a piece; a record out."""
 
-    def __init__(self, model_bytes, kernel: int, stride: int, ids: list[str], where: str | None,
+    def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
                  threads: int = 1, use_gpu: bool = False):
         super().__init__(model_bytes, threads, use_gpu)
-        self.kernel, self.stride, self.where = int(kernel), int(stride), where
+        self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.ids = pa.array(sorted(ids), pa.string()) if ids else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        maps = self.maps(batch)
+        name = None
+        if maps.num_rows:  # named after the block's first row: a block redone rewrites the same piece
+            shard, row = batch.column(SHARD)[0].as_py(), batch.column(ROW)[0].as_py()
+            name = f"{shard.removesuffix('.parquet')}-{row:012d}-{batch.num_rows}.parquet"
+            write_atomic(maps, st.join(self.out, PARTS_DIR, name), self.out)
+        failed = maps.num_rows - maps.column(ERROR).null_count
+        return pa.table({"piece": pa.array([name], pa.string()), "rows": [maps.num_rows - failed],
+                         "errors": [failed], "node": [self.node_id]})
+
+    def maps(self, batch: pa.Table) -> pa.Table:
+        """Maps of the selected stamps of ``batch``; unusable rows carry their reason (``_error``)."""
         if self.ids is not None:
             batch = batch.filter(pc.is_in(batch.column(st.ID), value_set=self.ids))
         images, good, bad = self.decode_valid(batch)
-        bad_ids = batch.column(st.ID).take(pa.array([i for i, _ in bad], pa.int64())).combine_chunks()
+        bad_rows = batch.take(pa.array([i for i, _ in bad], pa.int64()))
         batch = batch.take(pa.array(good, pa.int64()))
         base = self.probabilities(self.preprocess(images))
         pred = base.argmax(axis=1) if len(base) else np.zeros(0, np.int64)
@@ -138,11 +162,16 @@ class Occluder(ModelActor):
                               self.probabilities)
         rows = len(idx)
         # Rows that cannot be occluded (non-finite pixels, a wrong image size) travel on with their reason
-        # and zero-filled maps; the driver writes them to ``OUT/_errors/`` and never among the maps.
+        # and zero-filled maps; the commit writes them to ``OUT/_errors/`` and never among the maps.
         n_bad, hw = len(bad), tuple(self.shape[1:])
-        id_col = batch.column(st.ID).combine_chunks()
+        kept = batch.take(pa.array(idx, pa.int64()))
+
+        def both(col):
+            return pa.concat_arrays([kept.column(col).combine_chunks(),
+                                     bad_rows.column(col).combine_chunks().cast(kept.column(col).type)])
+
         return pa.table({
-            st.ID: pa.concat_arrays([id_col.take(pa.array(idx, pa.int64())), bad_ids.cast(id_col.type)]),
+            st.ID: both(st.ID),
             st.LABEL: pa.array(np.concatenate([label[idx], np.zeros(n_bad, np.int64)]), pa.int64(),
                                mask=np.concatenate([~has_label[idx], np.ones(n_bad, bool)])),
             "pred": pa.array(np.concatenate([pred[idx], np.full(n_bad, -1)]).astype(np.int64)),
@@ -152,6 +181,8 @@ class Occluder(ModelActor):
             "heatmap": _tensor_column(np.concatenate([heat.reshape(rows, *hw), np.zeros((n_bad, *hw))])),
             "stamp": _tensor_column(np.concatenate([self.preprocess(images[idx])[:, 0] if rows else
                                                     np.zeros((0, *hw)), np.zeros((n_bad, *hw))])),
+            SHARD: both(SHARD),
+            ROW: both(ROW),
             ERROR: pa.array([None] * rows + [reason for _, reason in bad], pa.string()),
         })
 
@@ -163,59 +194,27 @@ class OccludeResult:
     pngs: list
     seconds: float
     set_aside: int = 0
+    nodes: dict | None = None
 
 
 def occlude(settings: OccludeSettings) -> OccludeResult:
     """Compute occlusion maps for the selected stamps and write them as Parquet (and PNGs)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from .data import read_stamps
-    from .runtime import cluster_cpus, cluster_gpus, ray_session
-
     t0 = time.time()
     manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
     occlusion_masks(manifest.spec.shape, settings.kernel, settings.stride)  # kernel fits?
     if settings.where == "misclassified" and not manifest.label_counts:
         msg = f"--where misclassified needs labels, and {settings.data} holds none"
         raise ValueError(msg)
+    fs, p = st.resolve(settings.out)
+    if fs.get_file_info(p).type == st.pafs.FileType.File:
+        msg = f"--out {settings.out} is a file; give a directory for the occlusion maps"
+        raise ValueError(msg)
     st.make_dirs(settings.out)
-    ofs, _ = st.resolve(settings.out)
-    for item in ofs.get_file_info(st.pafs.FileSelector(st.resolve(settings.out)[1], allow_not_found=True)):
-        if os.path.basename(item.path).startswith("part-"):
-            ofs.delete_file(item.path)
-    tables, errors, written, total = [], [], 0, 0
-    with ray_session(settings.address):
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        plan = pool_plan(settings.use_gpu, settings.actors, cluster_cpus(), cluster_gpus())
-        ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], num_cpus=0.25)
-        ds = ds.map_batches(
-            Occluder, batch_format="pyarrow", batch_size=settings.batch_size or (512 if settings.use_gpu else 64),
-            compute=ActorPoolStrategy(size=plan["actors"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-            fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "kernel": settings.kernel,
-                                   "stride": settings.stride, "ids": list(settings.ids), "where": settings.where,
-                                   "threads": plan["threads"], "use_gpu": settings.use_gpu})
-        limit = int(settings.limit) if settings.limit else None
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if not batch.num_rows:
-                continue
-            failed = batch.column(ERROR).is_valid()
-            if pc.any(failed).as_py():
-                errors.append(batch.filter(failed).select([st.ID, ERROR]))
-            batch = batch.filter(pc.invert(failed)).drop_columns([ERROR])
-            if limit is not None:
-                batch = batch.slice(0, limit - total)
-            tables.append(batch)
-            total += batch.num_rows
-            if sum(t.num_rows for t in tables) >= 10_000:
-                written = _flush(settings.out, tables, written)
-                tables = []
-            if limit is not None and total >= limit:
-                break
-    if tables or written == 0:
-        written = _flush(settings.out, tables, written, allow_empty=True)
-    set_aside = _write_errors(settings.out, errors)
+    delete_dir(st.join(settings.out, PARTS_DIR))  # leftovers of a killed run
+    delete_dir(st.join(settings.out, TMP_DIR))
+    total, set_aside, nodes = _run(settings, model_bytes, manifest)
+    delete_dir(st.join(settings.out, PARTS_DIR))
+    delete_dir(st.join(settings.out, TMP_DIR))
     if set_aside:
         print(f"occlude: {set_aside} stamps could not be occluded (non-finite pixels or a wrong image size); "
               f"listed with their reasons in {st.join(settings.out, st.ERRORS_DIR)}", file=sys.stderr)
@@ -223,33 +222,107 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
         print("occlude: warning: no stamp matched the selection; wrote an empty table", file=sys.stderr)
     pngs = []
     if settings.png and total:
-        first = pq.read_table(st.resolve(st.join(settings.out, "part-00000.parquet"))[1], filesystem=ofs)
-        pngs = write_pngs(first.slice(0, settings.png_limit), settings.png, list(bundle["class_names"]))
-    return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside)
+        with fs.open_input_file(st.resolve(st.join(settings.out, "part-00000.parquet"))[1]) as f:
+            first = pq.ParquetFile(f).read_row_group(0).slice(0, settings.png_limit)
+        pngs = write_pngs(first, settings.png, list(bundle["class_names"]))
+    return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes)
+
+
+def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -> tuple[int, int, dict]:
+    """Stream the stamps through the pool, keep the books, then commit: (maps, set aside, maps per node)."""
+    import ray
+    import ray.data
+
+    from .capacity import cluster_capacity
+    from .data import read_stamps
+    from .inference import alive_node_cpus, plan_pool
+    from .runtime import ensure_gpus, ray_session
+
+    with ray_session(settings.address):
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        progress = Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows),
+                            settings.progress, unit="maps")
+        if settings.use_gpu:
+            ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
+        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus())
+        strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
+        ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], tag_shard=True, num_cpus=READ_CPUS)
+        ds = ds.map_batches(
+            Occluder, batch_format="pyarrow", batch_size=settings.batch_size or (512 if settings.use_gpu else 64),
+            compute=strategy, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
+                                   "kernel": settings.kernel, "stride": settings.stride, "ids": list(settings.ids),
+                                   "where": settings.where, "threads": plan.threads, "use_gpu": settings.use_gpu})
+        limit = int(settings.limit) if settings.limit else None
+        accepted, total, nodes = [], 0, {}
+        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for r in records.to_pylist():
+                if r["piece"] is None or r["piece"] in accepted:  # nothing selected, or a block redone
+                    continue
+                accepted.append(r["piece"])
+                total += r["rows"]
+                nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
+                progress.update(r["rows"])
+            if limit is not None and total >= limit:
+                break  # ends the dataset: the pool stops
+        progress.close()
+        # The commit reads the maps, so it runs as a task beside the replicas, not in the driver.
+        commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_maps)
+        total, set_aside = ray.get(commit.remote(settings.out, accepted, limit), timeout=1800)
+    return total, set_aside, nodes
+
+
+MAP_FILE_ROWS = 10_000  # maps per output file
+
+
+def commit_maps(out: str, pieces: list[str], limit: int | None) -> tuple[int, int]:
+    """Ray task: join the accepted pieces (in order, each stamp once, at most ``limit`` maps) into
+    ``part-NNNNN`` files and ``_errors/part-00000.parquet``, then remove older outputs beyond them."""
+    fs, _ = st.resolve(out)
+    seen: set = set()
+    pending, written, total, errors = [], 0, 0, []
+    for name in pieces:
+        t = pq.read_table(st.resolve(st.join(out, PARTS_DIR, name))[1], filesystem=fs)
+        key = [f"{s}:{r}" for s, r in zip(t.column(SHARD).to_pylist(), t.column(ROW).to_pylist())]
+        fresh = np.array([k not in seen for k in key], bool)
+        seen.update(key)
+        t = t.filter(pa.array(fresh)).drop_columns([SHARD, ROW])
+        failed = t.column(ERROR).is_valid()
+        if pc.any(failed).as_py():
+            errors.append(t.filter(failed).select([st.ID, ERROR]))
+        t = t.filter(pc.invert(failed)).drop_columns([ERROR])
+        if limit is not None:
+            t = t.slice(0, max(0, limit - total))
+        pending.append(t)
+        total += t.num_rows
+        if sum(x.num_rows for x in pending) >= MAP_FILE_ROWS:
+            written = _flush(out, pending, written)
+            pending = []
+        if limit is not None and total >= limit:
+            break
+    if pending or written == 0:
+        written = _flush(out, pending, written, allow_empty=True)
+    for name in list_files(out):  # an earlier run's maps beyond this run's files
+        if name.startswith("part-") and name >= f"part-{written:05d}":
+            fs.delete_file(st.resolve(st.join(out, name))[1])
+    return total, _write_errors(out, errors)
 
 
 def _write_errors(out: str, errors: list) -> int:
     """Write the rows that could not be occluded to ``OUT/_errors/part-00000.parquet``; their count."""
-    fs, _ = st.resolve(out)
-    epath = st.join(out, st.ERRORS_DIR)
-    fs.delete_dir_contents(st.resolve(epath)[1], missing_dir_ok=True)
     if not errors:
+        delete_dir(st.join(out, st.ERRORS_DIR))
         return 0
     tbl = pa.concat_tables(errors).rename_columns([st.ID, "reason"])
-    st.make_dirs(epath)
-    pq.write_table(tbl, st.resolve(st.join(epath, "part-00000.parquet"))[1], filesystem=fs)
+    write_atomic(tbl, st.join(out, st.ERRORS_DIR, "part-00000.parquet"), out)
     return tbl.num_rows
 
 
 def _flush(out: str, tables: list, index: int, allow_empty: bool = False) -> int:
     if not tables and not allow_empty:
         return index
-    fs, _ = st.resolve(out)
-    if tables:
-        tbl = pa.concat_tables(tables)
-    else:
-        tbl = pa.table({st.ID: pa.array([], pa.string())})
-    pq.write_table(tbl, st.resolve(st.join(out, f"part-{index:05d}.parquet"))[1], filesystem=fs)
+    tbl = pa.concat_tables(tables) if tables else pa.table({st.ID: pa.array([], pa.string())})
+    write_atomic(tbl, st.join(out, f"part-{index:05d}.parquet"), out)
     return index + 1
 
 
@@ -257,8 +330,36 @@ def read_maps(path: str) -> pa.Table:
     return pq.read_table(st.resolve(path)[1], filesystem=st.resolve(path)[0])
 
 
+def png_name(stamp_id: str) -> str:
+    """A file name for a stamp's PNG, unique per id: characters unsafe in a file name become ``_`` and a
+    short hash of the id is appended whenever that changed it (``a/b`` and ``a_b`` do not collide)."""
+    safe = re.sub(r"^\.", "_", re.sub(r"[^\w.+=-]", "_", str(stamp_id)))[:120]  # no hidden files
+    if safe != str(stamp_id):
+        safe = f"{safe}-{hashlib.sha1(str(stamp_id).encode()).hexdigest()[:8]}"
+    return safe + ".png"
+
+
 def write_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[str]:
-    """Stamp-plus-heatmap overlays, one PNG per stamp and one grid of them all (the notebooks' picture)."""
+    """Stamp-plus-heatmap overlays, one PNG per stamp, one grid of them all (the notebooks' picture) and
+    ``index.csv`` (stamp id, file). ``out_dir`` may be a URI: the files are drawn locally, then uploaded."""
+    if "://" not in str(out_dir):
+        return _draw_pngs(table, out_dir, class_names)
+    fs, root = st.resolve(out_dir)
+    with tempfile.TemporaryDirectory(prefix="stampray-png-") as tmp:
+        local = _draw_pngs(table, tmp, class_names)
+        fs.create_dir(root, recursive=True)
+        paths = []
+        for path in local + [os.path.join(tmp, "index.csv")]:
+            target = st.join(out_dir, os.path.basename(path))
+            with open(path, "rb") as src, fs.open_output_stream(st.resolve(target)[1]) as dst:
+                dst.write(src.read())
+            paths.append(target)
+    return paths[:-1]
+
+
+def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[str]:
+    import csv
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,10 +386,14 @@ def write_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[st
         ax.set_title(title(i), fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-        path = os.path.join(out_dir, f"{ids[i]}.png".replace("/", "_"))
+        path = os.path.join(out_dir, png_name(ids[i]))
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
+    with open(os.path.join(out_dir, "index.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["stamp_id", "file"])
+        w.writerows([ids[i], os.path.basename(paths[i])] for i in range(len(ids)))
     if ids:
         cols = min(5, len(ids))
         rows = (len(ids) + cols - 1) // cols

@@ -71,3 +71,42 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def ensure_gpus(verb: str, needed: int, wait_s: float, say=None) -> None:
+    """Make sure at least ``needed`` GPUs are in the cluster, asking the autoscaler for them if it can
+    bring them, waiting at most ``wait_s`` seconds; refuse at once where no GPU can ever come.
+
+    ``say`` (a callable taking one line) reports the wait; the default prints to stderr.
+    """
+    import sys
+    import time
+
+    from .capacity import cluster_capacity, request_gpus
+
+    say = say or (lambda line: print(f"{verb}: {line}", file=sys.stderr, flush=True))
+    cap = cluster_capacity()
+    if cap.gpus_now >= needed:
+        return
+    gpu_types = [n for n, t in cap.node_types.items() if float(t.get("resources", {}).get("GPU", 0)) > 0]
+    if not cap.autoscaling or (cap.node_types and not gpu_types):
+        msg = (f"--use-gpu: the Ray cluster has {cap.gpus_now:g} GPUs and no autoscaler node type that can add "
+               f"one; run without --use-gpu, or connect (--address) to a cluster with GPU nodes")
+        raise ValueError(msg)
+    request_gpus(needed)
+    t0 = last = time.time()
+    say(f"waiting for the autoscaler to start GPU nodes ({needed} GPU{'s' if needed > 1 else ''} asked for"
+        + (f", node types {', '.join(gpu_types)}" if gpu_types else "") + ")")
+    while True:
+        gpus = cluster_gpus()
+        if gpus >= needed:
+            say(f"{gpus:g} GPUs up after {time.time() - t0:.0f} s")
+            return
+        if time.time() - t0 > wait_s:
+            msg = (f"--use-gpu: no GPU node came up within {wait_s:.0f} s (GPUs now: {gpus:g}); check the "
+                   f"autoscaler with 'ray status', or raise --wait-gpu")
+            raise RuntimeError(msg)
+        if time.time() - last > 30:
+            say(f"still waiting for GPU nodes ({time.time() - t0:.0f} s of at most {wait_s:.0f} s)")
+            last = time.time()
+        time.sleep(2)

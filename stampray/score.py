@@ -1,32 +1,32 @@
 """Bulk scoring with Ray Data: ``stampray score``.
 
-Stamp shards stream through an actor pool of model replicas (each loads the checkpoint once) and the
-results land as one Parquet file per input shard, so a job is exactly once and resumable:
+Stamp shards stream through an autoscaling pool of model replicas (:mod:`stampray.inference`) and the
+results land as one Parquet file per input shard. The workers write; the driver keeps the books:
 
-* the driver collects each shard's (small) result rows, de-duplicates them by ``stamp_id`` (a task
-  retried after a node loss may deliver rows twice) and writes the shard's file only when every one of
-  its rows is accounted for, atomically (temporary name, then rename);
-* a rerun of the same command skips every shard whose result file exists, so a job whose driver was
-  killed at any moment finishes with every input stamp exactly once; rerunning a finished job does no work.
+1. every row carries its shard's name and its index there (``_shard``, ``_row``, added by the read);
+2. a replica scores a block and writes each shard's rows of it as a *piece*,
+   ``SCORES/_parts/<shard>/<first row>-<rows>.parquet``, straight to the output filesystem (atomically),
+   and returns one small record per piece: shard, first row, rows, rows set aside, node;
+3. the driver adds each record's row interval to its shard's books; once the intervals cover the
+   shard's every row it starts a quarter-CPU *commit* task, which reads the shard's pieces, drops any row
+   delivered twice (a block redone after a node loss), checks every row ``0..n-1`` is there once, and
+   writes ``_errors/<shard>`` (rows that cannot be scored, with their reason) and then ``<shard>`` —
+   the result file, written last and atomically, marks the shard done;
+4. a rerun skips every shard whose result file exists and deletes the pieces of the others before redoing
+   them, so a job whose driver was killed at any moment finishes with every stamp exactly once; rerunning
+   a finished job does no work.
 
-Rows that cannot be scored (non-finite pixels, an image of the wrong shape) go to ``SCORES/_errors/``
-with their reason and are counted; the job goes on.
-
-Actor pool sizing: with GPUs, one actor per GPU (one CPU each) and large batches; on CPU, one actor per
-CPU, each asking for ``(CPUs - 1) / actors`` CPUs, so Ray Data's half-CPU read tasks always find room
-(a 2-CPU laptop runs two single-thread actors of 0.5 CPU each).
+No result row passes through the driver: it handles one small record per block (a few per 16,384 stamps),
+so its CPU time and memory do not grow with the job (``benchmarks/score_driver.py`` measures both).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
-import re
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -34,14 +34,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import checkpoint as ck
-from . import preprocess as pp
 from . import splits
 from . import table as st
+from .data import ROW, SHARD
+from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, check_compatible,  # noqa: F401
+                        delete_dir, list_files, open_model_for, prob_column, reason_counts, write_atomic)
 
 JOB_FILE = "_job.json"
 SCORE_MANIFEST = "_manifest.json"
 ERROR = "_error"
+ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason, in the result file's footer
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
+RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
+                           ("errors", pa.int64()), ("node", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class ScoreSettings:
     batch_size: int | None = None
     use_gpu: bool = False
     actors: int | None = None
+    max_actors: int | None = None
+    wait_gpu: float = 1800.0
     fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
     overwrite: bool = False
     compile: str = "auto"
@@ -68,156 +75,27 @@ class ScoreSettings:
         if self.compile not in ("auto", "on", "off"):
             msg = f"--compile must be auto, on or off, got {self.compile!r}"
             raise ValueError(msg)
-        if self.actors is not None and int(self.actors) <= 0:
-            msg = f"--actors must be a positive integer, got {self.actors!r}"
+        for name in ("actors", "max_actors"):
+            value = getattr(self, name)
+            if value is not None and int(value) <= 0:
+                msg = f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        if float(self.wait_gpu) < 0:
+            msg = f"--wait-gpu must be a number of seconds >= 0, got {self.wait_gpu!r}"
             raise ValueError(msg)
 
 
-def prob_column(name: str) -> str:
-    """Column name of a class probability: ``p_`` plus the class name made identifier-safe."""
-    return "p_" + re.sub(r"\W", "_", str(name))
-
-
-def check_compatible(bundle: dict, manifest: st.Manifest, data: str) -> None:
-    """Catch a model/data mismatch before any work starts."""
-    c, h, w = manifest.spec.shape
-    if bundle["in_channels"] != c:
-        msg = (f"the model takes {bundle['in_channels']}-channel stamps, {data} holds {c}-channel stamps "
-               f"{manifest.spec.shape}; score it with a model trained on this kind of data")
-        raise ValueError(msg)
-    if list(bundle["image_size"]) != [h, w]:
-        msg = (f"the model was trained on {bundle['image_size'][0]}x{bundle['image_size'][1]} stamps, "
-               f"{data} holds {h}x{w} stamps")
-        raise ValueError(msg)
-    k = int(bundle["num_classes"])
-    labels = [int(x) for x in manifest.label_counts]
-    if labels and max(labels) >= k:
-        msg = (f"{data} has labels up to {max(labels)} ({manifest.spec.num_classes} classes: "
-               f"{', '.join(manifest.spec.class_names)}) but the model predicts {k} classes "
-               f"({', '.join(bundle['class_names'])})")
-        raise ValueError(msg)
-    if manifest.spec.num_classes and manifest.spec.num_classes != k:
-        msg = (f"{data} declares {manifest.spec.num_classes} classes ({', '.join(manifest.spec.class_names)}) "
-               f"but the model predicts {k} ({', '.join(bundle['class_names'])})")
-        raise ValueError(msg)
-
-
-class ModelActor:
-    """Holds one model replica; loads the checkpoint once (from bytes in the object store)."""
-
-    def __init__(self, model_bytes: bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
-                 chunk: int = 4096):
-        import ray
-        import torch
-
-        if isinstance(model_bytes, ray.ObjectRef):  # nested refs are not resolved for us
-            model_bytes = ray.get(model_bytes)
-        torch.set_num_threads(max(1, int(threads)))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        bundle = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
-        self.bundle = bundle
-        self.model = ck.build_model(bundle).to(self.device)
-        self.preprocess = pp.get(bundle["preprocess"])
-        self.shape = (bundle["in_channels"], *bundle["image_size"])
-        self.class_names = list(bundle["class_names"])
-        self.amp = self.device.type == "cuda"
-        self.chunk = int(chunk)
-        self.forward = self.model
-        self.compiled = False
-        if compile:
-            self._compile()
-
-    def _compile(self) -> None:
-        """``torch.compile`` for one fixed batch shape (tails are padded), warmed up here so that the
-        compile time is paid once per replica; any failure falls back to eager mode."""
-        import torch
-
-        try:
-            import torch._inductor.config as inductor_config
-
-            # Inference only: freeze the weights into the graph (constant folding, prepacked oneDNN
-            # convolutions) and use channels-last; together about 3.5x eager on one CPU thread for cnn.
-            inductor_config.freezing = True
-            model = self.model.to(memory_format=torch.channels_last)
-            fn = torch.compile(model, dynamic=False)
-            with torch.inference_mode():
-                fn(torch.zeros(self.chunk, *self.shape, device=self.device).contiguous(
-                    memory_format=torch.channels_last))
-            self.forward, self.compiled = fn, True
-        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op: eager still works
-            print(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode", flush=True)
-
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for preprocessed stamps (N, C, H, W)."""
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), self.chunk):
-                part = np.ascontiguousarray(x[i:i + self.chunk])
-                n = len(part)
-                if self.compiled and n < self.chunk:  # keep the one compiled shape
-                    part = np.concatenate([part, np.zeros((self.chunk - n, *self.shape), np.float32)])
-                xb = torch.from_numpy(part)
-                if self.compiled:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                if self.device.type == "cuda":
-                    xb = xb.pin_memory().to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits = self.forward(xb)
-                out.append(torch.softmax(logits.float(), dim=1)[:n].cpu().numpy())
-        if not out:
-            return np.zeros((0, len(self.class_names)), np.float32)
-        return np.concatenate(out)
-
-    def decode_valid(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list]:
-        """Images of the rows that can be scored, their row indices, and (row, reason) for the others."""
-        col = batch.column(st.IMAGE)
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        n = batch.num_rows
-        width = int(np.prod(self.shape)) * 4
-        reasons: dict[int, str] = {}
-        if col.type != pa.binary(width):
-            # Rows of shards with another image size (a batch may mix shards: Arrow then holds them as
-            # variable-size binary): the rows of the right size are scored, the others set aside.
-            if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
-                    or pa.types.is_fixed_size_binary(col.type)):
-                reason = f"shape: image column {col.type} does not hold {self.shape} float32 stamps"
-                return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), [(i, reason) for i in range(n)]
-            lengths = pc.binary_length(col).fill_null(width).to_numpy(zero_copy_only=False)
-            for i in np.nonzero(lengths != width)[0]:
-                reasons[int(i)] = (f"shape: image of {int(lengths[i]) // 4} float32 values, the model takes "
-                                   f"{self.shape} = {width // 4}")
-            if len(reasons) == n:
-                return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), sorted(reasons.items())
-            col = pc.if_else(pa.array(lengths == width), col.cast(pa.binary()), pa.scalar(b"\x00" * width, pa.binary()))
-            col = col.cast(pa.binary(width))
-        if col.null_count:
-            for i in np.nonzero(~col.is_valid().to_numpy(zero_copy_only=False))[0]:
-                reasons[int(i)] = "shape: no image"
-            col = col.fill_null(b"\x00" * width)
-        images = st.decode_images(col, self.shape)
-        finite = np.isfinite(images).all(axis=(1, 2, 3))
-        for i in np.nonzero(~finite)[0]:
-            reasons.setdefault(int(i), f"nonfinite: {int((~np.isfinite(images[i])).sum())} non-finite pixels")
-        if not reasons:
-            return images, np.arange(n), []
-        ok = np.ones(n, bool)
-        ok[list(reasons)] = False
-        good = np.nonzero(ok)[0]
-        return images[good], good, sorted(reasons.items())
-
-
 class Scorer(ModelActor):
-    """map_batches callable: stamp rows in, one result row per stamp out (errors flagged in ``_error``)."""
+    """map_batches callable: stamp rows in; result pieces written to ``OUT/_parts/``; small records out."""
 
-    def __init__(self, model_bytes: bytes, keep: list[str], fractions, model_tag: str, threads: int = 1,
-                 use_gpu: bool = False, compile: bool = False, chunk: int = 4096):
+    def __init__(self, model_bytes: bytes, out: str, keep: list[str], fractions, model_tag: str,
+                 threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096):
         super().__init__(model_bytes, threads, use_gpu, compile, chunk)
-        self.keep, self.fractions, self.model_tag = list(keep), tuple(fractions), model_tag
+        self.out, self.keep, self.fractions, self.model_tag = out, list(keep), tuple(fractions), model_tag
         self.prob_names = [prob_column(c) for c in self.class_names]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def results(self, batch: pa.Table) -> pa.Table:
+        """One result row per stamp, in batch order; rows that cannot be scored carry their reason."""
         n = batch.num_rows
         images, good, bad = self.decode_valid(batch)
         probs = np.full((n, len(self.class_names)), np.nan, np.float32)
@@ -243,58 +121,102 @@ class Scorer(ModelActor):
         cols["model"] = pa.array([self.model_tag] * n, pa.string())
         for k in self.keep:
             cols[k] = batch.column(k)
-        cols["_shard"] = batch.column("_shard")
+        cols[SHARD] = batch.column(SHARD)
+        cols[ROW] = batch.column(ROW)
         cols[ERROR] = pa.array(errors, pa.string())
         return pa.table(cols)
 
-
-def pool_plan(use_gpu: bool, actors: int | None, cpus: float, gpus: float) -> dict:
-    """Actor count and per-actor resources (see the module docstring)."""
-    if use_gpu:
-        if gpus < 1:
-            msg = "--use-gpu was given but the Ray cluster has no GPU"
-            raise ValueError(msg)
-        n = int(actors or gpus)
-        return {"actors": n, "num_cpus": 1.0, "num_gpus": 1.0, "threads": 1, "batch_size": 16384}
-    n = int(actors or max(1, int(cpus)))
-    per = max(0.25, min(1.0, (cpus - 1.0) / n)) if cpus > 1 else 0.25
-    return {"actors": n, "num_cpus": per, "num_gpus": 0.0, "threads": max(1, int(per)), "batch_size": 4096}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return write_pieces(self.results(batch), self.out, self.node_id)
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done, self.t0, self.last = total, enabled, 0, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, rows: int) -> None:
-        self.done += rows
-        now = time.time()
-        if not self.enabled or now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = 100.0 * self.done / max(self.total, 1)
-        line = f"score: {self.done:,}/{self.total:,} stamps ({pct:5.1f}%), {rate:,.0f} stamps/s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.last:
-            print(file=sys.stderr)
+def write_pieces(table: pa.Table, out: str, node: str) -> pa.Table:
+    """Write each shard's contiguous runs of rows in ``table`` as pieces; one record per piece."""
+    records = []
+    shard_col = table.column(SHARD)
+    names = pc.unique(shard_col).to_pylist()
+    for name in names:
+        part = table.filter(pc.equal(shard_col, name)) if len(names) > 1 else table
+        rows = part.column(ROW).to_numpy()
+        cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
+        for run in np.split(np.arange(len(rows)), cuts):
+            piece = part if len(run) == part.num_rows else part.take(pa.array(run))
+            row0 = int(rows[run[0]])
+            path = st.join(out, PARTS_DIR, _stem(name), f"{row0:012d}-{len(run)}.parquet")
+            write_atomic(piece.drop_columns([SHARD]), path, out)
+            records.append({"shard": name, "row0": row0, "rows": len(run),
+                            "errors": piece.num_rows - piece.column(ERROR).null_count, "node": node})
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
-TMP_DIR = "_tmp"
+def _stem(shard: str) -> str:
+    return shard[:-len(".parquet")] if shard.endswith(".parquet") else shard
 
 
-def _write_atomic(table: pa.Table, path: str) -> None:
-    """Write under ``_tmp/`` of the result directory, then move into place: a reader (or a rerun) sees
-    the whole file or none of it."""
-    fs, p = st.resolve(path)
-    root = posixpath.dirname(p) if posixpath.basename(posixpath.dirname(p)) != "_errors" else \
-        posixpath.dirname(posixpath.dirname(p))
-    tmp = posixpath.join(root, TMP_DIR, f"{posixpath.basename(p)}.{uuid.uuid4().hex[:8]}")
-    fs.create_dir(posixpath.dirname(tmp), recursive=True)
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, p)
+class Books:
+    """The driver's ledger: which rows of which shard are accounted for (merged row intervals)."""
+
+    def __init__(self, expected: dict[str, int]):
+        self.expected = dict(expected)
+        self.covered: dict[str, list[list[int]]] = {name: [] for name in expected}
+        self.count: dict[str, int] = {name: 0 for name in expected}
+
+    def add(self, shard: str, row0: int, rows: int) -> int:
+        """Account for rows ``row0 .. row0+rows-1`` of ``shard``; return how many were new."""
+        if shard not in self.expected:
+            msg = f"a replica returned rows of {shard!r}, which this job does not score"
+            raise RuntimeError(msg)
+        spans = sorted(self.covered[shard] + [[row0, row0 + rows]])
+        merged: list[list[int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        total = sum(hi - lo for lo, hi in merged)
+        new, self.count[shard], self.covered[shard] = total - self.count[shard], total, merged
+        return new
+
+    def complete(self, shard: str) -> bool:
+        return self.covered[shard] == [[0, self.expected[shard]]] or self.expected[shard] == 0
+
+    def incomplete(self) -> dict[str, int]:
+        return {n: c for n, c in self.count.items() if not self.complete(n)}
+
+
+def commit_shard(out: str, name: str, expected: int) -> dict:
+    """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring."""
+    parts = st.join(out, PARTS_DIR, _stem(name))
+    fs, _ = st.resolve(out)
+    tables = [pq.read_table(st.resolve(st.join(parts, f))[1], filesystem=fs) for f in list_files(parts)]
+    table = pa.concat_tables(tables) if tables else None
+    rows = table.column(ROW).to_numpy() if table is not None else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = np.diff(rows[order]) != 0  # a row delivered twice (a block redone) is kept once
+    keep = order[first]
+    if len(keep) != expected or (expected and (rows[keep[0]] != 0 or rows[keep[-1]] != expected - 1)):
+        msg = (f"score: the pieces of {name} hold {len(keep)} distinct rows of {expected}; rerun the same "
+               f"command to redo that shard")
+        raise RuntimeError(msg)
+    table = table.take(pa.array(keep)) if expected else pa.table({st.ID: pa.array([], pa.string())})
+    counts: dict[str, int] = {}
+    e_path = st.join(out, st.ERRORS_DIR, name)
+    if expected:
+        failed = table.column(ERROR).is_valid()
+        errors = table.filter(failed)
+        if errors.num_rows:
+            counts = reason_counts(errors.column(ERROR).to_pylist())
+            err = pa.table({"stamp_id": errors.column(st.ID), "source": pa.array([name] * errors.num_rows),
+                            "row": errors.column(ROW), "reason": errors.column(ERROR)}, schema=st.ERROR_SCHEMA)
+            write_atomic(err, e_path, out)
+        elif st.exists(e_path):  # left by an earlier attempt at this shard
+            fs.delete_file(st.resolve(e_path)[1])
+        table = table.filter(pc.invert(failed)).drop_columns([ROW, ERROR])
+    # The result file is written last: its presence marks the shard as done.
+    write_atomic(table, st.join(out, name), out, metadata={ERRORS_META: json.dumps(counts).encode()})
+    delete_dir(parts)
+    return {"shard": name, "rows": table.num_rows, "errors": counts}
 
 
 @dataclass
@@ -307,18 +229,8 @@ class ScoreResult:
     rows_per_s: float
     skipped_shards: int
     nothing_to_do: bool = False
-
-
-def open_model_for(model: str, data: str) -> tuple[st.Manifest, str, dict, bytes]:
-    """The dataset's manifest, the checkpoint's path, bundle and bytes, after the compatibility check
-    (shared by ``score`` and ``occlude``: the replicas load the bytes from the object store)."""
-    manifest = st.read_manifest(data)
-    model_path = ck.resolve_path(model)
-    bundle = ck.load_bundle(model_path)
-    check_compatible(bundle, manifest, data)
-    fs, p = st.resolve(model_path)
-    with fs.open_input_stream(p) as f:
-        return manifest, model_path, bundle, f.read()
+    scored_now: int = 0
+    nodes: dict = field(default_factory=dict)
 
 
 def _job_doc(settings: ScoreSettings, bundle: dict, tag: str) -> dict:
@@ -326,15 +238,43 @@ def _job_doc(settings: ScoreSettings, bundle: dict, tag: str) -> dict:
             "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"])}
 
 
+def _check_shard_names(manifest: st.Manifest, data: str) -> dict[str, int]:
+    """Shard names must be plain file names inside the table: output names are derived from them."""
+    expected = {}
+    for s in manifest.shards:
+        name = str(s["path"])
+        if not name or posixpath.basename(name) != name or name in (".", "..") or name.startswith("_"):
+            msg = (f"{data}/{st.MANIFEST_NAME} lists shard {name!r}, which is not a plain file name inside the "
+                   f"table; re-create the table with 'stampray ingest'")
+            raise ValueError(msg)
+        expected[name] = int(s["rows"])
+    return expected
+
+
+def _prepare_out(settings: ScoreSettings, job: dict) -> None:
+    """Check --out belongs to this job (or start over with --overwrite) and record the job."""
+    out = settings.out
+    fs, p = st.resolve(out)
+    if fs.get_file_info(p).type == st.pafs.FileType.File:
+        msg = f"--out {out} is a file; give a directory for the scores"
+        raise ValueError(msg)
+    st.make_dirs(out)
+    job_path = st.join(out, JOB_FILE)
+    if st.exists(job_path) and not settings.overwrite:
+        before = json.loads(st.read_text(job_path))
+        for key in ("model_tag", "data", "keep", "preprocess"):
+            if before.get(key) != job[key]:
+                msg = (f"{out} holds results of another job ({key}: {before.get(key)} vs {job[key]}); "
+                       f"choose another --out, or pass --overwrite to start it again")
+                raise ValueError(msg)
+    if settings.overwrite:
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+    st.write_text(job_path, json.dumps(job, indent=2))
+    delete_dir(st.join(out, TMP_DIR))  # leftovers of a killed run
+
+
 def score(settings: ScoreSettings) -> ScoreResult:
     """Score every stamp of ``settings.data`` with the checkpoint ``settings.model`` (see module docs)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from .data import SHARD, read_stamps
-    from .runtime import cluster_cpus, cluster_gpus, ray_session
-
     t0 = time.time()
     manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
     missing = [k for k in settings.keep if k not in manifest.columns]
@@ -346,126 +286,119 @@ def score(settings: ScoreSettings) -> ScoreResult:
     if clash:
         msg = f"--keep {clash}: these columns are always written"
         raise ValueError(msg)
+    expected = _check_shard_names(manifest, settings.data)
     tag = f"{bundle['model']}@{ck.weights_hash(bundle)}"
-
-    out = settings.out
-    st.make_dirs(out)
     job = _job_doc(settings, bundle, tag)
-    job_path = st.join(out, JOB_FILE)
-    if st.exists(job_path) and not settings.overwrite:
-        before = json.loads(st.read_text(job_path))
-        for key in ("model_tag", "data", "keep", "preprocess"):
-            if before.get(key) != job[key]:
-                msg = (f"{out} holds results of another job ({key}: {before.get(key)} vs {job[key]}); "
-                       f"choose another --out, or pass --overwrite to start it again")
-                raise ValueError(msg)
-    if settings.overwrite:
-        fs, p = st.resolve(out)
-        fs.delete_dir_contents(p, missing_dir_ok=True)
-    st.write_text(job_path, json.dumps(job, indent=2))
-    ofs, op = st.resolve(out)
-    ofs.delete_dir_contents(posixpath.join(op, TMP_DIR), missing_dir_ok=True)  # leftovers of a killed run
+    out = settings.out
+    _prepare_out(settings, job)
 
-    expected = {s["path"]: int(s["rows"]) for s in manifest.shards}
     done = {name for name in expected if st.exists(st.join(out, name))}
     todo = [name for name in expected if name not in done]
-    total_rows = sum(expected[n] for n in todo)
+    for name in todo:  # pieces of shards a killed run left uncommitted are redone from scratch
+        delete_dir(st.join(out, PARTS_DIR, _stem(name)))
     if manifest.num_rows == 0:
         print(f"score: warning: {settings.data} holds no stamps; wrote an empty result", file=sys.stderr)
-
-    counts = {"scored": 0, "set_aside": 0, "errors": {}, "duplicates": 0}
+    nodes: dict[str, int] = {}
     if todo:
-        with ray_session(settings.address):
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False  # stampray prints one progress line instead
-            plan = pool_plan(settings.use_gpu, settings.actors, cluster_cpus(), cluster_gpus())
-            columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
-            # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
-            # 2.60 ran the whole pool on a single replica.
-            ds = read_stamps(settings.data, todo, columns, tag_shard=True, num_cpus=0.25)
-            batch = int(settings.batch_size or plan["batch_size"])
-            # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
-            compile_model = settings.compile == "on" or (settings.compile == "auto" and total_rows >= COMPILE_ROWS)
-            # 1. One model replica per actor, loaded once from the object store.
-            ds = ds.map_batches(
-                Scorer, batch_format="pyarrow", batch_size=batch,
-                compute=ActorPoolStrategy(size=plan["actors"]), num_cpus=plan["num_cpus"],
-                num_gpus=plan["num_gpus"], zero_copy_batch=True,
-                fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "keep": list(settings.keep),
-                                       "fractions": tuple(settings.fractions), "model_tag": tag,
-                                       "threads": plan["threads"], "use_gpu": settings.use_gpu,
-                                       "compile": compile_model, "chunk": batch})
-            # 2. The driver gathers each shard's rows and writes the shard once all are in.
-            pending: dict[str, list[pa.Table]] = {}
-            seen: dict[str, set] = {}
-            progress = _Progress(total_rows, settings.progress)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
-                for name in pc_unique(batch.column(SHARD)):
-                    part = batch.filter(pc.equal(batch.column(SHARD), name))
-                    ids = seen.setdefault(name, set())
-                    keep_mask = []
-                    for sid in part.column(st.ID).to_pylist():
-                        keep_mask.append(sid not in ids)
-                        ids.add(sid)
-                    if not all(keep_mask):
-                        counts["duplicates"] += len(keep_mask) - sum(keep_mask)
-                        part = part.filter(pa.array(keep_mask))
-                    pending.setdefault(name, []).append(part)
-                    progress.update(part.num_rows)
-                    if len(ids) == expected[name]:
-                        _finish_shard(out, name, pa.concat_tables(pending.pop(name)), counts)
-                        seen.pop(name)
-            progress.close()
-            if pending:
-                short = {n: sum(t.num_rows for t in ts) for n, ts in pending.items()}
-                msg = (f"score: shards {sorted(short)} came back incomplete ({short} rows of "
-                       f"{[expected[n] for n in sorted(short)]}); rerun the same command to finish them")
-                raise RuntimeError(msg)
+        nodes = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest)
+    delete_dir(st.join(out, PARTS_DIR))
+    delete_dir(st.join(out, TMP_DIR))
+    doc = _write_manifest(settings, job, expected, nodes)
+    seconds = time.time() - t0
+    now = sum(expected[n] for n in todo)
+    return ScoreResult(out, doc["num_rows"], doc["set_aside"], doc["errors"], seconds,
+                       now / max(seconds, 1e-9) if todo else 0.0, len(done), nothing_to_do=not todo,
+                       scored_now=now, nodes=nodes)
 
-    # 3. The manifest of the result, from every shard file (also those of earlier runs).
+
+def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, todo: dict[str, int],
+         manifest: st.Manifest) -> dict[str, int]:
+    """Stream the shards in ``todo`` through the pool and commit each once complete; rows per node."""
+    import ray
+    import ray.data
+
+    from .capacity import cluster_capacity
+    from .data import read_stamps
+    from .inference import alive_node_cpus, plan_pool
+    from .runtime import ensure_gpus, ray_session
+
+    total = sum(todo.values())
+    with ray_session(settings.address):
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one stampray progress line instead
+        progress = Progress("score", total, settings.progress)
+        if settings.use_gpu:
+            ensure_gpus("score", 1, float(settings.wait_gpu), progress.say)
+        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus())
+        strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
+        columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
+        # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
+        # 2.60 ran the whole pool on a single replica.
+        ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS)
+        chunk = int(settings.batch_size or plan.batch_size)
+        # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
+        compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)
+        # 1. One model replica per actor, loaded once from the object store; each block is one batch.
+        ds = ds.map_batches(
+            Scorer, batch_format="pyarrow", batch_size=None, compute=strategy, num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus, zero_copy_batch=True,
+            fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
+                                   "keep": list(settings.keep), "fractions": tuple(settings.fractions),
+                                   "model_tag": tag, "threads": plan.threads, "use_gpu": settings.use_gpu,
+                                   "compile": compile_model, "chunk": chunk})
+        # 2. The driver keeps the books and starts a commit task for every shard whose rows are all in.
+        books, commits, nodes = Books(todo), {}, {}
+        commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
+        for shard in todo:
+            if todo[shard] == 0:
+                commits[shard] = commit.remote(settings.out, shard, 0)
+        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for r in records.to_pylist():
+                progress.update(books.add(r["shard"], r["row0"], r["rows"]))
+                nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
+                if books.complete(r["shard"]) and r["shard"] not in commits:
+                    commits[r["shard"]] = commit.remote(settings.out, r["shard"], todo[r["shard"]])
+        progress.close()
+        short = books.incomplete()
+        if short:
+            msg = (f"score: shards {sorted(short)} came back incomplete ({short} rows of "
+                   f"{[todo[n] for n in sorted(short)]}); rerun the same command to finish them")
+            raise RuntimeError(msg)
+        _wait_commits(commits)
+    return nodes
+
+
+def _wait_commits(commits: dict, timeout_s: float = 900.0) -> None:
+    """Wait for the commit tasks, bounded: each only joins a shard's small result pieces."""
+    import ray
+
+    pending, deadline = list(commits.values()), time.time() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+        ray.get(ready)  # a failed commit raises its own message
+        if pending and time.time() > deadline:
+            msg = (f"score: {len(pending)} shard commits did not finish within {timeout_s:.0f} s; rerun the same "
+                   f"command to finish them")
+            raise RuntimeError(msg)
+
+
+def _write_manifest(settings: ScoreSettings, job: dict, expected: dict[str, int], nodes: dict) -> dict:
+    """The result's manifest, from the footers of every shard's result file (also those of earlier runs)."""
+    fs, _ = st.resolve(settings.out)
     shard_docs, scored, aside, errors = [], 0, 0, {}
     for name in expected:
-        meta = pq.read_metadata(st.resolve(st.join(out, name))[1], filesystem=st.resolve(out)[0])
-        rows = meta.num_rows
-        e_path = st.join(out, "_errors", name)
-        e_rows = 0
-        if st.exists(e_path):
-            et = pq.read_table(st.resolve(e_path)[1], filesystem=st.resolve(out)[0], columns=["reason"])
-            e_rows = et.num_rows
-            for r in et.column("reason").to_pylist():
-                kind = r.split(":", 1)[0]
-                errors[kind] = errors.get(kind, 0) + 1
-        shard_docs.append({"path": name, "rows": rows, "errors": e_rows})
-        scored += rows
+        meta = pq.read_metadata(st.resolve(st.join(settings.out, name))[1], filesystem=fs)
+        kv = meta.metadata or {}
+        counts = json.loads(kv[ERRORS_META]) if ERRORS_META in kv else {}
+        e_rows = sum(counts.values())
+        for kind, n in counts.items():
+            errors[kind] = errors.get(kind, 0) + n
+        shard_docs.append({"path": name, "rows": meta.num_rows, "errors": e_rows})
+        scored += meta.num_rows
         aside += e_rows
-    doc = {**job, "num_rows": scored, "set_aside": aside, "errors": errors, "shards": shard_docs,
+    doc = {**job, "num_rows": scored, "set_aside": aside, "errors": errors, "shards": shard_docs, "nodes": nodes,
            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}}
-    st.write_text(st.join(out, SCORE_MANIFEST), json.dumps(doc, indent=2))
-    seconds = time.time() - t0
-    return ScoreResult(out, scored, aside, errors, seconds, counts["scored"] / max(seconds, 1e-9) if todo else 0.0,
-                       len(done), nothing_to_do=not todo)
-
-
-def pc_unique(col) -> list[str]:
-    return pc.unique(col).to_pylist()
-
-
-def _finish_shard(out: str, name: str, table: pa.Table, counts: dict) -> None:
-    err_mask = table.column(ERROR).is_valid()
-    errors = table.filter(err_mask)
-    good = table.filter(pc.invert(err_mask)).drop_columns(["_shard", ERROR])
-    if errors.num_rows:
-        st.make_dirs(st.join(out, "_errors"))
-        err = pa.table({"stamp_id": errors.column(st.ID), "source": errors.column("_shard"),
-                        "row": pa.nulls(errors.num_rows, pa.int64()), "reason": errors.column(ERROR)})
-        _write_atomic(err, st.join(out, "_errors", name))
-        for r in errors.column(ERROR).to_pylist():
-            kind = r.split(":", 1)[0]
-            counts["errors"][kind] = counts["errors"].get(kind, 0) + 1
-    # The result file is written last: its presence marks the shard as done.
-    _write_atomic(good, st.join(out, name))
-    counts["scored"] += good.num_rows + errors.num_rows
-    counts["set_aside"] += errors.num_rows
+    st.write_text(st.join(settings.out, SCORE_MANIFEST), json.dumps(doc, indent=2))
+    return doc
 
 
 def read_scores(path: str, columns=None) -> pa.Table:

@@ -7,6 +7,10 @@ A *stamp dataset* is a directory (local or a pyarrow-filesystem URI such as ``s3
       part-00000.parquet      stamp shards, ``rows_per_shard`` rows each (the last may be shorter)
       part-00001.parquet
       _errors/part-00000.parquet   rows set aside at ingest, with their reason (only when there are any)
+      _ingest/                job file and unit markers of a distributed ingest, only while it runs
+
+A distributed ingest names its shards ``part-UUUUU-KKK.parquet`` (unit, shard within the unit), which sort
+in input order just as ``part-NNNNN.parquet`` do.
 
 Columns of every shard:
 
@@ -59,6 +63,7 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
 ERRORS_DIR = "_errors"
+INGEST_DIR = "_ingest"  # a distributed ingest's job file and unit markers; removed once the manifest is written
 METADATA_KEY = b"stampray"
 
 ID = "stamp_id"
@@ -350,6 +355,26 @@ def read_errors(path: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------------------------------
+def clear_dataset(path: str) -> None:
+    """Delete what stampray wrote at ``path`` (shards, manifest, ``_errors/``, ``_ingest/``) and nothing else;
+    create the directory when missing."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        msg = f"--out {path} is a file; give a directory for the stamp dataset"
+        raise ValueError(msg)
+    if info.type == pafs.FileType.Directory:
+        for item in fs.get_file_info(pafs.FileSelector(p)):
+            name = posixpath.basename(item.path)
+            if name.startswith("part-") and name.endswith(".parquet"):
+                fs.delete_file(item.path)
+            elif name == MANIFEST_NAME:
+                fs.delete_file(item.path)
+            elif name in (ERRORS_DIR, INGEST_DIR):
+                fs.delete_dir(item.path)
+    fs.create_dir(p, recursive=True)
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -374,9 +399,15 @@ class StampWriter:
         Image shape, class names and source.
     rows_per_shard : int
         Rows per Parquet shard (the last shard may be shorter).
+    settings : dict, optional
+        Recorded in the manifest.
+    clear : bool
+        Delete what a previous writer left (shards, manifest, ``_errors/``, ``_ingest/``) first. False when
+        the shards were written elsewhere (Ray tasks) and are only registered here with :meth:`add_shard`.
     """
 
-    def __init__(self, out: str, spec: StampSpec, rows_per_shard: int = 50_000, settings: dict | None = None):
+    def __init__(self, out: str, spec: StampSpec, rows_per_shard: int = 50_000, settings: dict | None = None,
+                 clear: bool = True):
         if rows_per_shard <= 0:
             msg = f"rows_per_shard must be a positive integer, got {rows_per_shard!r}"
             raise ValueError(msg)
@@ -388,24 +419,13 @@ class StampWriter:
         self.shards: list[dict] = []
         self.errors: list[dict] = []
         self.label_counts: dict[str, int] = {}
-        self._clear()
+        self._error_counts: dict[str, int] = {}  # rows set aside and listed under _errors/ by Ray tasks
+        self._columns: list[str] | None = None
+        if clear:
+            self._clear()
 
     def _clear(self) -> None:
-        fs, p = resolve(self.out)
-        info = fs.get_file_info(p)
-        if info.type == pafs.FileType.File:
-            msg = f"--out {self.out} is a file; give a directory for the stamp dataset"
-            raise ValueError(msg)
-        if info.type == pafs.FileType.Directory:
-            for item in fs.get_file_info(pafs.FileSelector(p)):
-                name = posixpath.basename(item.path)
-                if name.startswith("part-") and name.endswith(".parquet"):
-                    fs.delete_file(item.path)
-                elif name == MANIFEST_NAME:
-                    fs.delete_file(item.path)
-                elif name == ERRORS_DIR:
-                    fs.delete_dir(item.path)
-        fs.create_dir(p, recursive=True)
+        clear_dataset(self.out)
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -417,12 +437,7 @@ class StampWriter:
             raise ValueError(msg)
         else:
             table = table.cast(self._schema)
-        labels = table.column(LABEL)
-        if labels.null_count < len(labels):
-            vc = labels.drop_null().value_counts()
-            for item in vc.to_pylist():
-                key = str(item["values"])
-                self.label_counts[key] = self.label_counts.get(key, 0) + int(item["counts"])
+        count_labels(table, self.label_counts)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.rows_per_shard:
@@ -441,13 +456,24 @@ class StampWriter:
         self.errors.append({"stamp_id": stamp_id, "source": source, "row": row, "reason": reason})
 
     def add_shard(self, name: str, rows: int, label_counts: dict[str, int] | None = None,
-                  sch: pa.Schema | None = None) -> None:
-        """Register a shard written elsewhere (a Ray task) under this dataset."""
+                  sch: pa.Schema | None = None, columns: Sequence[str] | None = None) -> None:
+        """Register a shard written elsewhere (a Ray task) under this dataset.
+
+        ``sch`` (or only its column names, ``columns``) of the first shard registered gives the manifest's
+        column list.
+        """
         self.shards.append({"path": name, "rows": int(rows)})
         for k, v in (label_counts or {}).items():
             self.label_counts[k] = self.label_counts.get(k, 0) + int(v)
         if sch is not None and self._schema is None:
             self._schema = sch
+        if columns is not None and self._columns is None:
+            self._columns = list(columns)
+
+    def add_errors(self, counts: dict[str, int]) -> None:
+        """Count rows set aside elsewhere (a Ray task listed them under ``_errors/`` itself), by reason kind."""
+        for k, v in counts.items():
+            self._error_counts[k] = self._error_counts.get(k, 0) + int(v)
 
     def close(self) -> Manifest:
         if self._pending_rows:
@@ -460,18 +486,33 @@ class StampWriter:
         for e in self.errors:
             kind = e["reason"].split(":", 1)[0]
             counts[kind] = counts.get(kind, 0) + 1
-        sch = self._schema or schema(self.spec)
+        for kind, n in self._error_counts.items():
+            counts[kind] = counts.get(kind, 0) + n
+        if self._schema is None and self._columns is not None:
+            columns = list(self._columns)
+        else:
+            columns = list((self._schema or schema(self.spec)).names)
         manifest = Manifest(
             spec=self.spec,
             shards=sorted(self.shards, key=lambda s: s["path"]),
             errors=counts,
-            columns=list(sch.names),
+            columns=columns,
             label_counts=dict(sorted(self.label_counts.items(), key=lambda kv: int(kv[0]))),
             settings=self.settings,
         )
         # The manifest is written last: a dataset without one is incomplete and readers refuse it.
         write_text(join(self.out, MANIFEST_NAME), manifest.to_json())
         return manifest
+
+
+def count_labels(table: pa.Table, counts: dict[str, int]) -> dict[str, int]:
+    """Add the table's non-null labels to ``counts`` (class index as a string -> rows); returns ``counts``."""
+    labels = table.column(LABEL)
+    if labels.null_count < len(labels):
+        for item in labels.drop_null().value_counts().to_pylist():
+            key = str(item["values"])
+            counts[key] = counts.get(key, 0) + int(item["counts"])
+    return counts
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:

@@ -53,6 +53,7 @@ class TrainSettings:
     name: str | None = None
     workers: int = 1
     use_gpu: bool = False
+    wait_gpu: float = 1800.0
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -545,7 +546,7 @@ def fit(settings: TrainSettings) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .runtime import cluster_cpus, ray_session
+    from .runtime import cluster_cpus, ensure_gpus, ray_session
 
     t0 = time.time()
     manifest = st.read_manifest(settings.data)
@@ -582,6 +583,8 @@ def fit(settings: TrainSettings) -> TrainResult:
         print(f"train: {unlabelled} unlabelled stamps of {settings.data} are not used for training")
 
     with ray_session(settings.address):
+        if settings.use_gpu:  # an autoscaler brings GPU nodes on request; a cluster that cannot refuses now
+            ensure_gpus("train", int(settings.workers), float(settings.wait_gpu))
         cpus = cluster_cpus()
         res = resources(settings.workers, settings.use_gpu, cpus, settings.cpus_per_worker)
         cfg = {

@@ -246,3 +246,16 @@ def test_one_source_form_only(tmp_path):
         IngestSettings(out="o", images="a.npy", hdf5="b.h5")
     with pytest.raises(ValueError, match="--fits DIR needs --catalog CSV"):
         IngestSettings(out="o", fits="d")
+
+
+def test_first_row_owns_its_id_even_when_set_aside(tmp_path):
+    # The owner of an id follows from the ids alone (as the distributed ingest decides it before reading):
+    # a later row with the id of an unusable row is a duplicate, not its replacement.
+    x = np.zeros((3, 5, 5), np.float32)
+    x[0, 0, 0] = np.nan
+    np.savez(tmp_path / "d.npz", images=x, ids=np.array(["a", "a", "b"]))
+    out = str(tmp_path / "o")
+    r = ingest(IngestSettings(out=out, images=str(tmp_path / "d.npz"), ids_key="ids"))
+    assert r.ingested == 1 and r.set_aside == {"nonfinite": 1, "duplicate_id": 1}
+    assert [e["reason"] for e in st.read_errors(out).to_pylist()] == [
+        "nonfinite: 1 non-finite pixels (NaN or inf)", f"duplicate_id: 'a' already used by {tmp_path}/d.npz row 0"]

@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -66,7 +67,8 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
     heat = t.column("heatmap").combine_chunks().to_numpy_ndarray()
     assert heat.shape == (4, 21, 21) and np.isfinite(heat).all() and (heat >= 0).all() and (heat <= 1).all()
     assert sorted(os.listdir(tmp_path / "png")) == sorted(
-        [f"{i}.png" for i in t.column("stamp_id").to_pylist()] + ["occlusion_grid.png"])
+        [f"{i}.png" for i in t.column("stamp_id").to_pylist()] + ["occlusion_grid.png", "index.csv"])
+    assert not os.path.exists(tmp_path / "maps" / "_parts") and not os.path.exists(tmp_path / "maps" / "_tmp")
     ids = t.column("stamp_id").to_pylist()[:2]
     r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps2"), ids=tuple(ids)))
     assert sorted(read_maps(str(tmp_path / "maps2")).column("stamp_id").to_pylist()) == sorted(ids)
@@ -90,3 +92,28 @@ def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray
     r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
                                 limit=3))
     assert r.rows == 3 and read_maps(str(tmp_path / "maps")).num_rows == 3
+
+
+def test_png_names_are_unique_per_id_and_indexed(tmp_path):
+    from stampray.occlusion import png_name, write_pngs
+
+    ids = ["a/b", "a_b", "plain-1.5+2", "../up"]
+    names = [png_name(i) for i in ids]
+    assert names[1] == "a_b.png" and names[2] == "plain-1.5+2.png"
+    assert len(set(names)) == 4 and all("/" not in n and not n.startswith(".") for n in names)
+    n = len(ids)
+    flat = np.zeros((n, 21, 21), np.float32)
+    table = pa.table({"stamp_id": ids, "label": pa.array([0, 1, None, 0], pa.int64()),
+                      "pred": pa.array([0, 0, 1, 1], pa.int64()), "base_prob": pa.array([0.5] * n, pa.float32()),
+                      "heatmap": _tensor(flat), "stamp": _tensor(flat)})
+    paths = write_pngs(table, str(tmp_path / "png"), ["noise", "source"])
+    assert len(paths) == 5 and sorted(os.listdir(tmp_path / "png")) == sorted(names + ["occlusion_grid.png", "index.csv"])
+    rows = (tmp_path / "png" / "index.csv").read_text().splitlines()
+    assert rows[0] == "stamp_id,file" and len(rows) == 5
+    assert dict(r.rsplit(",", 1) for r in rows[1:]) == dict(zip(ids, names))
+
+
+def _tensor(arr):
+    from stampray.occlusion import _tensor_column
+
+    return _tensor_column(arr)

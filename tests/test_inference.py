@@ -1,0 +1,130 @@
+"""The shared replica machinery: pool plans that follow the cluster, workers that write, the driver's books."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stampray import checkpoint as ck
+from stampray import table as st
+from stampray.capacity import Capacity
+from stampray.inference import PARTS_DIR, plan_pool, replica_cpus
+from stampray.models import create_model
+from stampray.score import ERROR, ERRORS_META, RECORD_SCHEMA, Books, Scorer, commit_shard
+
+
+def cap(cpus_now, cpus_max, gpus_now=0.0, gpus_max=0.0, types=None):
+    return Capacity(cpus_now, gpus_now, cpus_max, gpus_max, bool(types), types or {})
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, (1, 0.75)), (2, (2, 0.75)), (4, (4, 0.875)), (16, (16, 0.9688))])
+def test_replicas_leave_every_node_its_read_reserve_and_no_room_for_one_more(cpus, expected):
+    per_node, per = replica_cpus(cpus)
+    assert (per_node, per) == expected
+    assert cpus - per_node * per >= 0.25  # the read tasks' quarter CPU
+    assert (per_node + 1) * per > cpus  # one more replica never fits
+
+
+def test_laptop_pool_is_one_replica_per_core():
+    plan = plan_pool(False, None, cap(2, 2), [2.0])
+    assert (plan.min_size, plan.initial_size, plan.max_size, plan.num_cpus, plan.num_gpus) == (1, 2, 2, 0.75, 0.0)
+
+
+def test_pool_grows_to_what_the_autoscaler_can_launch_from_zero_worker_nodes():
+    types = {"cpu": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 3}}
+    plan = plan_pool(False, None, cap(0, 3, types=types), [0.0])  # a head of 0 CPUs, no worker up yet
+    assert (plan.min_size, plan.initial_size, plan.max_size, plan.num_cpus) == (1, 1, 3, 0.75)
+    types = {"cpu": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 10}}
+    plan = plan_pool(False, None, cap(4, 44, types=types), [0.0, 4.0])  # one of ten 4-CPU nodes up
+    assert (plan.initial_size, plan.max_size, plan.num_cpus) == (4, 44, 0.875)
+    assert plan_pool(False, 6, cap(4, 44, types=types), [0.0, 4.0]).max_size == 6  # --max-actors caps it
+    unbounded = plan_pool(False, None, cap(4, math.inf, types=types), [0.0, 4.0])
+    assert unbounded.max_size == 4 + 16 * 4
+
+
+def test_gpu_pool_is_one_replica_per_gpu_the_cluster_can_have():
+    plan = plan_pool(True, None, cap(0, 8, gpus_now=1, gpus_max=4), [0.0, 4.0])
+    assert (plan.min_size, plan.initial_size, plan.max_size, plan.num_cpus, plan.num_gpus) == (1, 1, 4, 1.0, 1.0)
+
+
+def test_books_count_each_row_once_whatever_the_pieces():
+    books = Books({"a.parquet": 10, "b.parquet": 4})
+    assert books.add("a.parquet", 0, 4) == 4
+    assert books.add("a.parquet", 0, 4) == 0  # the same piece again (a block redone)
+    assert books.add("a.parquet", 2, 5) == 3  # overlapping: only rows 4..6 are new
+    assert not books.complete("a.parquet") and books.incomplete() == {"a.parquet": 7, "b.parquet": 0}
+    assert books.add("a.parquet", 7, 3) == 3 and books.complete("a.parquet")
+    with pytest.raises(RuntimeError, match="does not score"):
+        books.add("c.parquet", 0, 1)
+
+
+def _piece(rows, errors=()):
+    ids = [f"s{r}" for r in rows]
+    return pa.table({"stamp_id": ids, "pred": pa.array([r % 2 for r in rows], pa.int64()),
+                     "_row": pa.array(rows, pa.int64()),
+                     ERROR: pa.array(["nonfinite: 3 non-finite pixels" if r in errors else None for r in rows],
+                                     pa.string())})
+
+
+def test_commit_keeps_each_row_once_and_writes_errors_then_the_result(tmp_path):
+    out = str(tmp_path / "scores")
+    parts = os.path.join(out, PARTS_DIR, "part-00000")
+    os.makedirs(parts)
+    pq.write_table(_piece(range(0, 6), errors={3}), os.path.join(parts, "000000000000-6.parquet"))
+    pq.write_table(_piece(range(4, 10)), os.path.join(parts, "000000000004-6.parquet"))  # redone, cut otherwise
+    doc = commit_shard(out, "part-00000.parquet", 10)
+    assert doc == {"shard": "part-00000.parquet", "rows": 9, "errors": {"nonfinite": 1}}
+    result = pq.read_table(os.path.join(out, "part-00000.parquet"))
+    assert result.column("stamp_id").to_pylist() == [f"s{i}" for i in range(10) if i != 3]
+    assert result.schema.names == ["stamp_id", "pred"]
+    assert json.loads(pq.read_metadata(os.path.join(out, "part-00000.parquet")).metadata[ERRORS_META]) == {"nonfinite": 1}
+    errors = pq.read_table(os.path.join(out, "_errors", "part-00000.parquet")).to_pylist()
+    assert errors == [{"stamp_id": "s3", "source": "part-00000.parquet", "row": 3,
+                       "reason": "nonfinite: 3 non-finite pixels"}]
+    assert not os.path.exists(parts)
+
+
+def test_commit_refuses_a_shard_with_missing_rows(tmp_path):
+    out = str(tmp_path / "scores")
+    parts = os.path.join(out, PARTS_DIR, "part-00000")
+    os.makedirs(parts)
+    pq.write_table(_piece(range(0, 6)), os.path.join(parts, "000000000000-6.parquet"))
+    with pytest.raises(RuntimeError, match="hold 6 distinct rows of 10; rerun"):
+        commit_shard(out, "part-00000.parquet", 10)
+    assert not os.path.exists(os.path.join(out, "part-00000.parquet"))
+
+
+def test_a_replica_writes_pieces_and_returns_only_small_records(tmp_path, ray_shared):
+    torch.manual_seed(0)
+    model = create_model("cnn", 1, 21, 2)
+    ck.save(ck.make_bundle(model, class_names=("noise", "source"), preprocess="course"), str(tmp_path / "m.pt"))
+    spec = st.StampSpec((1, 21, 21), ("noise", "source"))
+    images = np.random.default_rng(0).normal(size=(7, 1, 21, 21)).astype(np.float32)
+    images[2, 0, 0, 0] = np.nan
+    batch = st.make_table(spec, [f"s{i}" for i in range(7)], images, [0, 1, 0, 1, 0, 1, 0])
+    batch = batch.append_column("_shard", pa.array(["part-00001.parquet"] * 4 + ["part-00002.parquet"] * 3))
+    batch = batch.append_column("_row", pa.array([10, 11, 12, 13, 0, 1, 5], pa.int64()))  # b: two runs
+    out = str(tmp_path / "scores")
+    scorer = Scorer((tmp_path / "m.pt").read_bytes(), out, [], (0.7, 0.15, 0.15), "cnn@x")
+    records = scorer(batch)
+    assert records.schema == RECORD_SCHEMA
+    got = [(r["shard"], r["row0"], r["rows"], r["errors"]) for r in records.to_pylist()]
+    assert got == [("part-00001.parquet", 10, 4, 1), ("part-00002.parquet", 0, 2, 0), ("part-00002.parquet", 5, 1, 0)]
+    assert {r["node"] for r in records.to_pylist()} == {ray_shared.get_runtime_context().get_node_id()}
+    assert sorted(os.listdir(os.path.join(out, PARTS_DIR, "part-00002"))) == [
+        "000000000000-2.parquet", "000000000005-1.parquet"]
+    piece = pq.read_table(os.path.join(out, PARTS_DIR, "part-00001", "000000000010-4.parquet"))
+    assert piece.column("stamp_id").to_pylist() == ["s0", "s1", "s2", "s3"]
+    assert piece.column(ERROR).to_pylist()[2].startswith("nonfinite")
+
+
+def test_use_gpu_is_refused_at_once_where_no_gpu_can_come(tmp_path, ray_shared):
+    from stampray.runtime import ensure_gpus
+
+    with pytest.raises(ValueError, match="0 GPUs and no autoscaler node type that can add one"):
+        ensure_gpus("score", 1, wait_s=600)

@@ -1,0 +1,149 @@
+"""Every path takes a URI: evaluate and demo against a loopback S3 server (moto, ``s3_env`` in conftest)."""
+
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+import pytest
+
+from stampray.evaluate import EvaluateSettings, evaluate
+from test_evaluate import LABELS, P1, write_scores
+
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch):
+    """This process talks to the loopback S3 server; returns a function making a fresh bucket."""
+    import boto3
+
+    for key in AWS_KEYS:
+        monkeypatch.setenv(key, s3_env[key])
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+
+    def bucket(name):
+        client.create_bucket(Bucket=name)
+        return name
+
+    bucket.client = client
+    return bucket
+
+
+def keys(client, bucket, prefix=""):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    # (pyarrow marks a directory it creates with an empty "dir/" object)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+def numbers(report):
+    """The report minus what legitimately differs between two runs (timing, the paths)."""
+    return {k: v for k, v in report.items() if k not in ("seconds", "settings", "tables")}
+
+
+def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3):
+    """--out, --scores, --run and --tensorboard as s3:// URIs; the same numbers as a local run."""
+    import pyarrow.fs as pafs
+
+    from stampray import table as st
+
+    bucket = s3("evalbucket")
+    probs = np.stack([1 - np.array(P1), P1], axis=1)
+    local_scores = write_scores(tmp_path / "scores", LABELS, probs, ["noise", "source"],
+                                extra={"snr": [0, 0, 0, 0, 5, 10, 3, 50]})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 1 - 0.1 / e, "val_acc": 1 - 0.2 / e}) + "\n"
+        for e in (1, 2, 3)))
+    fs, _ = st.resolve(f"s3://{bucket}/x")
+    local_fs = pafs.LocalFileSystem()
+    pafs.copy_files(local_scores, f"{bucket}/scores", source_filesystem=local_fs, destination_filesystem=fs)
+    pafs.copy_files(str(run), f"{bucket}/run", source_filesystem=local_fs, destination_filesystem=fs)
+
+    here = evaluate(EvaluateSettings(scores=(local_scores,), out=str(tmp_path / "rep"), by=("snr",), run=str(run)))
+    before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("stampray-report-")}
+    there = evaluate(EvaluateSettings(scores=(f"s3://{bucket}/scores",), out=f"s3://{bucket}/report", by=("snr",),
+                                      run=f"s3://{bucket}/run", tensorboard=f"s3://{bucket}/tb"))
+
+    pngs = sorted(os.path.basename(p) for p in here.plots)
+    assert "training_curves.png" in pngs and "accuracy_by_snr.png" in pngs and "roc.png" in pngs
+    names = keys(s3.client, bucket, "report/")
+    assert names == sorted(f"report/{n}" for n in [*pngs, "report.json", "report.html"])
+    assert there.html == f"s3://{bucket}/report/report.html" and there.out == f"s3://{bucket}/report"
+    assert sorted(there.plots) == [f"s3://{bucket}/report/{n}" for n in pngs]
+    remote = json.loads(st.read_text(f"s3://{bucket}/report/report.json"))
+    assert numbers(remote) == numbers(json.loads((tmp_path / "rep" / "report.json").read_text()))
+    assert remote["results"]["scores"]["accuracy"] == 0.75 and len(remote["training"]) == 3
+    page = st.read_text(there.html)
+    assert page.count("<img") == len(pngs) and 'src="data:image/png;base64,' in page
+    assert any(k.startswith("tb/evaluate/scores/events.out.tfevents") for k in keys(s3.client, bucket, "tb/"))
+    after = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("stampray-report-")}
+    assert after <= before  # the local staging directories are gone
+
+
+def test_evaluate_to_a_missing_bucket_is_one_clear_line(tmp_path, s3, capsys):
+    from stampray.cli import main
+
+    s3("present")
+    probs = np.stack([1 - np.array(P1), P1], axis=1)
+    s = write_scores(tmp_path / "s", LABELS, probs, ["noise", "source"])
+    assert main(["evaluate", "--scores", s, "--out", "s3://no-such-bucket/report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("stampray evaluate: error: --out s3://no-such-bucket/report")
+    assert "bucket exists" in err and "AWS_ENDPOINT_URL" in err
+    assert main(["evaluate", "--scores", s, "--out", str(tmp_path / "rep"), "--run", "s3://present/no-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("stampray evaluate: error: --run s3://present/no-run holds no metrics.jsonl; give a run "
+                   "directory written by 'stampray train'")
+
+
+def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path):
+    from stampray.demo import _start_over
+
+    for sub in ("survey", "runs", "scores", "maps", "report", "notes"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "f.txt").write_text("x")
+    _start_over(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes", "survey"]
+    _start_over(str(tmp_path / "nothing-here"))  # a first run: nothing to delete
+
+
+@pytest.mark.slow
+def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
+    """`stampray demo --out s3://...` end to end (small: 2,000 stamps, 1 epoch, 1 worker), in a fresh process
+    so the Ray workers inherit the S3 credentials."""
+    result, log = run_scenario(f"""
+        import json, os, time, boto3
+        os.chdir({str(tmp_path)!r})  # anything written to a local path by mistake lands here
+        s3 = boto3.client("s3")
+        for _ in range(100):
+            try:
+                s3.create_bucket(Bucket="demo")
+                break
+            except Exception:
+                time.sleep(0.2)
+        s3.put_object(Bucket="demo", Key="d/report/stale.png", Body=b"old")  # an earlier run's report
+        s3.put_object(Bucket="demo", Key="d/notes.txt", Body=b"mine")      # not the demo's: kept
+        from stampray.cli import main
+        t0 = time.time()
+        rc = main(["demo", "-n", "2000", "--epochs", "1", "--workers", "1", "--out", "s3://demo/d"])
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket="demo")
+        keys = sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+        report = json.loads(s3.get_object(Bucket="demo", Key="d/report/report.json")["Body"].read())
+        print("RESULT", json.dumps({{"rc": rc, "keys": keys, "n": report["results"]["cnn"]["n"],
+                                     "local": sorted(os.listdir(".")), "seconds": time.time() - t0}}))
+    """, env=s3_env, timeout=600)
+    keys = result["keys"]
+    assert result["rc"] == 0, log[-3000:]
+    for key in ("d/survey/_manifest.json", "d/runs/cnn/best.pt", "d/runs/cnn/metrics.jsonl", "d/scores/_manifest.json",
+                "d/maps/part-00000.parquet", "d/report/report.html", "d/report/report.json", "d/report/roc.png",
+                "d/report/training_curves.png", "d/notes.txt"):
+        assert key in keys, (key, keys)
+    assert "d/report/stale.png" not in keys
+    assert any(k.startswith("d/runs/cnn/tensorboard/evaluate/cnn/events.out.tfevents") for k in keys)
+    assert result["n"] > 200 and re.search(r"report: +s3://demo/d/report/report\.html", log)
+    # occlusion.py's --png is made URI-capable separately: the overlays belong in the bucket, not in a local
+    # directory named "s3:"
+    assert "d/maps/png/occlusion_grid.png" in keys and result["local"] == [], (result["local"], keys)
