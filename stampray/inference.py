@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 TMP_DIR = "_tmp"  # atomic writes land here first, then move into place (local filesystems)
 PARTS_DIR = "_parts"  # pieces written by the replicas before their shard is committed
 READ_CPUS = 0.25  # each read task; each commit task
+BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
 
@@ -276,18 +277,23 @@ def replica_cpus(node_cpus: float) -> tuple[int, float]:
 
 
 def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: list[float],
-              cpu_batch: int = 4096, gpu_batch: int = 16384) -> PoolPlan:
-    """Size the pool from the cluster's ``capacity`` (:class:`stampray.capacity.Capacity`) and the CPU
-    counts of the nodes up now.
+              blocks: int | None = None, cpu_batch: int = 4096, gpu_batch: int = 16384) -> PoolPlan:
+    """Size the pool from the cluster's ``capacity`` (:class:`stampray.capacity.Capacity`), the CPU
+    counts of the nodes up now and the job's number of input ``blocks``.
 
     GPU: one replica per GPU (one CPU each), up to every GPU the autoscaler can bring. CPU: ``floor(c)``
     replicas per node of ``c`` CPUs, on the nodes up now and on every node the autoscaler can still launch.
+    On an autoscaling cluster the pool starts at the size the job can use (a replica per
+    ``BLOCKS_PER_REPLICA`` blocks, within the maximum), so the autoscaler sees the whole demand at once and
+    launches the nodes together rather than one after another as the pool grows.
     """
+    want = max(1, math.ceil(blocks / BLOCKS_PER_REPLICA)) if blocks else 1
     if use_gpu:
         now = max(1, int(capacity.gpus_now))
-        top = max(now, int(capacity.gpus_max))
+        top = max(now, int(capacity.gpus_max) if math.isfinite(capacity.gpus_max) else now + UNBOUNDED_NODES)
         top = min(top, int(max_actors)) if max_actors else top
-        return PoolPlan(1, min(now, top), top, 1.0, 1.0, 1, gpu_batch)
+        start = min(top, max(now, want)) if capacity.autoscaling else min(now, top)
+        return PoolPlan(1, start, top, 1.0, 1.0, 1, gpu_batch)
     c = _planned_node_cpus(capacity, node_cpus_now)
     per_node, per = replica_cpus(c)
     now = sum(_fits(n, per) for n in node_cpus_now)
@@ -296,7 +302,8 @@ def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: li
     extra_nodes = int(extra_cpus // max(c, 1.0)) if math.isfinite(extra_cpus) else UNBOUNDED_NODES
     top = max(1, now + extra_nodes * per_node)
     top = min(top, int(max_actors)) if max_actors else top
-    return PoolPlan(1, max(1, min(now, top)), top, per, 0.0, 1, cpu_batch)
+    start = min(top, max(now, want)) if capacity.autoscaling else min(now, top)
+    return PoolPlan(1, max(1, start), top, per, 0.0, 1, cpu_batch)
 
 
 def _planned_node_cpus(capacity, node_cpus_now: list[float]) -> float:

@@ -234,7 +234,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -
     import ray.data
 
     from .capacity import cluster_capacity
-    from .data import read_stamps
+    from .data import read_stamps, work_items
     from .inference import alive_node_cpus, plan_pool
     from .runtime import ensure_gpus, ray_session
 
@@ -244,9 +244,11 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -
                             settings.progress, unit="maps")
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
-        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus())
+        items = work_items(settings.data, [sh["path"] for sh in manifest.shards])
+        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
         strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
-        ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], tag_shard=True, num_cpus=READ_CPUS)
+        ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], tag_shard=True, num_cpus=READ_CPUS,
+                         items=items)
         ds = ds.map_batches(
             Occluder, batch_format="pyarrow", batch_size=settings.batch_size or (512 if settings.use_gpu else 64),
             compute=strategy, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,

@@ -318,7 +318,7 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
     import ray.data
 
     from .capacity import cluster_capacity
-    from .data import read_stamps
+    from .data import read_stamps, work_items
     from .inference import alive_node_cpus, plan_pool
     from .runtime import ensure_gpus, ray_session
 
@@ -328,12 +328,13 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
         progress = Progress("score", total, settings.progress)
         if settings.use_gpu:
             ensure_gpus("score", 1, float(settings.wait_gpu), progress.say)
-        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus())
+        items = work_items(settings.data, list(todo))
+        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
         strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
         columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
         # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
         # 2.60 ran the whole pool on a single replica.
-        ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS)
+        ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
         chunk = int(settings.batch_size or plan.batch_size)
         # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
         compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)

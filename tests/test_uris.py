@@ -147,3 +147,40 @@ def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
     # occlusion.py's --png is made URI-capable separately: the overlays belong in the bucket, not in a local
     # directory named "s3:"
     assert "d/maps/png/occlusion_grid.png" in keys and result["local"] == [], (result["local"], keys)
+
+
+@pytest.mark.slow
+def test_score_and_occlude_write_from_the_workers_to_s3(s3_env, run_scenario, tmp_path):
+    """Result pieces, commits, maps and PNGs all go through the S3 API; nothing is staged locally."""
+    result, _ = run_scenario(f"""
+        import json, os, boto3, torch
+        from stampray import checkpoint as ck, table as st
+        from stampray.models import create_model
+        from stampray.synth import SynthSettings, synth
+        from stampray.score import ScoreSettings, score, read_scores
+        from stampray.occlusion import OccludeSettings, occlude, read_maps
+        from stampray.runtime import ray_session
+        boto3.client("s3").create_bucket(Bucket="res")
+        data = {str(tmp_path / 'survey')!r}
+        synth(SynthSettings(out=data, n=3000, seed=2, shard_rows=1000))
+        torch.manual_seed(0)
+        ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=["noise", "source"],
+                               preprocess="course_scaled"), "s3://res/m.pt")
+        with ray_session():
+            sc = score(ScoreSettings(model="s3://res/m.pt", data=data, out="s3://res/scores", progress=False,
+                                     compile="off"))
+            again = score(ScoreSettings(model="s3://res/m.pt", data=data, out="s3://res/scores", progress=False))
+            oc = occlude(OccludeSettings(model="s3://res/m.pt", data=data, out="s3://res/maps", limit=3,
+                                         png="s3://res/png", progress=False))
+        ids = read_scores("s3://res/scores", columns=["stamp_id"]).column("stamp_id").to_pylist()
+        keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="res")["Contents"])
+        maps = read_maps("s3://res/maps")
+        print("RESULT", json.dumps({{"scored": sc.scored, "ids": len(set(ids)), "again": again.nothing_to_do,
+                                     "maps": maps.num_rows, "occluded": oc.rows, "pngs": len(oc.pngs),
+                                     "parts": [k for k in keys if "_parts" in k or "_tmp" in k],
+                                     "scores": [k for k in keys if k.startswith("scores/part-")],
+                                     "png_index": "png/index.csv" in keys}}))
+    """, env=s3_env, timeout=600)
+    assert result == {"scored": 3000, "ids": 3000, "again": True, "maps": 3, "occluded": 3, "pngs": 4,
+                      "parts": [], "png_index": True,
+                      "scores": ["scores/part-00000.parquet", "scores/part-00001.parquet", "scores/part-00002.parquet"]}
