@@ -7,7 +7,8 @@ results land as one Parquet file per input shard. The workers write; the driver 
 2. a replica scores a block and writes each shard's rows of it as a *piece*,
    ``SCORES/_parts/<shard>/<first row>-<rows>.parquet``, straight to the output filesystem (atomically),
    and returns one small record per piece: shard, first row, rows, rows set aside, node;
-3. the driver adds each record's row interval to its shard's books; once the intervals cover the
+3. the job's coordinator — a zero-CPU Ray task the driver starts beside itself, which runs Ray Data's
+   streaming executor — adds each record's row interval to its shard's books; once the intervals cover the
    shard's every row it starts a quarter-CPU *commit* task, which reads the shard's pieces, drops any row
    delivered twice (a block redone after a node loss), checks every row ``0..n-1`` is there once, and
    writes ``_errors/<shard>`` (rows that cannot be scored, with their reason) and then ``<shard>`` —
@@ -16,8 +17,9 @@ results land as one Parquet file per input shard. The workers write; the driver 
    them, so a job whose driver was killed at any moment finishes with every stamp exactly once; rerunning
    a finished job does no work.
 
-No result row passes through the driver: it handles one small record per block (a few per 16,384 stamps),
-so its CPU time and memory do not grow with the job (``benchmarks/score_driver.py`` measures both).
+No result row passes through the driver or the coordinator: the coordinator handles one small record per
+block (a few per 16,384 stamps) and the driver only prints the progress it streams back, so neither's
+CPU time nor memory grows with the job's rows (``benchmarks/score_driver.py`` measures both).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ JOB_FILE = "_job.json"
 SCORE_MANIFEST = "_manifest.json"
 ERROR = "_error"
 ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason, in the result file's footer
+PROGRESS_EVERY_S = 2.0  # the coordinator streams the count of rows accounted for this often
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
                            ("errors", pa.int64()), ("node", pa.string())])
@@ -231,6 +234,7 @@ class ScoreResult:
     nothing_to_do: bool = False
     scored_now: int = 0
     nodes: dict = field(default_factory=dict)
+    coordinator_cpu_s: float = 0.0  # CPU seconds of the job's coordinator task (Ray Data's executor, books)
 
 
 def _job_doc(settings: ScoreSettings, bundle: dict, tag: str) -> dict:
@@ -299,8 +303,9 @@ def score(settings: ScoreSettings) -> ScoreResult:
     if manifest.num_rows == 0:
         print(f"score: warning: {settings.data} holds no stamps; wrote an empty result", file=sys.stderr)
     nodes: dict[str, int] = {}
+    coordinator_cpu = 0.0
     if todo:
-        nodes = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest)
+        nodes, coordinator_cpu = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest)
     delete_dir(st.join(out, PARTS_DIR))
     delete_dir(st.join(out, TMP_DIR))
     doc = _write_manifest(settings, job, expected, nodes)
@@ -308,64 +313,104 @@ def score(settings: ScoreSettings) -> ScoreResult:
     now = sum(expected[n] for n in todo)
     return ScoreResult(out, doc["num_rows"], doc["set_aside"], doc["errors"], seconds,
                        now / max(seconds, 1e-9) if todo else 0.0, len(done), nothing_to_do=not todo,
-                       scored_now=now, nodes=nodes)
+                       scored_now=now, nodes=nodes, coordinator_cpu_s=coordinator_cpu)
 
 
 def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, todo: dict[str, int],
-         manifest: st.Manifest) -> dict[str, int]:
-    """Stream the shards in ``todo`` through the pool and commit each once complete; rows per node."""
+         manifest: st.Manifest) -> tuple[dict[str, int], float]:
+    """Run the job's coordinator beside the driver and show its progress; (rows per node, its CPU s).
+
+    The coordinator (:func:`coordinate`) is a zero-CPU Ray task on the driver's node: Ray Data's streaming
+    executor, the books and the commits run there, so the driver process does nothing per block and can
+    be a thin client. It is owned by the driver: a killed driver takes it, and its pool, along.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .runtime import ensure_gpus, ray_session
+
+    with ray_session(settings.address):
+        progress = Progress("score", sum(todo.values()), settings.progress)
+        if settings.use_gpu:
+            ensure_gpus("score", 1, float(settings.wait_gpu), progress.say)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        task = ray.remote(num_cpus=0, max_retries=0)(coordinate).options(
+            num_returns="streaming", scheduling_strategy=here, name="stampray-score-coordinator")
+        # The model travels once, by reference, to every replica.
+        report: dict = {}
+        try:
+            for ref in task.remote(asdict(settings), [ray.put(model_bytes)], tag, todo, list(manifest.columns)):
+                msg = ray.get(ref)
+                if "rows" in msg:
+                    progress.update(msg["rows"])
+                else:
+                    report = msg
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, (RuntimeError, ValueError)) else e) from None
+        progress.close()
+    return report["nodes"], report["cpu_s"]
+
+
+def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list):
+    """Ray task (a generator): stream the shards in ``todo`` through the pool, keep the books, commit each
+    shard once complete. Yields ``{"rows": n}`` as rows are accounted for (every ``PROGRESS_EVERY_S``), then
+    ``{"nodes": {node: rows}, "cpu_s": its own CPU seconds}``."""
+    import resource
+
     import ray
     import ray.data
 
     from .capacity import cluster_capacity
     from .data import read_stamps, work_items
     from .inference import alive_node_cpus, plan_pool
-    from .runtime import ensure_gpus, ray_session
+    from .runtime import _quiet_data_context
 
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    settings = ScoreSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings_doc.items()})
+    _quiet_data_context()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver prints one progress line
     total = sum(todo.values())
-    with ray_session(settings.address):
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one stampray progress line instead
-        progress = Progress("score", total, settings.progress)
-        if settings.use_gpu:
-            ensure_gpus("score", 1, float(settings.wait_gpu), progress.say)
-        items = work_items(settings.data, list(todo))
-        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
-        strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
-        columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
-        # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
-        # 2.60 ran the whole pool on a single replica.
-        ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
-        chunk = int(settings.batch_size or plan.batch_size)
-        # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
-        compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)
-        # 1. One model replica per actor, loaded once from the object store; each block is one batch.
-        ds = ds.map_batches(
-            Scorer, batch_format="pyarrow", batch_size=None, compute=strategy, num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus, zero_copy_batch=True,
-            fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
-                                   "keep": list(settings.keep), "fractions": tuple(settings.fractions),
-                                   "model_tag": tag, "threads": plan.threads, "use_gpu": settings.use_gpu,
-                                   "compile": compile_model, "chunk": chunk})
-        # 2. The driver keeps the books and starts a commit task for every shard whose rows are all in.
-        books, commits, nodes = Books(todo), {}, {}
-        commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
-        for shard in todo:
-            if todo[shard] == 0:
-                commits[shard] = commit.remote(settings.out, shard, 0)
-        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for r in records.to_pylist():
-                progress.update(books.add(r["shard"], r["row0"], r["rows"]))
-                nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
-                if books.complete(r["shard"]) and r["shard"] not in commits:
-                    commits[r["shard"]] = commit.remote(settings.out, r["shard"], todo[r["shard"]])
-        progress.close()
-        short = books.incomplete()
-        if short:
-            msg = (f"score: shards {sorted(short)} came back incomplete ({short} rows of "
-                   f"{[todo[n] for n in sorted(short)]}); rerun the same command to finish them")
-            raise RuntimeError(msg)
-        _wait_commits(commits)
-    return nodes
+    items = work_items(settings.data, list(todo))
+    plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
+    strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
+    columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in columns_present else [])
+    # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
+    # 2.60 ran the whole pool on a single replica.
+    ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
+    # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
+    compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)
+    # 1. One model replica per actor, loaded once from the object store; each block is one batch.
+    ds = ds.map_batches(
+        Scorer, batch_format="pyarrow", batch_size=None, compute=strategy, num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus, zero_copy_batch=True,
+        fn_constructor_kwargs={"model_bytes": model_box[0], "out": settings.out, "keep": list(settings.keep),
+                               "fractions": tuple(settings.fractions), "model_tag": tag, "threads": plan.threads,
+                               "use_gpu": settings.use_gpu, "compile": compile_model,
+                               "chunk": int(settings.batch_size or plan.batch_size)})
+    # 2. The books, and a commit task for every shard whose rows are all in.
+    books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
+    commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
+    for shard in todo:
+        if todo[shard] == 0:
+            commits[shard] = commit.remote(settings.out, shard, 0)
+    for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in records.to_pylist():
+            unsaid += books.add(r["shard"], r["row0"], r["rows"])
+            nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
+            if books.complete(r["shard"]) and r["shard"] not in commits:
+                commits[r["shard"]] = commit.remote(settings.out, r["shard"], todo[r["shard"]])
+        if time.time() - said > PROGRESS_EVERY_S:
+            yield {"rows": unsaid}
+            unsaid, said = 0, time.time()
+    yield {"rows": unsaid}
+    short = books.incomplete()
+    if short:
+        msg = (f"score: shards {sorted(short)} came back incomplete ({short} rows of "
+               f"{[todo[n] for n in sorted(short)]}); rerun the same command to finish them")
+        raise RuntimeError(msg)
+    _wait_commits(commits)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    yield {"nodes": nodes, "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)}
 
 
 def _wait_commits(commits: dict, timeout_s: float = 900.0) -> None:
