@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import numpy as np
 
 from stampray import table as st
@@ -47,6 +49,7 @@ def test_config_file_then_flags(tmp_path, capsys):
     assert m.num_rows == 50 and m.settings["synth"]["seed"] == 9
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, capsys):
     from stampray.demo import DemoSettings, demo
 

@@ -26,6 +26,7 @@ def run_script(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:
     return json.loads(lines[-1][7:]), out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
     result, _ = run_script(f"""
         import json, os, threading, time, ray, torch
@@ -60,6 +61,7 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
     assert result == {"killed": True, "n": 30000, "unique": 30000, "same": True, "scored": 30000}
 
 
+@pytest.mark.slow
 def test_training_survives_the_loss_of_a_node(tmp_path):
     # Ray Train's default 2 s poll: the run must still be going when the node's death is noticed.
     env = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
@@ -101,6 +103,7 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
     assert result["epochs"][-1] == 6 and sorted(set(result["epochs"])) == [1, 2, 3, 4, 5, 6], result
 
 
+@pytest.mark.slow
 def test_killed_driver_rerun_completes_scoring_on_a_cluster(tmp_path):
     from stampray.score import read_scores
     from stampray.synth import SynthSettings, synth
@@ -153,6 +156,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ingest_train_score_through_a_loopback_s3_server(tmp_path):
     pytest.importorskip("moto")
     port = free_port()

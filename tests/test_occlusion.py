@@ -55,6 +55,7 @@ def test_kernel_larger_than_the_stamp_is_refused():
         occlusion_maps(np.ones((1, 1, 21, 21), np.float32), np.array([0]), 30, 1, identity, central_probe)
 
 
+@pytest.mark.slow
 def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
     from test_score import make_checkpoint
 
@@ -74,6 +75,7 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
     assert sorted(read_maps(str(tmp_path / "maps2")).column("stamp_id").to_pylist()) == sorted(ids)
 
 
+@pytest.mark.slow
 def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, capsys):
     import pyarrow.parquet as pq
     from test_score import make_checkpoint, write_dataset

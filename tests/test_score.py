@@ -127,6 +127,7 @@ def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path):
         assert not os.path.exists(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, ray_shared):
     out = str(tmp_path / "scores")
     score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out))
@@ -139,6 +140,7 @@ def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, r
     assert len(tags) == 1 and tags.pop().startswith("dense@")
 
 
+@pytest.mark.slow
 def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path):
     from stampray.synth import SynthSettings, synth
 

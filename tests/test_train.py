@@ -27,6 +27,7 @@ def small(tno_small, out, **kw):
     return TrainSettings(**base)
 
 
+@pytest.mark.slow
 def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path, ray_shared):
     r = fit(small(tno_small, tmp_path))
     run = r.run_dir
@@ -50,6 +51,7 @@ def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path,
     assert again.metrics == r.metrics
 
 
+@pytest.mark.slow
 def test_resume_continues_the_epoch_count(tno_small, tmp_path, ray_shared, capfd):
     fit(small(tno_small, tmp_path, epochs=1, name="resume"))
     assert history_epochs(str(tmp_path / "resume")) == [1]
@@ -67,6 +69,7 @@ def test_resume_refuses_other_settings(tno_small, tmp_path):
         fit(small(tno_small, tmp_path))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops(tno_small, tmp_path, ray_shared):
     # a learning rate so small that the validation loss cannot improve after the first epoch
     r = fit(small(tno_small, tmp_path, epochs=6, lr=1e-12, early_stopping=1, monitor="val_loss"))
@@ -75,6 +78,7 @@ def test_early_stopping_stops(tno_small, tmp_path, ray_shared):
     assert history_epochs(r.run_dir) == [1, 2]
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path, ray_shared):
     import psutil
 
@@ -105,6 +109,7 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path,
     assert epochs[-1] == 5 and sorted(set(epochs)) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_simulated_nodes(tno_small, tmp_path):
     script = textwrap.dedent(f"""
         import json, ray
@@ -128,6 +133,7 @@ def test_two_workers_on_two_simulated_nodes(tno_small, tmp_path):
     assert history_epochs(str(tmp_path / "cnn")) == [1, 2]
 
 
+@pytest.mark.slow
 def test_killed_driver_rerun_resumes(tno_small, tmp_path):
     cmd = [sys.executable, "-m", "stampray", "train", "--model", "cnn", "--data", tno_small, "--out", str(tmp_path),
            "--epochs", "3", "--batch-size", "64"]
