@@ -82,8 +82,12 @@ def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device =
     """:func:`load_bundle` on a checkpoint's bytes already read (``path`` names it in messages)."""
     try:
         bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint
-        msg = f"{path} is not a loadable stampray checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+    except Exception:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint
+        # PyTorch's own message suggests loading with weights_only=False, which would run code stored in
+        # the file: stampray does not repeat that advice.
+        msg = (f"{path} is not a stampray checkpoint: it holds objects other than tensors and plain values, "
+               f"which stampray never loads. Checkpoints are written by 'stampray train' (best.pt, last.pt, "
+               f"epoch-NNNN/model.pt) or stampray.checkpoint.save")
         raise ValueError(msg) from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         msg = f"{path} is not a stampray checkpoint (no '{FORMAT}' marker)"

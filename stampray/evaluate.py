@@ -335,6 +335,8 @@ def _run_name(path: str, i: int, names) -> str:
 def evaluate(settings: EvaluateSettings) -> EvaluateResult:
     """Build the report for one or more score tables."""
     t0 = time.time()
+    st.check_separate(settings.out, {"--data": settings.data, "--run": settings.run,
+                                     **{f"--scores {p}": p for p in settings.scores}})
     remote = _is_uri(settings.out)
     if _is_uri(settings.tensorboard):  # fail before any work, not after it
         _check_uri_dir(settings.tensorboard, "--tensorboard")

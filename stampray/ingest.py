@@ -1384,6 +1384,11 @@ def ingest(settings: IngestSettings) -> IngestResult:
         non-finite pixels under ``nonfinite="fail"``). Row problems are set aside, not raised.
     """
     t0 = time.time()
+    st.check_separate(settings.out, {"--fits": settings.fits})
+    st.check_separate(settings.out, {"--catalog": settings.catalog, "--images": settings.images,
+                                     "--labels": settings.labels, "--hdf5": settings.hdf5,
+                                     "--pickle": settings.pickle,
+                                     **{f"--class {n}": f for n, f in settings.class_files}}, files=True)
     with _LocalCopies() as local:
         if settings.class_files or settings.fits:
             plan = _plan_fits(settings) if settings.fits else _plan_class_files(settings, local)

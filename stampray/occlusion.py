@@ -205,6 +205,9 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     if settings.where == "misclassified" and not manifest.label_counts:
         msg = f"--where misclassified needs labels, and {settings.data} holds none"
         raise ValueError(msg)
+    st.check_separate(settings.out, {"--data": settings.data})
+    if settings.png:
+        st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
         msg = f"--out {settings.out} is a file; give a directory for the occlusion maps"

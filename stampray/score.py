@@ -291,6 +291,12 @@ def score(settings: ScoreSettings) -> ScoreResult:
         msg = f"--keep {clash}: these columns are always written"
         raise ValueError(msg)
     expected = _check_shard_names(manifest, settings.data)
+    st.check_separate(settings.out, {"--data": settings.data})
+    unlisted = st.unlisted_shards(settings.data, manifest)
+    if unlisted:
+        print(f"score: warning: {settings.data} holds Parquet files its manifest does not list, which are not "
+              f"scored: {', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''} ({len(unlisted)} files); "
+              f"ingest them into a table of their own", file=sys.stderr)
     tag = f"{bundle['model']}@{ck.weights_hash(bundle)}"
     job = _job_doc(settings, bundle, tag)
     out = settings.out

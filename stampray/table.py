@@ -123,6 +123,43 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
+def _canonical(path: str) -> str:
+    """A comparable form of a path or URI: scheme plus the absolute path, no trailing slash."""
+    path = str(path)
+    if "://" in path:
+        scheme, rest = path.split("://", 1)  # by text alone: resolving an s3:// filesystem asks the network
+        return scheme.lower() + "://" + posixpath.normpath("/" + rest.split("?", 1)[0]).rstrip("/")
+    import os
+
+    return os.path.realpath(path).rstrip("/")
+
+
+def check_separate(out: str, inputs: dict[str, str | None], flag: str = "--out", files: bool = False) -> None:
+    """Refuse an output that equals, lies inside or contains an input: writing there would replace or mix
+    with what the user gave (``score --data d --out d`` once overwrote the input's manifest). With
+    ``files``, the inputs are single files, and an output directory beside them is fine."""
+    o = _canonical(out)
+    for name, path in inputs.items():
+        if not path:
+            continue
+        i = _canonical(path)
+        how = ("is" if o == i else "lies inside" if o.startswith(i + "/") else
+               "contains" if i.startswith(o + "/") and not files else None)
+        if how:
+            msg = (f"{flag} {out} {how} {name} {path}; write the output to a directory of its own, "
+                   f"outside every input")
+            raise ValueError(msg)
+
+
+def unlisted_shards(path: str, manifest: "Manifest") -> list[str]:
+    """Parquet files in the table's directory that its manifest does not list (another tool's, a copy)."""
+    fs, p = resolve(path)
+    listed = {str(s["path"]) for s in manifest.shards}
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File
+                  and i.path.endswith(".parquet") and posixpath.basename(i.path) not in listed)
+
+
 def make_dirs(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)

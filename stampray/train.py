@@ -549,6 +549,7 @@ def fit(settings: TrainSettings) -> TrainResult:
     from .runtime import cluster_cpus, ensure_gpus, ray_session
 
     t0 = time.time()
+    st.check_separate(settings.out, {"--data": settings.data})
     manifest = st.read_manifest(settings.data)
     spec = manifest.spec
     if spec.num_classes < 2:

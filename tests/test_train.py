@@ -177,8 +177,9 @@ def test_non_checkpoints_are_refused(tmp_path):
             return (os.system, ("true",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
-    with pytest.raises(ValueError, match="is not a loadable stampray checkpoint"):
+    with pytest.raises(ValueError, match="is not a stampray checkpoint: it holds objects other than") as e:
         ck.load_model(str(tmp_path / "evil.pt"))
+    assert "weights_only" not in str(e.value) and "stampray train" in str(e.value)  # no advice to load unsafely
 
 
 def test_class_weights_are_inverse_frequencies():
