@@ -7,7 +7,6 @@ flags given on the command line override it (unset flags never override defaults
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import fields
@@ -33,31 +32,16 @@ def _class_file(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def _load_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    with open(path, "rb") as f:
-        raw = f.read()
-    if path.endswith(".toml"):
-        import tomllib
-
-        return tomllib.loads(raw.decode())
-    return json.loads(raw)
-
-
 def _settings(cls, ns: argparse.Namespace, **fixed):
-    """Build a settings dataclass: config file, then the flags the user actually gave."""
-    values = _load_config(getattr(ns, "config", None))
+    """Build a settings dataclass: config file, then the flags the user actually gave; every value is
+    checked against its field's declared type (:mod:`stampray.settings`)."""
+    from .settings import coerce, load_config
+
+    path = getattr(ns, "config", None)
+    values = coerce(cls, load_config(path), f"--config {path}") if path else {}
     names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        msg = f"--config holds unknown settings {sorted(unknown)}; known: {sorted(names)}"
-        raise ValueError(msg)
-    values.update({k: v for k, v in vars(ns).items() if k in names})
+    values.update(coerce(cls, {k: v for k, v in vars(ns).items() if k in names}, "command line"))
     values.update(fixed)
-    for f in fields(cls):  # lists from JSON/TOML become the tuples the dataclass expects
-        if isinstance(values.get(f.name), list):
-            values[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in values[f.name])
     return cls(**values)
 
 
@@ -78,6 +62,13 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=S, help="a fixed pool of exactly N replicas instead")
     p.add_argument("--wait-gpu", dest="wait_gpu", type=float, default=S, metavar="SECONDS",
                    help="with --use-gpu, how long to wait for the autoscaler's GPU nodes (default 1800)")
+
+
+def _class_flags(p: argparse.ArgumentParser) -> None:
+    """How a model's classes meet the table's, for score and occlude (see stampray/classes.py)."""
+    p.add_argument("--rename-classes", dest="rename_classes", action="store_true", default=S,
+                   help="the table names its classes otherwise than the model (e.g. 0,1 against noise,source): "
+                        "take the model's class names by position instead of refusing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stamps per model call (default 4096 on CPU, 16384 on GPU)")
     _pool_flags(p)
     p.add_argument("--overwrite", action="store_true", default=S, help="discard earlier results in --out")
+    _class_flags(p)
     p.add_argument("--compile", choices=["auto", "on", "off"], default=S,
                    help="torch.compile the model in each replica (auto: for jobs of 200,000 stamps or more)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
@@ -208,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", type=_csv, default=S, help="comma-separated stamp ids to map")
     p.add_argument("--where", choices=["misclassified"], default=S, help="map only misclassified stamps")
     p.add_argument("--limit", type=int, default=S, help="map at most N stamps")
+    p.add_argument("--chunk", type=int, default=S,
+                   help="occluded variants built and scored per forward pass (default: 1 Mi pixels' worth, "
+                        "e.g. 2,377 at 21x21, 46 at 150x150), so memory does not grow with stamp size or "
+                        "--batch-size")
     p.add_argument("--png", default=S, metavar="DIR", help="write stamp+heatmap overlays here")
+    _class_flags(p)
     p.add_argument("--png-limit", dest="png_limit", type=int, default=S, help="overlays to draw (default 20)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
                    help="stamps per actor call (each expands to one model batch of all its occlusions)")
@@ -289,6 +286,11 @@ def _cmd_train(ns):
           f"{m.get('best_epoch')}; test accuracy {m.get('test_acc', float('nan')):.4f}, test AUC "
           f"{m.get('test_auc', float('nan')):.4f} on {m.get('test_n')} stamps; "
           f"{m.get('stamps_per_s', 0):,.0f} stamps/s; {m.get('wall_seconds')} s")
+    aside = m.get("set_aside") or {}
+    if sum(aside.values()):
+        n = sum(aside.values())
+        print(f"train: set aside {n} stamp{'s' if n != 1 else ''} with non-finite pixels, not trained on "
+              f"({', '.join(f'{k} {v}' for k, v in aside.items())}); listed in {r.run_dir}/_errors")
     print(f"train: best checkpoint {r.best}; TensorBoard: tensorboard --logdir {r.run_dir}/tensorboard")
 
 
@@ -351,13 +353,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[ns.verb](ns)
-    except (ValueError, FileNotFoundError, PermissionError, NotImplementedError) as e:
-        print(f"stampray {ns.verb}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"stampray {ns.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every error ends in one line; see _report
+        return _report(ns.verb, e)
     return 0
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotImplementedError)
+
+
+def _report(verb: str, e: BaseException) -> int:
+    """One line on stderr for any error, and the exit status.
+
+    A mistake of the user's (a ValueError and the like, raised with a message naming the flag or file and
+    the fix) exits 2; a run that stopped for a reason it states (RuntimeError) exits 1; anything else is an
+    internal error: its full traceback is saved to a file named in the line, and the exit status is 1.
+    Errors raised inside Ray tasks are unwrapped to their cause first.
+    """
+    import traceback
+
+    cause, seen = e, set()
+    while id(cause) not in seen:  # RayTaskError(...).cause, and Ray Data's UserCodeException's __cause__
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or (cause.__cause__ if type(cause).__name__ == "UserCodeException"
+                                                  else None)
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    if isinstance(cause, USER_ERRORS):
+        print(f"stampray {verb}: error: {cause}", file=sys.stderr)
+        return 2
+    if isinstance(cause, RuntimeError) and type(cause) is RuntimeError:
+        print(f"stampray {verb}: error: {cause}", file=sys.stderr)
+        return 1
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=f"stampray-{verb}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"stampray {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(type(e), e, e.__traceback__, file=f)
+    line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    print(f"stampray {verb}: internal error: {type(cause).__name__}: {line[:300]}; the full traceback is in "
+          f"{path} (please include it when you report this)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,17 @@ from . import table as st
 
 SHARD = "_shard"
 ROW = "_row"  # the row's index within its shard
+READ_ERROR = "_read_error"  # why a row group could not be read (damaged page); its rows are set aside
+
+
+def _unreadable(pf: pq.ParquetFile, rg: int, cols: list[str] | None, name: str, row0: int, e: Exception) -> pa.Table:
+    """Stand-in rows for a row group that cannot be read: every column null, the reason in ``_read_error``."""
+    n = pf.metadata.row_group(rg).num_rows
+    sch = pf.schema_arrow if cols is None else pa.schema([pf.schema_arrow.field(c) for c in cols])
+    reason = (f"corrupt: {name} rows {row0}-{row0 + n - 1} (row group {rg}) cannot be read ({e}); restore the "
+              f"shard or re-create the table")
+    tbl = pa.table({f.name: pa.nulls(n, f.type) for f in sch})
+    return tbl.append_column(READ_ERROR, pa.array([reason] * n, pa.string()))
 
 
 def _read_items(items: pa.Table, root: str, columns: list[str] | None, tag: bool):
@@ -27,14 +38,19 @@ def _read_items(items: pa.Table, root: str, columns: list[str] | None, tag: bool
     row0s = items.column("row0").to_pylist() if "row0" in items.schema.names else [0] * items.num_rows
     for name, rg, row0 in zip(items.column("shard").to_pylist(), items.column("row_group").to_pylist(), row0s):
         with fs.open_input_file(st.resolve(st.join(root, name))[1]) as f:
-            pf = pq.ParquetFile(f)
+            pf = st.open_parquet(f)
             cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-            tbl = pf.read_row_group(rg, columns=cols)
+            try:
+                tbl = pf.read_row_group(rg, columns=cols)
+            except (OSError, pa.ArrowException) as e:
+                if not tag:  # a reader without row books (training) cannot set rows aside: it stops
+                    raise ValueError(st.damaged(st.join(root, name), e)) from None
+                tbl = _unreadable(pf, rg, cols, name, row0, e)
         if tag:
             tbl = tbl.append_column(SHARD, pa.array([name] * tbl.num_rows, pa.string()))
             tbl = tbl.append_column(ROW, pa.array(np.arange(row0, row0 + tbl.num_rows, dtype=np.int64)))
         out.append(tbl)
-    return pa.concat_tables(out) if len(out) > 1 else out[0]
+    return pa.concat_tables(out, promote_options="default") if len(out) > 1 else out[0]
 
 
 def work_items(path: str, shards: Sequence[str]) -> list[dict]:
@@ -63,7 +79,9 @@ def read_stamps(path: str, shards: Sequence[str] | None = None, columns: Sequenc
     columns : sequence of str, optional
         Columns to read; default all.
     tag_shard : bool
-        Add a ``_shard`` column naming each row's shard and a ``_row`` column with its index there.
+        Add a ``_shard`` column naming each row's shard and a ``_row`` column with its index there. A row
+        group that cannot be read (a page fails its checksum) then comes as null rows with the reason in
+        ``_read_error``, for the consumer to set aside; untagged, it stops the read naming the shard.
     num_cpus : float
         CPU request of each read task.
     items : list of dict, optional

@@ -32,7 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from . import table as st
-from .score import prob_column, read_scores, score_manifest
+from .lock import output_lock
+from .classes import check_class_names, prob_column
+from .score import read_scores, score_manifest
 
 SPLITS = ("test", "val", "train", "all")
 
@@ -328,8 +330,38 @@ class EvaluateResult:
     plots: list = field(default_factory=list)
 
 
-def _run_name(path: str, i: int, names) -> str:
-    return names[i] if names else (os.path.basename(os.path.normpath(path)) or f"scores{i}")
+def _check_prob_columns(path: str, class_names: list[str], columns: list[str]) -> None:
+    """Each class must have its own ``p_<class>`` column (tables scored before names were checked may not)."""
+    check_class_names(class_names, f"{path} (its classes)", "score the table again with this stampray")
+    missing = [f"{prob_column(c)} ({c})" for c in class_names if prob_column(c) not in columns]
+    if missing:
+        msg = (f"{path} has no probability column for {', '.join(missing)}; it was scored by an older stampray "
+               f"or another tool: score the table again")
+        raise ValueError(msg)
+
+
+def table_labels(paths, names=()) -> list[str]:
+    """One label per score table: ``--names`` when given, else the shortest trailing part of each path that
+    tells them apart (``a/cnn/scores`` and ``b/cnn/scores`` become ``a/cnn/scores`` and ``b/cnn/scores``,
+    ``s1`` and ``s2`` stay ``s1`` and ``s2``). Refuses a table given twice and repeated names."""
+    if names:
+        seen = [n for i, n in enumerate(names) if n in names[:i]]
+        if seen:
+            msg = f"--names gives {seen[0]!r} twice; give each score table a name of its own"
+            raise ValueError(msg)
+        return list(names)
+    norm = [str(p) if "://" in str(p) else os.path.normpath(str(p)) for p in paths]
+    parts = [[p for p in path.replace("://", "/").split("/") if p] or [path] for path in norm]
+    whole = ["/".join(p) for p in parts]
+    twice = [w for i, w in enumerate(whole) if w in whole[:i]]
+    if twice:
+        msg = f"--scores {twice[0]} is given twice"
+        raise ValueError(msg)
+    for k in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return whole
 
 
 def evaluate(settings: EvaluateSettings) -> EvaluateResult:
@@ -337,24 +369,24 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
     t0 = time.time()
     st.check_separate(settings.out, {"--data": settings.data, "--run": settings.run,
                                      **{f"--scores {p}": p for p in settings.scores}})
+    table_labels(settings.scores, settings.names)  # two tables under one name: refused before any work
     remote = _is_uri(settings.out)
     if _is_uri(settings.tensorboard):  # fail before any work, not after it
         _check_uri_dir(settings.tensorboard, "--tensorboard")
     if remote:  # build the report here, upload it when complete
         _check_uri_dir(settings.out, "--out")
-        work = tempfile.mkdtemp(prefix="stampray-report-")
-    else:
-        os.makedirs(settings.out, exist_ok=True)
-        work = settings.out
-    try:
-        return _evaluate(settings, work, t0)
-    finally:
-        if remote:
-            shutil.rmtree(work, ignore_errors=True)
+    with output_lock(settings.out, "evaluate"):
+        work = tempfile.mkdtemp(prefix="stampray-report-") if remote else settings.out
+        try:
+            return _evaluate(settings, work, t0)
+        finally:
+            if remote:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult:
     """The report, written into the local directory ``out`` (``settings.out`` itself when it is local)."""
+    labels = table_labels(settings.scores, settings.names)
     results, meta = {}, {}
     class_names = None
     for i, path in enumerate(settings.scores):
@@ -366,6 +398,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
             msg = f"{path} scores classes {names}, the first table {class_names}; compare like with like"
             raise ValueError(msg)
         t = read_scores(path)
+        _check_prob_columns(path, names, t.column_names)
         total = t.num_rows
         if st.LABEL in t.column_names:
             t = t.filter(t.column(st.LABEL).is_valid())
@@ -375,7 +408,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
             msg = (f"{path} has no labelled rows in split {settings.split!r} ({total} rows in all); "
                    f"try --split all, or score labelled data")
             raise ValueError(msg)
-        name = _run_name(path, i, settings.names)
+        name = labels[i]
         results[name] = evaluate_table(t, class_names, settings)
         meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"),
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}

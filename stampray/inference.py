@@ -21,7 +21,6 @@ import io
 import logging
 import math
 import posixpath
-import re
 import sys
 import time
 import uuid
@@ -36,6 +35,8 @@ import pyarrow.parquet as pq
 from . import checkpoint as ck
 from . import preprocess as pp
 from . import table as st
+from .classes import ClassMatch, check_class_names, match_classes, prob_column  # noqa: F401
+from .data import READ_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this 
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
 
-def prob_column(name: str) -> str:
-    """Column name of a class probability: ``p_`` plus the class name made identifier-safe."""
-    return "p_" + re.sub(r"\W", "_", str(name))
+def check_compatible(bundle: dict, manifest: st.Manifest, data: str, rename_classes: bool = False) -> ClassMatch:
+    """Catch a model/data mismatch before any work starts; return how the classes are matched.
 
-
-def check_compatible(bundle: dict, manifest: st.Manifest, data: str) -> None:
-    """Catch a model/data mismatch before any work starts."""
+    Input shape and class count must agree. The checkpoint's class names must each give a score column
+    of their own, and they must be the table's (see :func:`stampray.classes.match_classes`): the same
+    names in another order are matched by name, other names are refused unless ``rename_classes``.
+    """
     c, h, w = manifest.spec.shape
     if bundle["in_channels"] != c:
         msg = (f"the model takes {bundle['in_channels']}-channel stamps, {data} holds {c}-channel stamps "
@@ -69,16 +70,20 @@ def check_compatible(bundle: dict, manifest: st.Manifest, data: str) -> None:
                f"{', '.join(manifest.spec.class_names)}) but the model predicts {k} classes "
                f"({', '.join(bundle['class_names'])})")
         raise ValueError(msg)
-    if manifest.spec.num_classes and manifest.spec.num_classes != k:
-        msg = (f"{data} declares {manifest.spec.num_classes} classes ({', '.join(manifest.spec.class_names)}) "
-               f"but the model predicts {k} ({', '.join(bundle['class_names'])})")
-        raise ValueError(msg)
+    check_class_names(bundle["class_names"], "the checkpoint's classes",
+                      "it was trained on a table whose class names collide: re-ingest that table with "
+                      "distinct names and train again")
+    return match_classes(bundle["class_names"], manifest.spec.class_names, data, rename_classes)
 
 
-def open_model_for(model: str, data: str) -> tuple[st.Manifest, str, dict, bytes]:
+def open_model_for(model: str, data: str, rename_classes: bool = False) -> tuple[st.Manifest, str, dict, bytes]:
     """The dataset's manifest, the checkpoint's path, bundle and bytes, after the compatibility check.
 
     The checkpoint is read once; the replicas load the same bytes (``weights_only``) from the object store.
+    When the table lists the model's classes in another order, the bundle and bytes returned carry the
+    table's order (``class_names``) and the model output behind each class (``class_order``), which
+    :class:`ModelActor` applies: everything downstream (``pred``, ``pred_name``, the ``p_`` columns, the
+    score manifest's class names) then follows the table's labels. What was matched is said on stderr.
     """
     manifest = st.read_manifest(data)
     model_path = ck.resolve_path(model)
@@ -86,7 +91,16 @@ def open_model_for(model: str, data: str) -> tuple[st.Manifest, str, dict, bytes
     with fs.open_input_stream(p) as f:
         data_bytes = f.read()
     bundle = ck.bundle_from_bytes(data_bytes, model_path)
-    check_compatible(bundle, manifest, data)
+    match = check_compatible(bundle, manifest, data, rename_classes)
+    if match.order is not None:
+        import torch
+
+        bundle = {**bundle, "class_names": list(match.names), "class_order": list(match.order)}
+        buf = io.BytesIO()
+        torch.save(bundle, buf)
+        data_bytes = buf.getvalue()
+    if match.note:
+        print(f"stampray: note: {match.note}", file=sys.stderr, flush=True)
     return manifest, model_path, bundle, data_bytes
 
 
@@ -103,13 +117,13 @@ def write_atomic(table: pa.Table, path: str, tmp_root: str, metadata: dict | Non
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     if not isinstance(fs, pafs.LocalFileSystem):
-        pq.write_table(table, p, filesystem=fs, compression="zstd")
+        pq.write_table(table, p, filesystem=fs, compression="zstd", write_page_checksum=True)
         return
     _, root = st.resolve(tmp_root)
     tmp = posixpath.join(root, TMP_DIR, f"{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}")
     fs.create_dir(posixpath.dirname(tmp), recursive=True)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+    pq.write_table(table, tmp, filesystem=fs, compression="zstd", write_page_checksum=True)
     fs.move(tmp, p)
 
 
@@ -151,13 +165,17 @@ class ModelActor:
         if isinstance(model_bytes, ray.ObjectRef):  # nested refs are not resolved for us
             model_bytes = ray.get(model_bytes)
         torch.set_num_threads(max(1, int(threads)))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu:
+            require_cuda("--use-gpu")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         bundle = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
         self.bundle = bundle
         self.model = ck.build_model(bundle).to(self.device)
         self.preprocess = pp.get(bundle["preprocess"])
         self.shape = (bundle["in_channels"], *bundle["image_size"])
         self.class_names = list(bundle["class_names"])
+        order = bundle.get("class_order")  # set by open_model_for: the table's label order
+        self.class_order = np.asarray(order, np.int64) if order is not None else None
         self.amp = self.device.type == "cuda"
         self.chunk = int(chunk)
         self.forward = self.model
@@ -167,8 +185,10 @@ class ModelActor:
             self._compile()
 
     def _compile(self) -> None:
-        """``torch.compile`` for one fixed batch shape (tails are padded), warmed up here so that the
-        compile time is paid once per replica; any failure falls back to eager mode."""
+        """``torch.compile`` for one fixed batch shape (tails are padded), warmed up here through the very
+        path real batches take (channels-last, the device copy and, on a GPU, ``autocast``), so that the
+        compile time is paid once per replica and the first real batch does not recompile; any failure
+        falls back to eager mode."""
         import torch
 
         try:
@@ -178,13 +198,26 @@ class ModelActor:
             # convolutions) and use channels-last; together about 3.5x eager on one CPU thread for cnn.
             inductor_config.freezing = True
             model = self.model.to(memory_format=torch.channels_last)
-            fn = torch.compile(model, dynamic=False)
+            self.forward, self.compiled = torch.compile(model, dynamic=False), True
             with torch.inference_mode():
-                fn(torch.zeros(self.chunk, *self.shape, device=self.device).contiguous(
-                    memory_format=torch.channels_last))
-            self.forward, self.compiled = fn, True
+                self._run(np.zeros((self.chunk, *self.shape), np.float32))
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op: eager still works
+            self.forward, self.compiled = self.model, False
             print(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode", flush=True)
+
+    def _run(self, part: np.ndarray):
+        """Softmax of one chunk (at most ``self.chunk`` preprocessed stamps), as a float32 tensor on the device;
+        the only place a replica calls its model, so warm-up and real batches take the same path."""
+        import torch
+
+        xb = torch.from_numpy(part)
+        if self.compiled:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            xb = xb.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            logits = self.forward(xb)
+        return torch.softmax(logits.float(), dim=1)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities for preprocessed stamps (N, C, H, W)."""
@@ -197,17 +230,11 @@ class ModelActor:
                 n = len(part)
                 if self.compiled and n < self.chunk:  # keep the one compiled shape
                     part = np.concatenate([part, np.zeros((self.chunk - n, *self.shape), np.float32)])
-                xb = torch.from_numpy(part)
-                if self.compiled:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                if self.device.type == "cuda":
-                    xb = xb.pin_memory().to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits = self.forward(xb)
-                out.append(torch.softmax(logits.float(), dim=1)[:n].cpu().numpy())
+                out.append(self._run(part)[:n].cpu().numpy())
         if not out:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return np.concatenate(out)
+        probs = np.concatenate(out)
+        return probs[:, self.class_order] if self.class_order is not None else probs
 
     def decode_valid(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list]:
         """Images of the rows that can be scored, their row indices, and (row, reason) for the others."""
@@ -231,9 +258,13 @@ class ModelActor:
                 return np.zeros((0, *self.shape), np.float32), np.zeros(0, np.int64), sorted(reasons.items())
             col = pc.if_else(pa.array(lengths == width), col.cast(pa.binary()), pa.scalar(b"\x00" * width, pa.binary()))
             col = col.cast(pa.binary(width))
+        if READ_ERROR in batch.schema.names:  # rows of a damaged row group (see data.read_stamps)
+            for i, why in enumerate(batch.column(READ_ERROR).to_pylist()):
+                if why is not None:
+                    reasons[i] = why
         if col.null_count:
             for i in np.nonzero(~col.is_valid().to_numpy(zero_copy_only=False))[0]:
-                reasons[int(i)] = "shape: no image"
+                reasons.setdefault(int(i), "shape: no image")
             col = col.fill_null(b"\x00" * width)
         images = st.decode_images(col, self.shape)
         finite = np.isfinite(images).all(axis=(1, 2, 3))
@@ -321,6 +352,48 @@ def _fits(node_cpus: float, per: float) -> int:
     if node_cpus < per + READ_CPUS:
         return 0
     return min(replica_cpus(node_cpus)[0], int((node_cpus - READ_CPUS) // per))
+
+
+def require_cuda(flag: str = "--use-gpu") -> None:
+    """Refuse to run on the CPU what was asked to run on a GPU: one line naming the node, the torch build
+    and the fix. Runs where the work runs (a replica, a Train worker)."""
+    import socket
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import ray
+
+    node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (torch.version.cuda is None)"
+    msg = (f"{flag}: node {node} was given a GPU by Ray but its torch {torch.__version__} cannot use CUDA "
+           f"({build}; torch.cuda.device_count() = {torch.cuda.device_count()}); install a CUDA build of torch "
+           f"matching the node's driver there (see cluster.yaml), or run without {flag}")
+    raise ValueError(msg)
+
+
+def check_gpu_nodes(verb: str, timeout_s: float = 300.0) -> None:
+    """Before any work: on every node that advertises GPUs, a 1-GPU probe task checks that torch there can
+    use CUDA (a CPU torch wheel on a GPU node, a driver mismatch, a node started with ``--num-gpus`` but no
+    GPU); refuses naming the node otherwise. Bounded by ``timeout_s`` (the probes wait for a free GPU)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and float(n.get("Resources", {}).get("GPU", 0)) >= 1]
+    probe = ray.remote(num_cpus=0, num_gpus=1, max_retries=0)(require_cuda)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, ValueError) else e) from None
+    if pending:
+        msg = (f"{verb} --use-gpu: {len(pending)} GPU nodes did not run a 1-GPU check within {timeout_s:.0f} s "
+               f"(their GPUs are busy?); see 'ray status'")
+        raise RuntimeError(msg)
 
 
 def alive_node_cpus() -> list[float]:

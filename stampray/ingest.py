@@ -61,6 +61,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import table as st
+from .classes import check_class_names
+from .lock import output_lock
 
 LAYOUTS = ("auto", "nchw", "nhwc", "nhw", "flat")
 NONFINITE = ("set-aside", "fail")
@@ -135,6 +137,25 @@ class IngestSettings:
             msg = ("--parallel on distributes --fits and --class inputs; --images, --hdf5 and --pickle are "
                    "single inputs read in-process: use --parallel auto or off")
             raise ValueError(msg)
+        self._check_class_names()
+
+    def _check_class_names(self) -> None:
+        """Every class needs a distinct, non-empty name: the score columns ``p_<class>`` derive from them."""
+        if self.classes:
+            check_class_names(self.classes, "--classes")
+        files: dict[str, str] = {}
+        for name, path in self.class_files:
+            if not str(name).strip():
+                msg = f"--class ={path}: the class name is empty; give NAME=FILE, e.g. noise={path}"
+                raise ValueError(msg)
+            if name in files and not self.classes:
+                msg = (f"--class {name} is given twice ({files[name]} and {path}); each --class adds a class. "
+                       f"To read several files into one class, list the classes once with --classes "
+                       f"(e.g. --classes {name},...)")
+                raise ValueError(msg)
+            files.setdefault(name, path)
+        if not self.classes:
+            check_class_names(list(files), "--class")
 
 
 class IngestError(ValueError):
@@ -331,6 +352,16 @@ def _open_npy(path: str):
     try:
         return _Sliced(np.load(path, mmap_mode="r", allow_pickle=False), path)
     except ValueError as e:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head[:2] == b"\x1f\x8b":  # numpy reads a file without its magic as a pickle: say what it is
+            raise IngestError(f"{path} is gzip-compressed, not a .npy file; decompress it first "
+                              f"(gunzip -k {path}) and ingest the result") from None
+        if head != b"\x93NUMPY" and head[:1] == b"\x80" and ("pickle" in str(e).lower()):
+            raise _refuse_pickle(path) from None
+        if head != b"\x93NUMPY":
+            raise IngestError(f"{path} is not a .npy file (it does not start with numpy's magic bytes); "
+                              f"save arrays with numpy.save, or use .npz or HDF5") from None
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise _refuse_pickle(path) from None
         raise IngestError(f"{path} is not a readable .npy file: {e}") from None
@@ -413,6 +444,14 @@ def to_nchw(chunk: np.ndarray, layout: str, shape: tuple[int, int, int]) -> np.n
 
 def map_labels(raw: np.ndarray | None, classes: tuple[str, ...], path: str):
     """Return ``(class_names, labels int64 with -1 for null, bad-row reasons dict)``."""
+    names, labels, bad = _map_labels(raw, classes, path)
+    if not classes:  # names read from the labels themselves (--classes was checked on its own)
+        check_class_names(names, f"the labels of {path}",
+                          "list the classes with --classes (labels that are none of them are set aside)")
+    return names, labels, bad
+
+
+def _map_labels(raw: np.ndarray | None, classes: tuple[str, ...], path: str):
     if raw is None:
         return tuple(classes), None, {}
     raw = np.asarray(raw)
@@ -712,6 +751,11 @@ def _plan_hdf5(s: IngestSettings, local: _LocalCopies):
     if s.images_key not in f:
         raise IngestError(f"{s.hdf5} has no dataset {s.images_key!r}; it holds: {', '.join(f.keys())}; "
                           f"name the images with --images-key")
+    for flag, key in (("--images-key", s.images_key), ("--labels-key", s.labels_key), ("--ids-key", s.ids_key)):
+        if key and key in f and not isinstance(f[key], h5py.Dataset):
+            inside = ", ".join(f"{key}/{k}" for k in f[key].keys()) or "nothing"
+            raise IngestError(f"{s.hdf5}: {flag} {key!r} names a group, not a dataset (it holds {inside}); "
+                              f"give the path of a dataset, e.g. {flag} {key}/NAME")
     images = _Sliced(f[s.images_key], s.hdf5)
     labels_raw = np.asarray(f[s.labels_key][:]) if s.labels_key in f else None
     if labels_raw is not None and labels_raw.dtype.kind == "S":
@@ -1389,6 +1433,11 @@ def ingest(settings: IngestSettings) -> IngestResult:
                                      "--labels": settings.labels, "--hdf5": settings.hdf5,
                                      "--pickle": settings.pickle,
                                      **{f"--class {n}": f for n, f in settings.class_files}}, files=True)
+    with output_lock(settings.out, "ingest"):
+        return _ingest(settings, t0)
+
+
+def _ingest(settings: IngestSettings, t0: float) -> IngestResult:
     with _LocalCopies() as local:
         if settings.class_files or settings.fits:
             plan = _plan_fits(settings) if settings.fits else _plan_class_files(settings, local)

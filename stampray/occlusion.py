@@ -15,12 +15,14 @@ pieces, so no map passes through the driver and a new output replaces an old one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import posixpath
 import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -30,10 +32,13 @@ import pyarrow.parquet as pq
 
 from . import table as st
 from .data import ROW, SHARD
+from .lock import output_lock
+from .settings import non_negative, positive
 from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, delete_dir, list_files,
                         open_model_for, write_atomic)
 
 WHERE = ("misclassified",)
+MAPS_FILE = "_maps.json"  # what an occlude run wrote in --out: only these files are ever replaced
 ERROR = "_error"  # set on rows that could not be occluded (their reason); they go to OUT/_errors/
 
 
@@ -51,6 +56,7 @@ class OccludeSettings:
     limit: int | None = None
     png: str | None = None
     png_limit: int = 20
+    chunk: int | None = None  # (stamp, window) pairs scored per forward; default: 1 Mi pixels' worth
     batch_size: int | None = None
     actors: int | None = None
     use_gpu: bool = False
@@ -58,6 +64,7 @@ class OccludeSettings:
     wait_gpu: float = 1800.0
     progress: bool = True
     address: str | None = None
+    rename_classes: bool = False  # the table names its classes otherwise: take the model's names by position
 
     def __post_init__(self):
         if int(self.kernel) < 1 or int(self.stride) < 1:
@@ -69,39 +76,51 @@ class OccludeSettings:
         if self.ids and self.where:
             msg = "give either --ids or --where, not both"
             raise ValueError(msg)
-        if self.limit is not None and int(self.limit) < 1:
-            msg = f"--limit must be a positive integer, got {self.limit!r}"
-            raise ValueError(msg)
+        positive(self, "limit", "batch_size", "actors", "max_actors", "png_limit", "chunk")
+        non_negative(self, "wait_gpu")
 
 
-def occlusion_masks(shape, kernel: int, stride: int) -> tuple[np.ndarray, int, int]:
-    """(P, 1, H, W) masks that zero one kernel×kernel window each, and the window grid size."""
+def occlusion_grid(shape, kernel: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (ys, xs) of every window position, row by row; refuses a kernel that does not fit."""
     _, h, w = shape
-    ys, xs = range(0, h - kernel + 1, stride), range(0, w - kernel + 1, stride)
+    ys, xs = np.arange(0, h - kernel + 1, stride), np.arange(0, w - kernel + 1, stride)
     if not len(ys) or not len(xs):
         msg = f"--kernel {kernel} does not fit in stamps of {h}x{w}"
         raise ValueError(msg)
-    masks = np.ones((len(ys) * len(xs), 1, h, w), np.float32)
-    for p, (y, x) in enumerate((y, x) for y in ys for x in xs):
-        masks[p, :, y:y + kernel, x:x + kernel] = 0.0
-    return masks, len(ys), len(xs)
+    return ys, xs
+
+
+OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
 
 
 def occlusion_maps(raw: np.ndarray, target: np.ndarray, kernel: int, stride: int,
                    preprocess: Callable[[np.ndarray], np.ndarray],
-                   predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                   predict: Callable[[np.ndarray], np.ndarray], chunk: int | None = None) -> np.ndarray:
     """Heatmaps (n, H, W): probability of class ``target[i]`` with each window occluded.
 
-    ``predict`` maps preprocessed stamps (N, C, H, W) to class probabilities (N, K).
+    ``predict`` maps preprocessed stamps (N, C, H, W) to class probabilities (N, K). The (stamp, window)
+    pairs are built and scored ``chunk`` at a time (default: ``OCCLUDE_PIXELS`` pixels' worth), so memory
+    does not grow with the stamp size, the number of window positions or the batch: only the (n, positions)
+    grid of probabilities is kept.
     """
     n, c, h, w = raw.shape
+    ys, xs = occlusion_grid((c, h, w), kernel, stride)
+    gy, gx = len(ys), len(xs)
     if n == 0:
         return np.zeros((0, h, w), np.float32)
-    masks, gy, gx = occlusion_masks((c, h, w), kernel, stride)
+    positions = gy * gx
+    chunk = max(1, int(chunk or OCCLUDE_PIXELS // (c * h * w)))
     base = preprocess(raw)
-    variants = (base[:, None] * masks[None]).reshape(n * len(masks), c, h, w)
-    probs = predict(preprocess(variants)).reshape(n, len(masks), -1)
-    grid = probs[np.arange(n), :, target].reshape(n, gy, gx)
+    grid = np.empty(n * positions, np.float32)
+    for k in range(0, n * positions, chunk):
+        pair = np.arange(k, min(k + chunk, n * positions))
+        stamp, pos = pair // positions, pair % positions
+        variants = base[stamp]  # a copy: fancy indexing
+        for j, (y, x) in enumerate(zip(ys[pos // gx], xs[pos % gx])):
+            variants[j, :, y:y + kernel, x:x + kernel] = 0.0
+        probs = predict(preprocess(variants))
+        grid[pair] = probs[np.arange(len(pair)), target[stamp]]
+    grid = grid.reshape(n, gy, gx)
     if stride > 1:  # each window position stands for the stride×stride block it starts
         grid = np.repeat(np.repeat(grid, stride, axis=1), stride, axis=2)[:, :h - kernel + 1, :w - kernel + 1]
     before, after = (kernel - 1) // 2, kernel // 2
@@ -124,9 +143,11 @@ class Occluder(ModelActor):
     """map_batches callable: stamp rows in; the selected stamps' maps written as a piece; a record out."""
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
-                 threads: int = 1, use_gpu: bool = False):
+                 threads: int = 1, use_gpu: bool = False, limit: int | None = None, chunk: int | None = None):
         super().__init__(model_bytes, threads, use_gpu)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
+        self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
+        self.occlude_chunk = int(chunk) if chunk else None  # (stamp, window) pairs per forward
         self.ids = pa.array(sorted(ids), pa.string()) if ids else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -157,9 +178,9 @@ class Occluder(ModelActor):
         keep = np.ones(len(batch), bool)
         if self.where == "misclassified":
             keep = has_label & (pred != label)
-        idx = np.nonzero(keep)[0]
+        idx = np.nonzero(keep)[0][:self.limit]
         heat = occlusion_maps(images[idx], target[idx], self.kernel, self.stride, self.preprocess,
-                              self.probabilities)
+                              self.probabilities, self.occlude_chunk)
         rows = len(idx)
         # Rows that cannot be occluded (non-finite pixels, a wrong image size) travel on with their reason
         # and zero-filled maps; the commit writes them to ``OUT/_errors/`` and never among the maps.
@@ -195,29 +216,34 @@ class OccludeResult:
     seconds: float
     set_aside: int = 0
     nodes: dict | None = None
+    ids_not_found: list = field(default_factory=list)
 
 
 def occlude(settings: OccludeSettings) -> OccludeResult:
     """Compute occlusion maps for the selected stamps and write them as Parquet (and PNGs)."""
     t0 = time.time()
-    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
-    occlusion_masks(manifest.spec.shape, settings.kernel, settings.stride)  # kernel fits?
+    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data, settings.rename_classes)
+    occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)  # kernel fits?
     if settings.where == "misclassified" and not manifest.label_counts:
         msg = f"--where misclassified needs labels, and {settings.data} holds none"
         raise ValueError(msg)
     st.check_separate(settings.out, {"--data": settings.data})
     if settings.png:
         st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
+    st.inspect_shards(settings.data, manifest)
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
         msg = f"--out {settings.out} is a file; give a directory for the occlusion maps"
         raise ValueError(msg)
-    st.make_dirs(settings.out)
-    delete_dir(st.join(settings.out, PARTS_DIR))  # leftovers of a killed run
-    delete_dir(st.join(settings.out, TMP_DIR))
-    total, set_aside, nodes = _run(settings, model_bytes, manifest)
-    delete_dir(st.join(settings.out, PARTS_DIR))
-    delete_dir(st.join(settings.out, TMP_DIR))
+    with output_lock(settings.out, "occlude"):
+        total, set_aside, nodes, missing = _occlude_locked(settings, model_bytes, manifest)
+    if missing and len(missing) == len(settings.ids):
+        msg = (f"none of the {len(missing)} --ids is in {settings.data} ({', '.join(missing[:10])}"
+               f"{' ...' if len(missing) > 10 else ''}); check the ids against the table's stamp_id column")
+        raise ValueError(msg)
+    if missing:
+        print(f"occlude: warning: {len(missing)} of the {len(settings.ids)} --ids are not in {settings.data}: "
+              f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}", file=sys.stderr)
     if set_aside:
         print(f"occlude: {set_aside} stamps could not be occluded (non-finite pixels or a wrong image size); "
               f"listed with their reasons in {st.join(settings.out, st.ERRORS_DIR)}", file=sys.stderr)
@@ -228,17 +254,45 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
         with fs.open_input_file(st.resolve(st.join(settings.out, "part-00000.parquet"))[1]) as f:
             first = pq.ParquetFile(f).read_row_group(0).slice(0, settings.png_limit)
         pngs = write_pngs(first, settings.png, list(bundle["class_names"]))
-    return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes)
+    return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes, missing)
 
 
-def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -> tuple[int, int, dict]:
+def _occlude_locked(settings: OccludeSettings, model_bytes: bytes,
+                    manifest: st.Manifest) -> tuple[int, int, dict, list[str]]:
+    """Run and commit the maps into ``--out``, replacing only files an earlier ``occlude`` wrote there
+    (listed in its ``_maps.json``)."""
+    out = settings.out
+    st.make_dirs(out)
+    marker = st.join(out, MAPS_FILE)
+    old = json.loads(st.read_text(marker)).get("files", []) if st.exists(marker) else None
+    if old is None:
+        theirs = [n for n in list_files(out) if n.startswith("part-")] + (
+            [st.ERRORS_DIR] if st.exists(st.join(out, st.ERRORS_DIR)) else [])
+        if theirs:
+            msg = (f"--out {out} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which "
+                   f"'stampray occlude' did not write there (no {MAPS_FILE}); choose a new or empty directory")
+            raise ValueError(msg)
+    delete_dir(st.join(out, PARTS_DIR))  # leftovers of a killed run
+    delete_dir(st.join(out, TMP_DIR))
+    total, set_aside, nodes, files, missing = _run(settings, model_bytes, manifest, old or [])
+    delete_dir(st.join(out, PARTS_DIR))
+    delete_dir(st.join(out, TMP_DIR))
+    doc = {"verb": "occlude", "model": settings.model, "data": settings.data, "kernel": settings.kernel,
+           "stride": settings.stride, "maps": total, "set_aside": set_aside, "files": files,
+           "ids_not_found": missing}
+    st.write_text(marker, json.dumps(doc, indent=2))
+    return total, set_aside, nodes, missing
+
+
+def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
+         old_files: list[str]) -> tuple[int, int, dict, list[str], list[str]]:
     """Stream the stamps through the pool, keep the books, then commit: (maps, set aside, maps per node)."""
     import ray
     import ray.data
 
     from .capacity import cluster_capacity
     from .data import read_stamps, work_items
-    from .inference import alive_node_cpus, plan_pool
+    from .inference import alive_node_cpus, check_gpu_nodes, plan_pool
     from .runtime import ensure_gpus, ray_session
 
     with ray_session(settings.address):
@@ -247,6 +301,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -
                             settings.progress, unit="maps")
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
+            check_gpu_nodes("occlude")
         items = work_items(settings.data, [sh["path"] for sh in manifest.shards])
         plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
         strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
@@ -257,7 +312,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -
             compute=strategy, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
             fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
                                    "kernel": settings.kernel, "stride": settings.stride, "ids": list(settings.ids),
-                                   "where": settings.where, "threads": plan.threads, "use_gpu": settings.use_gpu})
+                                   "where": settings.where, "threads": plan.threads, "use_gpu": settings.use_gpu,
+                                   "limit": settings.limit, "chunk": settings.chunk})
         limit = int(settings.limit) if settings.limit else None
         accepted, total, nodes = [], 0, {}
         for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -273,25 +329,32 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest) -
         progress.close()
         # The commit reads the maps, so it runs as a task beside the replicas, not in the driver.
         commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_maps)
-        total, set_aside = ray.get(commit.remote(settings.out, accepted, limit), timeout=1800)
-    return total, set_aside, nodes
+        total, set_aside, files, missing = ray.get(
+            commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
+    return total, set_aside, nodes, files, missing
 
 
 MAP_FILE_ROWS = 10_000  # maps per output file
 
 
-def commit_maps(out: str, pieces: list[str], limit: int | None) -> tuple[int, int]:
+def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[str] = (),
+                ids: list[str] = ()) -> tuple[int, int, list, list]:
     """Ray task: join the accepted pieces (in order, each stamp once, at most ``limit`` maps) into
-    ``part-NNNNN`` files and ``_errors/part-00000.parquet``, then remove older outputs beyond them."""
+    ``part-NNNNN`` files and ``_errors/part-00000.parquet``, then remove an earlier run's files beyond them
+    (``old_files``, from its ``_maps.json``); returns (maps, set aside, files written, the asked-for ``ids``
+    that no piece holds)."""
     fs, _ = st.resolve(out)
     seen: set = set()
+    found: set = set()
     pending, written, total, errors = [], 0, 0, []
     for name in pieces:
-        t = pq.read_table(st.resolve(st.join(out, PARTS_DIR, name))[1], filesystem=fs)
+        t = st.read_parquet(st.join(out, PARTS_DIR, name))
         key = [f"{s}:{r}" for s, r in zip(t.column(SHARD).to_pylist(), t.column(ROW).to_pylist())]
         fresh = np.array([k not in seen for k in key], bool)
         seen.update(key)
         t = t.filter(pa.array(fresh)).drop_columns([SHARD, ROW])
+        if ids:
+            found.update(t.column(st.ID).to_pylist())
         failed = t.column(ERROR).is_valid()
         if pc.any(failed).as_py():
             errors.append(t.filter(failed).select([st.ID, ERROR]))
@@ -307,10 +370,12 @@ def commit_maps(out: str, pieces: list[str], limit: int | None) -> tuple[int, in
             break
     if pending or written == 0:
         written = _flush(out, pending, written, allow_empty=True)
-    for name in list_files(out):  # an earlier run's maps beyond this run's files
-        if name.startswith("part-") and name >= f"part-{written:05d}":
+    files = [f"part-{i:05d}.parquet" for i in range(written)]
+    for name in old_files:  # an earlier run's maps beyond this run's files
+        if name not in files and posixpath.basename(name) == name and st.exists(st.join(out, name)):
             fs.delete_file(st.resolve(st.join(out, name))[1])
-    return total, _write_errors(out, errors)
+    stopped = limit is not None and total >= limit  # the data was not read to its end: no id is known missing
+    return total, _write_errors(out, errors), files, [] if stopped else [i for i in ids if i not in found]
 
 
 def _write_errors(out: str, errors: list) -> int:
@@ -332,7 +397,15 @@ def _flush(out: str, tables: list, index: int, allow_empty: bool = False) -> int
 
 
 def read_maps(path: str) -> pa.Table:
-    return pq.read_table(st.resolve(path)[1], filesystem=st.resolve(path)[0])
+    """The maps of an ``occlude`` output directory (or of one of its files), page checksums verified."""
+    fs, p = st.resolve(path)
+    if fs.get_file_info(p).type != st.pafs.FileType.Directory:
+        return st.read_parquet(path)
+    files = [n for n in list_files(path) if n.startswith("part-")]
+    if not files:
+        msg = f"{path} holds no occlusion maps (no part-*.parquet); run 'stampray occlude' first"
+        raise FileNotFoundError(msg)
+    return pa.concat_tables([st.read_parquet(st.join(path, n)) for n in files], promote_options="default")
 
 
 def png_name(stamp_id: str) -> str:

@@ -3,14 +3,34 @@
 Default: a private local Ray instance (``ray.init(address="local")``), so a stale
 ``/tmp/ray/ray_current_cluster`` from a crashed run never hijacks the session. A running cluster is used
 only when the user asks for it with ``--address`` or ``RAY_ADDRESS``.
+
+The private instance is reachable from this machine only: its node IP is the loopback address, so the GCS,
+raylet, workers and agents listen on 127.0.0.1 (the dashboard was already bound there), Ray's token
+authentication stays on, and the per-node metrics export (Prometheus text, unauthenticated) is switched
+off. Each private instance lives in a Ray temp dir of its own, ``<ray temp>/stampray-<driver pid>``, with a
+marker naming its driver; a later private session ends what is left of instances whose driver died
+(``reap_orphans``). Nothing of this applies to a cluster given with ``--address``/``RAY_ADDRESS``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
+import sys
+import time
 from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "stampray_owner.json"  # in a private instance's temp dir: the driver that owns it
+TEMP_PREFIX = "stampray-"  # <ray temp root>/stampray-<driver pid>
+# AF_UNIX socket paths are limited to 107 bytes (103 on macOS, Ray's validate_socket_filepath); Ray's
+# longest one under the temp dir is session_<date>_<time>_<usec>_<pid>/sockets/plasma_store.
+_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
+_SESSION_SOCKET_TAIL = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 
 
 def _quiet_data_context() -> None:
@@ -45,20 +65,219 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     addr = target_address(address)
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    marker = None
     if addr:
         ray.init(address=addr, **kwargs)
     else:
         # Workers of a private cluster inherit this environment: Ray Data's per-dataset INFO lines would
         # interleave with stampray's own progress lines.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        # The dashboard (Ray's state API, which Ray Train uses) listens on localhost only.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", **kwargs)
+        reap_orphans()
+        temp_dir = private_temp_dir()
+        if temp_dir:
+            marker = _mark_instance(temp_dir)
+            kwargs["_temp_dir"] = temp_dir
+        # Loopback only: node IP 127.0.0.1 (GCS, raylet, workers, agents), the dashboard (Ray's state API,
+        # which Ray Train uses) on 127.0.0.1, and no per-node Prometheus endpoint (it answers without the
+        # token and names datasets, the node and the session).
+        with _loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     _system_config={"enable_metrics_collection": False}, **kwargs)
     try:
         _quiet_data_context()
         yield
     finally:
         ray.shutdown()
+        if marker:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep the loopback address.
+
+    On Linux, Ray replaces a loopback node IP by the machine's routable address (``resolve_ip_for_localhost``)
+    unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false, as it is on macOS and Windows; that flag is read
+    when the node starts, so it is cleared for the duration of the start only.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def ray_temp_root() -> str:
+    """Ray's default temp root (``$RAY_TMPDIR/ray``, ``$TMPDIR/ray`` on Linux, else ``/tmp/ray``)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        return get_default_ray_temp_dir()
+    except ImportError:  # a Ray that moved it
+        return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+
+
+def private_temp_dir() -> str | None:
+    """This driver's Ray temp dir, ``<ray temp root>/stampray-<pid>``; None (Ray's default temp dir, no
+    orphan clean-up for this run) where Ray's socket paths under it would be too long."""
+    temp_dir = os.path.join(ray_temp_root(), f"{TEMP_PREFIX}{os.getpid()}")
+    if len(temp_dir.encode()) + _SESSION_SOCKET_TAIL > _SOCKET_PATH_MAX:
+        log.warning("Ray temp dir %s too long for a private stampray temp dir; leftovers of this run "
+                    "will not be cleaned up by the next one", ray_temp_root())
+        return None
+    return temp_dir
+
+
+def _started(pid: int) -> float | None:
+    """The start time of a live process (psutil's create_time), None when it is gone or a zombie."""
+    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _mark_instance(temp_dir: str) -> str:
+    """Write the owner marker (this driver's pid and start time) into ``temp_dir``; return its path."""
+    os.makedirs(temp_dir, mode=0o700, exist_ok=True)
+    marker = os.path.join(temp_dir, OWNER_FILE)
+    tmp = f"{marker}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "started": _started(os.getpid())}, f)
+    os.replace(tmp, marker)
+    return marker
+
+
+def _owner_alive(marker: str) -> bool:
+    """Whether the driver a marker names still runs (same pid and same start time: no reused pid)."""
+    try:
+        with open(marker) as f:
+            owner = json.load(f)
+        pid, started = int(owner["pid"]), owner.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # unreadable (being written, or not ours to judge): leave it alone
+    now = _started(pid)
+    if now is None:
+        return False
+    return started is None or abs(now - float(started)) < 0.5
+
+
+def processes_in(temp_dir: str) -> list:
+    """This user's processes that belong to the Ray instance in ``temp_dir``: every process that holds a
+    file in the dir open for writing (each Ray process writes its logs there; Ray's agents and workers
+    rename themselves, so neither name nor command line tells), and their descendants. Not a process that
+    only reads there (``tail -f`` of a log), and never this process."""
+    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
+    import psutil
+
+    temp_dir = os.path.realpath(temp_dir)
+    inside = temp_dir + os.sep
+    uid = os.getuid()
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "uids"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != uid:
+                continue
+            if any(_writes(f) and f.path.startswith(inside) for f in proc.open_files()):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    if child.pid != os.getpid():
+                        found.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return list(found.values())
+
+
+def _writes(open_file) -> bool:
+    """Whether a psutil open file is open for writing (where the platform does not tell: assume so)."""
+    mode = getattr(open_file, "mode", None)
+    return mode is None or any(c in mode for c in "wa+")
+
+
+def _end(procs: list, term_wait: float, kill_wait: float) -> list:
+    """SIGTERM, at most ``term_wait`` s, then SIGKILL and at most ``kill_wait`` s; return the survivors."""
+    import ray  # noqa: F401
+    import psutil
+
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while procs and time.monotonic() < deadline:
+            procs = [p for p in procs if _alive(p)]
+            if procs:
+                time.sleep(0.1)
+        procs = [p for p in procs if _alive(p)]
+        if not procs:
+            break
+    return procs
+
+
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def reap_orphans(root: str | None = None, term_wait: float = 3.0, kill_wait: float = 3.0) -> list[int]:
+    """End the leftovers of earlier private Ray instances that stampray started and whose driver died.
+
+    An instance is one ``<root>/stampray-<pid>`` dir (``root``: Ray's temp root) holding an owner marker;
+    its processes are found by that dir (:func:`processes_in`), never by name. Instances whose driver still
+    runs, and Ray instances stampray did not start, are not touched. The marker is removed once nothing of
+    the instance is left (the logs stay). Returns the pids that were ended.
+    """
+    root = root or ray_temp_root()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
+    ended: list[int] = []
+    for name in sorted(names):
+        temp_dir = os.path.join(root, name)
+        marker = os.path.join(temp_dir, OWNER_FILE)
+        try:
+            if os.stat(temp_dir).st_uid != os.getuid() or not os.path.isfile(marker):
+                continue
+        except OSError:
+            continue
+        if _owner_alive(marker):
+            continue
+        procs = processes_in(temp_dir)
+        left = _end(procs, term_wait, kill_wait) if procs else []
+        # Processes the first pass missed (a raylet still starting workers as it went down).
+        more = [p for p in processes_in(temp_dir) if p.pid not in {q.pid for q in procs}]
+        if more:
+            left += _end(more, term_wait, kill_wait)
+        gone = [p.pid for p in procs + more if p.pid not in {q.pid for q in left}]
+        ended += gone
+        if gone:
+            log.warning("stampray: ended %d leftover processes of an earlier private Ray (driver gone, %s)",
+                        len(gone), temp_dir)
+        if left:
+            log.warning("stampray: %d processes of %s did not end: %s", len(left), temp_dir,
+                        ", ".join(str(p.pid) for p in left))
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+    return ended
 
 
 def cluster_cpus() -> float:

@@ -39,6 +39,7 @@ from . import checkpoint as ck
 from . import splits
 from . import table as st
 from .data import ROW, SHARD
+from .lock import output_lock
 from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, check_compatible,  # noqa: F401
                         delete_dir, list_files, open_model_for, prob_column, reason_counts, write_atomic)
 
@@ -70,6 +71,7 @@ class ScoreSettings:
     compile: str = "auto"
     progress: bool = True
     address: str | None = None
+    rename_classes: bool = False  # the table names its classes otherwise: take the model's names by position
 
     def __post_init__(self):
         if self.batch_size is not None and int(self.batch_size) <= 0:
@@ -92,9 +94,15 @@ class Scorer(ModelActor):
     """map_batches callable: stamp rows in; result pieces written to ``OUT/_parts/``; small records out."""
 
     def __init__(self, model_bytes: bytes, out: str, keep: list[str], fractions, model_tag: str,
-                 threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096):
+                 threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096,
+                 duplicates: dict | None = None):
         super().__init__(model_bytes, threads, use_gpu, compile, chunk)
         self.out, self.keep, self.fractions, self.model_tag = out, list(keep), tuple(fractions), model_tag
+        if duplicates is not None and not isinstance(duplicates, dict):  # an ObjectRef: shared by the replicas
+            import ray
+
+            duplicates = ray.get(duplicates)
+        self.duplicates = duplicates or {}  # {shard: {row: reason}}: repeated ids, set aside
         self.prob_names = [prob_column(c) for c in self.class_names]
 
     def results(self, batch: pa.Table) -> pa.Table:
@@ -110,6 +118,12 @@ class Scorer(ModelActor):
         for i, reason in bad:
             valid[i] = False
             errors[i] = reason
+        if self.duplicates:
+            for i, (shard, row) in enumerate(zip(batch.column(SHARD).to_pylist(), batch.column(ROW).to_pylist())):
+                reason = self.duplicates.get(shard, {}).get(row)
+                if reason is not None and errors[i] is None:
+                    valid[i] = False
+                    errors[i] = reason
         names = np.asarray(self.class_names, dtype=object)[pred] if n else np.zeros(0, object)
         fixed = batch.column(st.SPLIT) if st.SPLIT in batch.schema.names else None
         cols = {
@@ -152,6 +166,54 @@ def write_pieces(table: pa.Table, out: str, node: str) -> pa.Table:
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
+def find_duplicates(data: str, shards: list[str]) -> dict[str, dict[int, str]]:
+    """Rows whose ``stamp_id`` an earlier row (in manifest order) already has: ``{shard: {row: reason}}``.
+
+    Reads only the ids (8-byte hashes of every id are held at once: 80 MB for 10 million stamps; rows whose
+    hashes collide are compared by their ids). Tables stampray wrote itself need no such pass: ingest and
+    synth keep ids unique (see :func:`trusted_unique`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ids_of(name: str) -> pa.Array:
+        col = st.read_parquet(st.join(data, name), [st.ID]).column(st.ID)
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+
+    with ThreadPoolExecutor(8) as pool:
+        columns = list(pool.map(ids_of, shards))
+    hashes = np.concatenate([splits.fnv1a64(c.fill_null("")) for c in columns]) if columns else np.zeros(0, np.uint64)
+    where = np.concatenate([np.stack([np.full(len(c), k), np.arange(len(c))], 1) for k, c in enumerate(columns)]
+                           ) if columns else np.zeros((0, 2), np.int64)
+    valid = np.concatenate([c.is_valid().to_numpy(zero_copy_only=False) for c in columns]) if columns else hashes
+    order = np.argsort(hashes, kind="stable")  # stable: equal hashes stay in manifest order
+    sh = hashes[order]
+    same = np.zeros(len(sh), bool)
+    same[1:] = sh[1:] == sh[:-1]
+    groups = np.unique(sh[same]) if same.any() else np.zeros(0, np.uint64)
+    out: dict[str, dict[int, str]] = {}
+    for h in groups:
+        first: dict[str, tuple[int, int]] = {}
+        for pos in order[np.searchsorted(sh, h, "left"):np.searchsorted(sh, h, "right")]:
+            if not valid[pos]:
+                continue
+            k, row = int(where[pos, 0]), int(where[pos, 1])
+            sid = columns[k][row].as_py()
+            if sid in first:
+                fk, frow = first[sid]
+                out.setdefault(shards[k], {})[row] = (f"duplicate: stamp_id {sid!r} is also at {shards[fk]} row "
+                                                      f"{frow}, which is scored")
+            else:
+                first[sid] = (k, row)
+    return out
+
+
+def trusted_unique(manifest: st.Manifest) -> bool:
+    """Whether stampray wrote the table (ingest or synth, every shard's footer recorded and checked), so its
+    ids are unique by construction."""
+    return (any(k in manifest.settings for k in ("ingest", "synth", "cutout"))
+            and all(s.get("footer") for s in manifest.shards))
+
+
 def _stem(shard: str) -> str:
     return shard[:-len(".parquet")] if shard.endswith(".parquet") else shard
 
@@ -191,8 +253,8 @@ def commit_shard(out: str, name: str, expected: int) -> dict:
     """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring."""
     parts = st.join(out, PARTS_DIR, _stem(name))
     fs, _ = st.resolve(out)
-    tables = [pq.read_table(st.resolve(st.join(parts, f))[1], filesystem=fs) for f in list_files(parts)]
-    table = pa.concat_tables(tables) if tables else None
+    tables = [st.read_parquet(st.join(parts, f)) for f in list_files(parts)]
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
     rows = table.column(ROW).to_numpy() if table is not None else np.zeros(0, np.int64)
     order = np.argsort(rows, kind="stable")
     first = np.ones(len(order), bool)
@@ -237,9 +299,10 @@ class ScoreResult:
     coordinator_cpu_s: float = 0.0  # CPU seconds of the job's coordinator task (Ray Data's executor, books)
 
 
-def _job_doc(settings: ScoreSettings, bundle: dict, tag: str) -> dict:
+def _job_doc(settings: ScoreSettings, bundle: dict, tag: str, shards: dict[str, dict]) -> dict:
     return {"model": settings.model, "model_tag": tag, "data": settings.data, "keep": list(settings.keep),
-            "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"])}
+            "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"]),
+            "data_shards": {name: info["footer"] for name, info in shards.items()}}
 
 
 def _check_shard_names(manifest: st.Manifest, data: str) -> dict[str, int]:
@@ -256,7 +319,12 @@ def _check_shard_names(manifest: st.Manifest, data: str) -> dict[str, int]:
 
 
 def _prepare_out(settings: ScoreSettings, job: dict) -> None:
-    """Check --out belongs to this job (or start over with --overwrite) and record the job."""
+    """Check --out belongs to this job (or start over with --overwrite) and record the job.
+
+    A job is the model, the preprocessing, the kept columns, the data's path *and its content*: the footer
+    digest of every input shard. Scores of shards that changed since are stale: refused, or redone from
+    scratch with ``--overwrite``. Shards added to the table since (an append) are simply scored.
+    """
     out = settings.out
     fs, p = st.resolve(out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
@@ -264,29 +332,62 @@ def _prepare_out(settings: ScoreSettings, job: dict) -> None:
         raise ValueError(msg)
     st.make_dirs(out)
     job_path = st.join(out, JOB_FILE)
-    if st.exists(job_path) and not settings.overwrite:
-        before = json.loads(st.read_text(job_path))
-        for key in ("model_tag", "data", "keep", "preprocess"):
+    before = json.loads(st.read_text(job_path)) if st.exists(job_path) else None
+    if before is None:
+        theirs = [n for n in [*job["data_shards"], SCORE_MANIFEST, st.ERRORS_DIR, PARTS_DIR] if st.exists(st.join(out, n))]
+        if theirs:
+            msg = (f"--out {out} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which "
+                   f"'stampray score' did not write there (no {JOB_FILE}); choose a new or empty directory")
+            raise ValueError(msg)
+    elif not settings.overwrite:
+        for key in ("model_tag", "data", "keep", "preprocess", "class_names"):
             if before.get(key) != job[key]:
                 msg = (f"{out} holds results of another job ({key}: {before.get(key)} vs {job[key]}); "
                        f"choose another --out, or pass --overwrite to start it again")
                 raise ValueError(msg)
-    if settings.overwrite:
-        fs.delete_dir_contents(p, missing_dir_ok=True)
+        old = before.get("data_shards")
+        if old is not None:
+            changed = sorted(n for n, d in old.items() if job["data_shards"].get(n) != d)
+            if changed:
+                msg = (f"{settings.data} changed since {out} was scored: {len(changed)} of its shards "
+                       f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}) differ from those scored "
+                       f"or are gone, so the scores there are stale; pass --overwrite to score the table again "
+                       f"from scratch, or choose another --out")
+                raise ValueError(msg)
+    if settings.overwrite and before is not None:
+        _clear_scores(out, before, job)
     st.write_text(job_path, json.dumps(job, indent=2))
     delete_dir(st.join(out, TMP_DIR))  # leftovers of a killed run
+
+
+def _clear_scores(out: str, before: dict, job: dict) -> None:
+    """Delete what an earlier score job wrote in ``out`` (its result files, books and manifests) and nothing
+    else: files a user put beside them stay."""
+    fs, _ = st.resolve(out)
+    names = set(before.get("data_shards") or {}) | set(job["data_shards"])
+    if st.exists(st.join(out, SCORE_MANIFEST)):
+        names |= {str(s["path"]) for s in json.loads(st.read_text(st.join(out, SCORE_MANIFEST))).get("shards", [])}
+    for name in sorted(names):
+        if posixpath.basename(name) == name and st.exists(st.join(out, name)):
+            fs.delete_file(st.resolve(st.join(out, name))[1])
+    for name in (SCORE_MANIFEST, JOB_FILE):
+        if st.exists(st.join(out, name)):
+            fs.delete_file(st.resolve(st.join(out, name))[1])
+    for name in (PARTS_DIR, TMP_DIR, st.ERRORS_DIR):
+        delete_dir(st.join(out, name))
 
 
 def score(settings: ScoreSettings) -> ScoreResult:
     """Score every stamp of ``settings.data`` with the checkpoint ``settings.model`` (see module docs)."""
     t0 = time.time()
-    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data)
+    manifest, _, bundle, model_bytes = open_model_for(settings.model, settings.data, settings.rename_classes)
     missing = [k for k in settings.keep if k not in manifest.columns]
     if missing:
         extra = [c for c in manifest.columns if c not in st.CORE_COLUMNS]
         msg = f"--keep names columns {missing} that {settings.data} does not have; it has: {', '.join(extra) or 'none'}"
         raise ValueError(msg)
-    clash = [k for k in settings.keep if k in (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model")]
+    clash = [k for k in settings.keep if k in (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model")
+             or k in {prob_column(c) for c in bundle["class_names"]}]
     if clash:
         msg = f"--keep {clash}: these columns are always written"
         raise ValueError(msg)
@@ -297,11 +398,17 @@ def score(settings: ScoreSettings) -> ScoreResult:
         print(f"score: warning: {settings.data} holds Parquet files its manifest does not list, which are not "
               f"scored: {', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''} ({len(unlisted)} files); "
               f"ingest them into a table of their own", file=sys.stderr)
+    shards = st.inspect_shards(settings.data, manifest)
     tag = f"{bundle['model']}@{ck.weights_hash(bundle)}"
-    job = _job_doc(settings, bundle, tag)
+    job = _job_doc(settings, bundle, tag, shards)
+    with output_lock(settings.out, "score"):
+        return _score_locked(settings, manifest, bundle, model_bytes, tag, job, expected, t0)
+
+
+def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
+                  job: dict, expected: dict[str, int], t0: float) -> ScoreResult:
     out = settings.out
     _prepare_out(settings, job)
-
     done = {name for name in expected if st.exists(st.join(out, name))}
     todo = [name for name in expected if name not in done]
     for name in todo:  # pieces of shards a killed run left uncommitted are redone from scratch
@@ -333,19 +440,23 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from .inference import check_gpu_nodes
     from .runtime import ensure_gpus, ray_session
 
     with ray_session(settings.address):
         progress = Progress("score", sum(todo.values()), settings.progress)
         if settings.use_gpu:
             ensure_gpus("score", 1, float(settings.wait_gpu), progress.say)
+            check_gpu_nodes("score")
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         task = ray.remote(num_cpus=0, max_retries=0)(coordinate).options(
             num_returns="streaming", scheduling_strategy=here, name="stampray-score-coordinator")
         # The model travels once, by reference, to every replica.
         report: dict = {}
         try:
-            for ref in task.remote(asdict(settings), [ray.put(model_bytes)], tag, todo, list(manifest.columns)):
+            check = None if trusted_unique(manifest) else [str(s["path"]) for s in manifest.shards]
+            for ref in task.remote(asdict(settings), [ray.put(model_bytes)], tag, todo, list(manifest.columns),
+                                   check):
                 msg = ray.get(ref)
                 if "rows" in msg:
                     progress.update(msg["rows"])
@@ -357,10 +468,13 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
     return report["nodes"], report["cpu_s"]
 
 
-def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list):
+def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list,
+               check_ids: list | None = None):
     """Ray task (a generator): stream the shards in ``todo`` through the pool, keep the books, commit each
     shard once complete. Yields ``{"rows": n}`` as rows are accounted for (every ``PROGRESS_EVERY_S``), then
-    ``{"nodes": {node: rows}, "cpu_s": its own CPU seconds}``."""
+    ``{"nodes": {node: rows}, "cpu_s": its own CPU seconds, "duplicates": rows set aside as repeated ids}``.
+    With ``check_ids`` (every shard of a table stampray did not write), rows repeating an earlier row's id
+    are found first (:func:`find_duplicates`) and set aside by the replicas."""
     import resource
 
     import ray
@@ -376,6 +490,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
     _quiet_data_context()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver prints one progress line
     total = sum(todo.values())
+    duplicates = find_duplicates(settings.data, list(check_ids)) if check_ids else {}
+    duplicates = {k: v for k, v in duplicates.items() if k in todo}
     items = work_items(settings.data, list(todo))
     plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
     strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
@@ -392,7 +508,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
         fn_constructor_kwargs={"model_bytes": model_box[0], "out": settings.out, "keep": list(settings.keep),
                                "fractions": tuple(settings.fractions), "model_tag": tag, "threads": plan.threads,
                                "use_gpu": settings.use_gpu, "compile": compile_model,
-                               "chunk": int(settings.batch_size or plan.batch_size)})
+                               "chunk": int(settings.batch_size or plan.batch_size),
+                               "duplicates": ray.put(duplicates) if duplicates else None})
     # 2. The books, and a commit task for every shard whose rows are all in.
     books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
     commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
@@ -416,7 +533,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
         raise RuntimeError(msg)
     _wait_commits(commits)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    yield {"nodes": nodes, "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)}
+    yield {"nodes": nodes, "cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+           "duplicates": sum(len(v) for v in duplicates.values())}
 
 
 def _wait_commits(commits: dict, timeout_s: float = 900.0) -> None:
@@ -456,9 +574,7 @@ def _write_manifest(settings: ScoreSettings, job: dict, expected: dict[str, int]
 def read_scores(path: str, columns=None) -> pa.Table:
     """All result rows of a score directory."""
     doc = json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
-    fs, _ = st.resolve(path)
-    tables = [pq.read_table(st.resolve(st.join(path, s["path"]))[1], filesystem=fs, columns=columns)
-              for s in doc["shards"]]
+    tables = [st.read_parquet(st.join(path, s["path"]), columns) for s in doc["shards"]]
     if not tables:
         return pa.table({st.ID: pa.array([], pa.string())})
     return pa.concat_tables(tables, promote_options="default")
@@ -468,4 +584,13 @@ def score_manifest(path: str) -> dict:
     if not st.exists(st.join(path, SCORE_MANIFEST)):
         msg = f"{path} holds no finished scores ({SCORE_MANIFEST} missing); run 'stampray score' first"
         raise FileNotFoundError(msg)
-    return json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
+    try:
+        doc = json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or "model_tag" not in doc or "class_names" not in doc:
+        what = ("a stamp table, not scores" if isinstance(doc, dict) and "image_shape" in doc
+                else f"not a score table ({SCORE_MANIFEST} is not one 'stampray score' wrote)")
+        msg = f"--scores {path} is {what}; give the --out directory of 'stampray score'"
+        raise ValueError(msg)
+    return doc

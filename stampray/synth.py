@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import table as st
+from .lock import output_lock
 
 BLOCK = 1000
 KINDS = ("tno", "radio")
@@ -68,6 +69,9 @@ class SynthSettings:
             raise ValueError(msg)
         if int(self.n) < 0:
             msg = f"-n must be a non-negative integer, got {self.n!r}"
+            raise ValueError(msg)
+        if int(self.seed) < 0:
+            msg = f"--seed must be an integer >= 0, got {self.seed!r}"
             raise ValueError(msg)
         if not 0.0 <= float(self.positive_fraction) <= 1.0:
             msg = f"--positive-fraction must lie in [0, 1], got {self.positive_fraction!r}"
@@ -294,6 +298,11 @@ def synth(settings: SynthSettings) -> st.Manifest:
 
     Returns the dataset's :class:`~stampray.table.Manifest`.
     """
+    with output_lock(settings.out, "synth"):
+        return _synth(settings)
+
+
+def _synth(settings: SynthSettings) -> st.Manifest:
     t0 = time.time()
     spec = spec_for(settings.kind)
     writer = st.StampWriter(settings.out, spec, settings.shard_rows, settings={"synth": asdict(settings)})

@@ -3,7 +3,8 @@
 A *stamp dataset* is a directory (local or a pyarrow-filesystem URI such as ``s3://bucket/prefix``)::
 
     STAMPS/
-      _manifest.json          schema version, image shape, class names, source, shard row counts
+      _manifest.json          schema version, image shape, class names, source, shard row counts and
+                              footer digests (a hash of each shard's Parquet footer)
       part-00000.parquet      stamp shards, ``rows_per_shard`` rows each (the last may be shorter)
       part-00001.parquet
       _errors/part-00000.parquet   rows set aside at ingest, with their reason (only when there are any)
@@ -50,6 +51,7 @@ jet images do, and LZ4 decodes far faster than zstd); the small columns use zstd
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -158,6 +160,75 @@ def unlisted_shards(path: str, manifest: "Manifest") -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File
                   and i.path.endswith(".parquet") and posixpath.basename(i.path) not in listed)
+
+
+def footer_digest(path: str) -> tuple[int, str]:
+    """``(rows, digest)`` of a Parquet file from its footer alone: a short hash of the footer's bytes (schema,
+    row groups, column statistics, key-value metadata), so any rewrite of a shard changes it. Raises a
+    ValueError naming the file when it is not a readable Parquet file (truncated, random bytes) or lacks
+    the ``stamp_id`` or ``image`` column."""
+    fs, p = resolve(path)
+    try:
+        with fs.open_input_file(p) as f:
+            size = f.size()
+            if size < 12:
+                raise ValueError(f"{size} bytes, too short for Parquet")
+            f.seek(size - 8)
+            tail = f.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length + 8 > size:
+                raise ValueError("Parquet magic bytes not found in footer (truncated, or not a Parquet file)")
+            f.seek(size - 8 - length)
+            footer = f.read(length)
+            meta = pq.ParquetFile(f).metadata
+            rows, names = meta.num_rows, meta.schema.to_arrow_schema().names
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as e:
+        msg = f"{path} is not a readable Parquet file ({e}); restore it, or re-create it with 'stampray ingest'"
+        raise ValueError(msg) from None
+    missing = [c for c in (ID, IMAGE) if c not in names]
+    if missing:
+        msg = (f"{path} has no {' and no '.join(missing)} column (it has: {', '.join(names[:12]) or 'none'}); a stamp "
+               f"table needs stamp_id (string) and image (C*H*W float32 bytes): make one with 'stampray ingest'")
+        raise ValueError(msg)
+    return int(rows), hashlib.blake2b(footer, digest_size=16).hexdigest()
+
+
+def inspect_shards(path: str, manifest: "Manifest", threads: int = 16) -> dict[str, dict]:
+    """Check every shard a manifest lists against its file; ``{name: {"rows", "footer"}}``.
+
+    Refuses, naming the shard, a file that is missing or not Parquet, a manifest whose row count disagrees
+    with the file, and a shard whose footer differs from the digest recorded when the table was written
+    (the file was replaced after its manifest).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [str(s["path"]) for s in manifest.shards]
+
+    def one(name: str) -> tuple[int, str]:
+        shard = join(path, name)
+        if not exists(shard):
+            msg = (f"{path}: shard {name}, listed in {MANIFEST_NAME}, is missing; restore it, or re-create the "
+                   f"table with 'stampray ingest'")
+            raise FileNotFoundError(msg)
+        return footer_digest(shard)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(names)))) as pool:
+        found = dict(zip(names, pool.map(one, names)))
+    for s in manifest.shards:
+        name = str(s["path"])
+        rows, digest = found[name]
+        if int(s["rows"]) != rows:
+            msg = (f"{path}/{MANIFEST_NAME} is wrong about {name}: it lists {int(s['rows'])} rows, the file holds "
+                   f"{rows}; the manifest does not describe its shards (rerunning cannot fix that): re-create the "
+                   f"table with 'stampray ingest'")
+            raise ValueError(msg)
+        if s.get("footer") and s["footer"] != digest:
+            msg = (f"{path}/{name} was changed after the table's manifest was written (its Parquet footer differs "
+                   f"from the one recorded); restore the shard, or re-create the table with 'stampray ingest'")
+            raise ValueError(msg)
+    return {name: {"rows": rows, "footer": digest} for name, (rows, digest) in found.items()}
 
 
 def make_dirs(path: str) -> None:
@@ -308,7 +379,7 @@ class Manifest:
     """The small JSON beside the shards: enough to validate without scanning the data."""
 
     spec: StampSpec
-    shards: list[dict] = field(default_factory=list)  # {"path": relative, "rows": int}
+    shards: list[dict] = field(default_factory=list)  # {"path": relative, "rows": int, "footer": digest}
     errors: dict[str, int] = field(default_factory=dict)  # reason kind -> count
     columns: list[str] = field(default_factory=list)
     label_counts: dict[str, int] = field(default_factory=dict)
@@ -361,8 +432,7 @@ def shard_paths(path: str, manifest: Manifest | None = None) -> list[str]:
 def read_table(path: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Read a whole (small) dataset into one Arrow table; large data goes through Ray Data."""
     manifest = read_manifest(path)
-    fs, _ = resolve(path)
-    tables = [pq.read_table(resolve(p)[1], columns=columns, filesystem=fs) for p in shard_paths(path, manifest)]
+    tables = [read_parquet(p, columns) for p in shard_paths(path, manifest)]
     if not tables:
         return schema(manifest.spec).empty_table().select(columns or schema(manifest.spec).names)
     return pa.concat_tables(tables, promote_options="default")
@@ -374,7 +444,31 @@ def iter_batches(path: str, batch_size: int = 65536, columns: Sequence[str] | No
     fs, _ = resolve(path)
     for p in shard_paths(path, manifest):
         with fs.open_input_file(resolve(p)[1]) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+            try:
+                yield from open_parquet(f).iter_batches(batch_size=batch_size, columns=columns)
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(damaged(p, e)) from None
+
+
+def open_parquet(f) -> pq.ParquetFile:
+    """A ParquetFile that verifies page checksums where the writer stored them."""
+    return pq.ParquetFile(f, page_checksum_verification=True)
+
+
+def damaged(path: str, e: Exception) -> str:
+    return f"{path} is damaged and cannot be read ({e}); restore it, or re-create it with 'stampray ingest'"
+
+
+def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one Parquet file whole, verifying page checksums; a damaged file is named in the error."""
+    fs, p = resolve(path)
+    try:
+        with fs.open_input_file(p) as f:
+            return open_parquet(f).read(columns=columns)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(damaged(path, e)) from None
 
 
 def read_errors(path: str) -> pa.Table:
@@ -401,7 +495,14 @@ def clear_dataset(path: str) -> None:
         msg = f"--out {path} is a file; give a directory for the stamp dataset"
         raise ValueError(msg)
     if info.type == pafs.FileType.Directory:
-        for item in fs.get_file_info(pafs.FileSelector(p)):
+        items = fs.get_file_info(pafs.FileSelector(p))
+        names = {posixpath.basename(i.path) for i in items}
+        theirs = sorted(n for n in names if (n.startswith("part-") and n.endswith(".parquet")) or n == ERRORS_DIR)
+        if theirs and MANIFEST_NAME not in names and INGEST_DIR not in names:
+            msg = (f"--out {path} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which stampray "
+                   f"did not write there (no {MANIFEST_NAME}); choose a new or empty directory")
+            raise ValueError(msg)
+        for item in items:
             name = posixpath.basename(item.path)
             if name.startswith("part-") and name.endswith(".parquet"):
                 fs.delete_file(item.path)
@@ -418,11 +519,12 @@ def shard_name(index: int) -> str:
 
 def write_shard(path: str, table: pa.Table) -> None:
     """Write one Parquet shard: LZ4 for the images (noise does not compress; sparse stamps do, and LZ4
-    decodes at memory speed), zstd for the small columns."""
+    decodes at memory speed), zstd for the small columns; every page carries a CRC that readers verify
+    (:func:`open_parquet`), so a damaged page is found rather than scored."""
     fs, p = resolve(path)
     compression = {name: ("lz4" if name == IMAGE else "zstd") for name in table.schema.names}
     pq.write_table(table, p, filesystem=fs, compression=compression,
-                   row_group_size=min(16384, max(1, table.num_rows)))
+                   row_group_size=min(16384, max(1, table.num_rows)), write_page_checksum=True)
 
 
 class StampWriter:
@@ -458,8 +560,12 @@ class StampWriter:
         self.label_counts: dict[str, int] = {}
         self._error_counts: dict[str, int] = {}  # rows set aside and listed under _errors/ by Ray tasks
         self._columns: list[str] | None = None
+        self._marker = join(self.out, INGEST_DIR, "writer.json") if clear else None
         if clear:
             self._clear()
+            # Marks the shards that follow as stampray's until the manifest is written: a rerun after a kill
+            # may then replace them (clear_dataset refuses part files it cannot tell are its own).
+            write_text(self._marker, json.dumps({"writer": "stampray", "rows_per_shard": self.rows_per_shard}))
 
     def _clear(self) -> None:
         clear_dataset(self.out)
@@ -512,6 +618,19 @@ class StampWriter:
         for k, v in counts.items():
             self._error_counts[k] = self._error_counts.get(k, 0) + int(v)
 
+    def _record_footers(self) -> None:
+        """Record each shard's footer digest: readers check it, and a scoring job is tied to the content
+        it scored, not only to the table's path."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [s for s in self.shards if not s.get("footer")]
+        with ThreadPoolExecutor(max(1, min(16, len(todo)))) as pool:
+            for s, (rows, digest) in zip(todo, pool.map(lambda s: footer_digest(join(self.out, s["path"])), todo)):
+                if rows != int(s["rows"]):
+                    msg = f"{join(self.out, s['path'])} holds {rows} rows where {s['rows']} were written"
+                    raise RuntimeError(msg)
+                s["footer"] = digest
+
     def close(self) -> Manifest:
         if self._pending_rows:
             self._flush(self._pending_rows)
@@ -529,6 +648,7 @@ class StampWriter:
             columns = list(self._columns)
         else:
             columns = list((self._schema or schema(self.spec)).names)
+        self._record_footers()
         manifest = Manifest(
             spec=self.spec,
             shards=sorted(self.shards, key=lambda s: s["path"]),
@@ -539,6 +659,9 @@ class StampWriter:
         )
         # The manifest is written last: a dataset without one is incomplete and readers refuse it.
         write_text(join(self.out, MANIFEST_NAME), manifest.to_json())
+        if self._marker:
+            fs, p = resolve(join(self.out, INGEST_DIR))
+            fs.delete_dir(p)
         return manifest
 
 

@@ -5,10 +5,21 @@ hash split of :mod:`stampray.splits`), decodes and preprocesses them in read tas
 ``TorchTrainer`` runs the same loop on every worker (DDP: gloo on CPU, NCCL on GPU).
 
 Resource rule (so readers never starve): Train workers together reserve at most the cluster's CPUs
-minus one (or minus a quarter of them on large clusters), and Ray Data's read and prepare tasks ask for
-half a CPU each, so they fit on any node whose other CPUs hold Train workers; on a 2-CPU laptop two
-workers take 0.5 CPU each and the readers keep a whole CPU.
-With ``use_gpu`` each worker takes one GPU and one CPU.
+minus :func:`read_reserve` (one CPU, or a quarter of them on large clusters, or half of a 1-CPU Ray), and
+Ray Data's read and prepare tasks ask for half a CPU each, so they fit on any node whose other CPUs hold
+Train workers; on a 2-CPU laptop two workers take 0.5 CPU each and the readers keep a whole CPU. A worker
+gets at least a quarter of a CPU: more workers than that allows (``--workers 8`` on 2 CPUs: they would take
+every CPU and the reads would wait forever) are refused before anything starts, with the numbers.
+With ``use_gpu`` each worker takes one GPU and one CPU (``cpus_per_worker`` to change it; the same rule holds).
+
+Before any worker starts, one small task per shard counts the labelled stamps of each split (reading only
+the id, label and split columns); an empty train or validation split is refused, naming the counts.
+
+Rows whose pixels are not finite (NaN or inf: a table written by another tool) are set aside by the read
+tasks, as ``score`` and ``occlude`` do, with the same reason; they never reach the workers, so every worker's
+shard still holds the same number of rows and DDP's steps stay in step. They are counted in the metrics and
+listed in ``OUT/NAME/_errors/``. The last batch of an epoch is left out (and counted, ``train_dropped``) when
+it holds one stamp: BatchNorm cannot train on one.
 
 A run lives in ``OUT/NAME/``: Ray's per-epoch checkpoints (``epoch-0001/model.pt``, the most recent
 ``keep_checkpoints`` kept), ``best.pt`` (the best epoch by the monitored validation metric), ``last.pt``,
@@ -18,6 +29,7 @@ continues from the latest checkpoint; with ``max_failures`` a worker that dies i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +48,8 @@ from . import checkpoint as ck
 from . import preprocess as pp
 from . import splits
 from . import table as st
+from .classes import check_class_names
+from .lock import output_lock
 from .models import create_model, list_models
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -83,9 +97,17 @@ class TrainSettings:
         checks = [
             (int(self.workers) >= 1, f"--workers must be a positive integer, got {self.workers!r}"),
             (int(self.epochs) >= 1, f"--epochs must be a positive integer, got {self.epochs!r}"),
-            (int(self.batch_size) >= int(self.workers),
-             f"--batch-size ({self.batch_size}) must be at least the number of workers ({self.workers})"),
+            (int(self.batch_size) >= 2 * int(self.workers),
+             f"--batch-size ({self.batch_size}) must be at least twice the number of workers ({self.workers}): "
+             f"each worker's batch needs two stamps or more (BatchNorm cannot train on one)"),
             (float(self.lr) > 0, f"--lr must be positive, got {self.lr!r}"),
+            (float(self.weight_decay) >= 0, f"--weight-decay must be zero or more, got {self.weight_decay!r}"),
+            (float(self.momentum) >= 0, f"--momentum must be zero or more, got {self.momentum!r}"),
+            (float(self.warmup_epochs) >= 0, f"--warmup-epochs must be zero or more, got {self.warmup_epochs!r}"),
+            (float(self.wait_gpu) >= 0, f"--wait-gpu must be a number of seconds >= 0, got {self.wait_gpu!r}"),
+            (self.cpus_per_worker is None or float(self.cpus_per_worker) > 0,
+             f"--cpus-per-worker must be positive, got {self.cpus_per_worker!r}"),
+            (int(self.seed) >= 0, f"--seed must be an integer >= 0, got {self.seed!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.class_weights in (None, "auto", "none"), "--class-weights takes 'auto' (or 'none')"),
@@ -110,13 +132,57 @@ class TrainSettings:
 # --------------------------------------------------------------------------------------------------
 # Pieces used on the workers
 # --------------------------------------------------------------------------------------------------
-def prepare_batch(batch: pa.Table, split: str, fractions, shape, preprocess: str) -> dict:
-    """Ray Data map_batches: keep the labelled rows of one split, decode and preprocess them."""
+def prepare_batch(batch: pa.Table, split: str, fractions, shape, preprocess: str, ledger=None) -> dict:
+    """Ray Data map_batches: keep the labelled rows of one split, decode and preprocess them.
+
+    Rows with non-finite pixels (before or after preprocessing) are left out and recorded in ``ledger`` (a
+    :class:`SetAside` actor) with their reason, worded as ``score`` words it."""
     keep = splits.mask(batch, split, fractions) & batch.column(st.LABEL).is_valid().to_numpy(zero_copy_only=False)
     idx = np.nonzero(keep)[0]
     sub = batch.take(pa.array(idx, pa.int64()))
-    x = pp.get(preprocess)(st.decode_images(sub.column(st.IMAGE), shape))
-    return {"x": x, "y": sub.column(st.LABEL).to_numpy().astype(np.int64)}
+    images = st.decode_images(sub.column(st.IMAGE), shape)
+    y = sub.column(st.LABEL).to_numpy().astype(np.int64)
+    bad = ~np.isfinite(images).all(axis=(1, 2, 3))
+    x = pp.get(preprocess)(images[~bad] if bad.any() else images)  # per-stamp steps: a NaN stamp stays apart
+    reasons = {int(i): f"nonfinite: {int((~np.isfinite(images[i])).sum())} non-finite pixels"
+               for i in np.nonzero(bad)[0]}
+    good = np.nonzero(~bad)[0]
+    worse = ~np.isfinite(x).all(axis=(1, 2, 3))  # preprocessing overflowed (huge but finite pixels)
+    for j in np.nonzero(worse)[0]:
+        reasons[int(good[j])] = f"nonfinite: {int((~np.isfinite(x[j])).sum())} non-finite pixels after {preprocess}"
+    if not reasons:
+        return {"x": x, "y": y}
+    if ledger is None:
+        msg = "prepare_batch: rows with non-finite pixels need a ledger to be set aside in"
+        raise ValueError(msg)
+    import ray
+
+    rows = sorted(reasons)
+    ids = sub.column(st.ID).take(pa.array(rows, pa.int64())).to_pylist()
+    ray.get(ledger.add.remote(split, ids, [reasons[i] for i in rows]))
+    return {"x": x[~worse], "y": y[good[~worse]]}
+
+
+class SetAside:
+    """The stamps the read tasks set aside (a Ray actor, one per ``fit``): stamp id -> (split, reason).
+
+    Every epoch re-reads the table, and a failed read task is retried: keyed by id, each stamp counts once."""
+
+    def __init__(self):
+        self.rows: dict[str, tuple[str, str]] = {}
+
+    def add(self, split: str, ids: list, reasons: list) -> None:
+        for i, r in zip(ids, reasons):
+            self.rows[str(i)] = (split, r)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(st.SPLIT_NAMES, 0)
+        for split, _ in self.rows.values():
+            out[split] += 1
+        return out
+
+    def listing(self) -> list[dict]:
+        return [{"stamp_id": i, "split": s, "reason": r} for i, (s, r) in sorted(self.rows.items())]
 
 
 class Augment(nn.Module):
@@ -313,6 +379,28 @@ class _RunLog:
         shutil.rmtree(self.local, ignore_errors=True)
 
 
+def epoch_sums(device):
+    """An epoch's running sums (loss x stamps, correct, stamps, stamps left out), on ``device``: under NCCL a
+    collective takes CUDA tensors only."""
+    import torch
+
+    return torch.zeros(4, dtype=torch.float64, device=device)
+
+
+def to_cpu(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) moved to the CPU: a checkpoint written
+    on a GPU loads on a laptop without CUDA."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def train_loop(cfg: dict) -> None:
     """The per-worker training function handed to ``TorchTrainer`` (settings arrive as a plain dict)."""
     import ray
@@ -354,22 +442,28 @@ def train_loop(cfg: dict) -> None:
     state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "since_best": 0,
              "best_state_dict": None, "best_metrics": {}, "stopped_early": False, "resumes": []}
     restored = ray.train.get_checkpoint()
+    bundle = None
     if restored:
         with restored.as_directory() as d:
-            bundle = torch.load(os.path.join(d, ck.FILE_NAME), map_location="cpu", weights_only=True)
+            bundle = ck.load_bundle(os.path.join(d, ck.FILE_NAME))  # weights_only, every tensor on the CPU
         model.load_state_dict(bundle["state_dict"])
+    model = ray.train.torch.prepare_model(model)  # DDP across workers (and the device move)
+    core = model.module if hasattr(model, "module") else model
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if bundle is not None:
+        # After the device move: load_state_dict puts the optimizer's moments where the parameters now are
+        # (restored before the move, AdamW's state stayed on the CPU and the first GPU step failed).
         optimizer.load_state_dict(bundle["optimizer"])
         scheduler.load_state_dict(bundle["scheduler"])
+        if bundle.get("scaler") and use_amp:
+            scaler.load_state_dict(bundle["scaler"])
         state.update(bundle["train_state"])
         state["resumes"] = list(state.get("resumes", [])) + [state["epoch"]]  # epochs a restart began from
         if rank == 0:
             print(f"[stampray] resuming {s['model']} from epoch {state['epoch']}", flush=True)
-    model = ray.train.torch.prepare_model(model)  # DDP across workers (and the device move)
-    core = model.module if hasattr(model, "module") else model
 
     weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     augment = Augment(seed=int(s["seed"]) * 1000 + rank + 7919 * state["epoch"]) if s["augment"] else None
     per_worker = max(1, int(s["batch_size"]) // world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -383,13 +477,19 @@ def train_loop(cfg: dict) -> None:
         if augment is not None:
             augment.train()
         t0 = time.time()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = epoch_sums(device)  # loss x stamps, correct, stamps, stamps left out: on the device (NCCL)
         for batch in train_shard.iter_torch_batches(
                 batch_size=per_worker, dtypes={"x": torch.float32, "y": torch.int64}, device=device,
                 local_shuffle_buffer_size=min(10_000, 20 * per_worker),
                 local_shuffle_seed=int(s["seed"]) * 100_003 + epoch * 101 + rank,
                 pin_memory=device.type == "cuda", prefetch_batches=2):
             x, y = batch["x"], batch["y"]
+            if len(y) < 2:
+                # An epoch's last batch can hold one stamp, on which BatchNorm cannot train: leave it out.
+                # Every worker's shard has the same rows (streaming_split(equal=True)), so all leave it out
+                # together and DDP's collectives stay in step.
+                sums[3] += len(y)
+                continue
             if augment is not None:
                 x = augment(x)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -400,8 +500,10 @@ def train_loop(cfg: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
-                                 dtype=torch.float64)
+            # Accumulated on the device: no host sync per step, and all_reduce under NCCL needs CUDA tensors.
+            sums[0] += loss.detach().double() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
         if world > 1:
             dist.all_reduce(sums)
         seconds = time.time() - t0
@@ -413,15 +515,19 @@ def train_loop(cfg: dict) -> None:
             if val_cache is None:
                 val_cache = _Cached.collect(ray.train.get_dataset_shard("val"), cfg["val_cache_rows"])
             probs, labels = predict_dataset(core, val_cache, device)
-            payload = [(classification_metrics(probs, labels, k), probs, labels)]
+            # Every worker has read its train shard (the all_reduce above), so the train split's
+            # set-aside rows are all in the ledger.
+            payload = [(classification_metrics(probs, labels, k), probs, labels,
+                        ray.get(cfg["ledger"].counts.remote()))]
         if world > 1:
             dist.broadcast_object_list(payload, src=0)
-        val, val_probs, val_labels = payload[0]
+        val, val_probs, val_labels, aside = payload[0]
         metrics = {
             "epoch": epoch + 1, "train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
             "lr": float(optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
-            "train_n": int(sums[2]), "seconds": seconds, "node_ids": list(nodes), "worker_pids": pids,
+            "train_n": int(sums[2]), "train_dropped": int(sums[3]), "train_set_aside": aside["train"],
+            "val_set_aside": aside["val"], "seconds": seconds, "node_ids": list(nodes), "worker_pids": pids,
         }
 
         # 4. Best epoch and early stopping (identical decision on every worker).
@@ -448,7 +554,8 @@ def train_loop(cfg: dict) -> None:
             tmp = tempfile.mkdtemp(prefix="stampray-ckpt-")
             bundle = ck.make_bundle(core, class_names=class_names, preprocess=s["preprocess"], config=s,
                                     metrics=metrics, epoch=epoch + 1, extra={
-                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "optimizer": to_cpu(optimizer.state_dict()),
+                                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                         "train_state": state, "data": cfg["data_info"]})
             torch.save(bundle, os.path.join(tmp, ck.FILE_NAME))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -486,16 +593,112 @@ def train_loop(cfg: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
+READ_TASK_CPUS = 0.5  # each Ray Data read-and-prepare task of training (see _datasets)
+MIN_WORKER_CPUS = 0.25  # the smallest CPU share a Train worker is given by default
+
+
+def read_reserve(cpus: float) -> float:
+    """CPUs the Train workers leave to Ray Data's read tasks on a cluster of ``cpus``: a quarter of them, at
+    least one (two read tasks), at most half (a 1-CPU Ray keeps half a CPU), never less than one read task."""
+    return max(READ_TASK_CPUS, min(max(1.0, 0.25 * cpus), 0.5 * cpus))
+
+
 def resources(workers: int, use_gpu: bool, cpus: float, cpus_per_worker: float | None = None) -> dict:
-    """Per-worker resources: leave at least one CPU (or a quarter of the cluster) for Ray Data's readers."""
-    if use_gpu:
-        return {"CPU": float(cpus_per_worker or 1.0), "GPU": 1.0}
-    if cpus_per_worker:
-        return {"CPU": float(cpus_per_worker)}
-    spare = max(1.0, 0.25 * cpus)
-    per = (cpus - spare) / workers
-    per = max(0.25, min(8.0, per))
-    return {"CPU": float(per if per < 1 else math.floor(per))}
+    """Per-worker resources that leave :func:`read_reserve` CPUs to Ray Data's readers, so reading never starves.
+
+    Raises ``ValueError`` naming the numbers when ``workers`` cannot fit beside the readers on ``cpus`` CPUs
+    (the default share would fall below ``MIN_WORKER_CPUS``, or ``cpus_per_worker`` asks for too much).
+    """
+    budget = cpus - read_reserve(cpus)
+    explicit = bool(use_gpu or cpus_per_worker)
+    if explicit:
+        per = float(cpus_per_worker or 1.0)
+    else:
+        per = min(8.0, budget / workers)
+        per = float(per if per < 1 else math.floor(per))
+    share = per if explicit else MIN_WORKER_CPUS
+    if workers * share > budget + 1e-9 or per < share:
+        need = math.ceil(workers * share + READ_TASK_CPUS)
+        while need - read_reserve(need) < workers * share - 1e-9:
+            need += 1
+        most = int(max(0.0, budget) / share + 1e-9)
+        flag = f"--workers {workers}" + (f" with --cpus-per-worker {share:g}" if cpus_per_worker else
+                                         " with --use-gpu" if use_gpu else "")
+        fixes = [f"use at most --workers {most}"] if most else []
+        if explicit and budget > 0:
+            fixes.append(f"lower --cpus-per-worker (at most {budget / workers:.2f} for {workers} workers)")
+        fixes.append("connect (--address) to a cluster with more CPUs")
+        msg = (f"{flag} needs at least {need} CPU{'s' if need != 1 else ''} ({share:g} CPU per Train worker, plus "
+               f"{read_reserve(need):g} left to Ray Data's half-CPU read tasks so that reading never starves); "
+               f"this Ray has {cpus:g}. Fix: {', or '.join(fixes)}")
+        raise ValueError(msg)
+    return {"CPU": per, "GPU": 1.0} if use_gpu else {"CPU": per}
+
+
+def _worker_resources(settings: "TrainSettings") -> dict:
+    """:func:`resources` for the cluster now; where it is too small but an autoscaler can grow it, the
+    smallest share for the cluster it can become (the placement group waits for the nodes)."""
+    from .capacity import cluster_capacity
+    from .runtime import cluster_cpus
+
+    cpus = cluster_cpus()
+    try:
+        return resources(settings.workers, settings.use_gpu, cpus, settings.cpus_per_worker)
+    except ValueError:
+        cap = cluster_capacity()
+        if not cap.autoscaling or cap.cpus_max <= cpus:
+            raise
+        share = settings.cpus_per_worker or (1.0 if settings.use_gpu else MIN_WORKER_CPUS)
+        return resources(settings.workers, settings.use_gpu, min(cap.cpus_max, 1e9), share)
+
+
+def _count_splits(root: str, shard: str, fractions) -> dict[str, int]:
+    """Labelled stamps of each split in one shard, from its id, label and split columns only."""
+    import pyarrow.compute as pc
+
+    fs, _ = st.resolve(root)
+    with fs.open_input_file(st.resolve(st.join(root, shard))[1]) as f:
+        pf = st.open_parquet(f)
+        cols = [c for c in (st.ID, st.LABEL, st.SPLIT) if c in pf.schema_arrow.names]
+        tbl = pf.read(columns=cols)
+    tbl = tbl.filter(pc.is_valid(tbl.column(st.LABEL)))
+    names = splits.assign(tbl.column(st.ID), fractions, tbl.column(st.SPLIT) if st.SPLIT in cols else None)
+    return {name: int((names == name).sum()) for name in st.SPLIT_NAMES}
+
+
+def split_counts(data: str, manifest: st.Manifest, fractions) -> dict[str, int]:
+    """Labelled stamps in each split of ``data``: one small Ray task per shard (the driver reads only the
+    manifest)."""
+    import ray
+
+    task = ray.remote(num_cpus=READ_TASK_CPUS)(_count_splits)
+    totals = dict.fromkeys(st.SPLIT_NAMES, 0)
+    for counts in ray.get([task.remote(data, s["path"], tuple(fractions)) for s in manifest.shards]):
+        for name, n in counts.items():
+            totals[name] += n
+    return totals
+
+
+def _check_splits(settings: "TrainSettings", manifest: st.Manifest, counts: dict[str, int]) -> None:
+    """Refuse an empty train or validation split (nothing to learn from, no best epoch to choose)."""
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+    for name in ("train", "val"):
+        if counts[name]:
+            continue
+        fractions = ",".join(f"{f:g}" for f in settings.fractions)
+        if st.SPLIT in manifest.columns:
+            why = ("the table's split column (recorded by 'stampray ingest --split') puts none of its labelled "
+                   "stamps there")
+            fix = (f"train on a table ingested without --split, which the id hash splits by the fractions "
+                   f"({fractions}); a published test set is for 'stampray score' and 'stampray evaluate'")
+        else:
+            why = f"the split fractions ({fractions}) give it none of {sum(counts.values())} labelled stamps"
+            fix = 'give the train and val splits a share ("fractions" in --config; default 0.7,0.1,0.2)'
+        msg = f"the {name} split of {settings.data} holds 0 stamps ({shown}): {why}; fix: {fix}"
+        raise ValueError(msg)
+    if not counts["test"]:
+        print(f"train: the test split of {settings.data} holds 0 stamps ({shown}); the run will have no test "
+              f"accuracy")
 
 
 @dataclass
@@ -506,7 +709,7 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-def _datasets(settings: TrainSettings, manifest: st.Manifest):
+def _datasets(settings: TrainSettings, manifest: st.Manifest, ledger):
     import ray.data
 
     from .data import read_stamps, work_items
@@ -522,9 +725,10 @@ def _datasets(settings: TrainSettings, manifest: st.Manifest):
         ds = read_stamps(settings.data, columns=columns,
                          items=[items[i] for i in order] if split == "train" else items)
         # Half-CPU tasks: they fit on a node whose other CPUs hold Train workers.
-        out[split] = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=4096, num_cpus=0.5, fn_kwargs={
-            "split": split, "fractions": tuple(settings.fractions), "shape": manifest.spec.shape,
-            "preprocess": settings.preprocess})
+        out[split] = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=4096, num_cpus=READ_TASK_CPUS,
+                                    fn_kwargs={"split": split, "fractions": tuple(settings.fractions),
+                                               "shape": manifest.spec.shape, "preprocess": settings.preprocess,
+                                               "ledger": ledger})
     return out
 
 
@@ -540,23 +744,71 @@ def _check_resume(run_dir: str, settings: TrainSettings) -> None:
             raise ValueError(msg)
 
 
-def fit(settings: TrainSettings) -> TrainResult:
-    """Train ``settings.model`` on ``settings.data`` with Ray Train; returns where the run lives and its
-    final metrics (test accuracy of the best epoch among them)."""
+def _trainer(settings: TrainSettings, cfg: dict, res: dict, out: str, datasets: dict):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .runtime import cluster_cpus, ensure_gpus, ray_session
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                               resources_per_worker=res, placement_strategy=settings.placement),
+        run_config=ray.train.RunConfig(
+            name=settings.run_name, storage_path=out,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            # One console line per epoch from rank 0, not Ray Train's per-report logging; print() is
+            # left alone so each line appears once.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                              "RAY_DATA_LOG_LEVEL": "WARNING"}}),
+        datasets=datasets,
+        # Split train only, and equally (Ray's default): every worker then runs the same batches.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _write_set_aside(run_dir: str, data: str, rows: list[dict]) -> dict:
+    """List the stamps the read tasks set aside in ``RUNDIR/NAME/_errors/`` (``score``'s errors table
+    layout; ``source`` names the split) and return their counts for the metrics."""
+    from .inference import reason_counts
+
+    errors = st.join(run_dir, st.ERRORS_DIR)
+    if rows:
+        st.make_dirs(errors)
+        table = pa.Table.from_pylist([{"stamp_id": r["stamp_id"], "source": f"{data} ({r['split']} split)",
+                                       "row": None, "reason": r["reason"]} for r in rows], schema=st.ERROR_SCHEMA)
+        st.write_shard(st.join(errors, st.shard_name(0)), table)
+    by_split = dict.fromkeys(st.SPLIT_NAMES, 0)
+    for r in rows:
+        by_split[r["split"]] += 1
+    return {"set_aside": by_split, "set_aside_reasons": reason_counts(r["reason"] for r in rows)}
+
+
+def fit(settings: TrainSettings) -> TrainResult:
+    """Train ``settings.model`` on ``settings.data`` with Ray Train; returns where the run lives and its
+    final metrics (test accuracy of the best epoch among them)."""
+    import ray
+
+    from .inference import check_gpu_nodes
+    from .runtime import ensure_gpus, ray_session
 
     t0 = time.time()
     st.check_separate(settings.out, {"--data": settings.data})
+    fs, p = st.resolve(settings.out)
+    if fs.get_file_info(p).type == st.pafs.FileType.File:
+        msg = f"--out {settings.out} is a file; give a directory for the runs"
+        raise ValueError(msg)
     manifest = st.read_manifest(settings.data)
     spec = manifest.spec
     if spec.num_classes < 2:
         msg = (f"{settings.data} declares {spec.num_classes} classes; training needs labelled data with at least "
                f"two classes (ingest with --classes)")
         raise ValueError(msg)
+    check_class_names(spec.class_names, settings.data, "re-ingest the table with distinct class names")
     create_model(settings.model, spec.shape[0], spec.shape[1:], spec.num_classes)  # fail fast on size mismatch
+    st.inspect_shards(settings.data, manifest)  # missing, truncated or replaced shards: refused now
     labelled = sum(int(v) for v in manifest.label_counts.values())
     if labelled == 0:
         msg = f"{settings.data} holds no labelled stamps; training needs labels"
@@ -574,60 +826,54 @@ def fit(settings: TrainSettings) -> TrainResult:
 
     weights = class_weights_from_counts(manifest.label_counts, spec.num_classes) \
         if settings.class_weights == "auto" else None
-    n_train_est = labelled * settings.fractions[0]
-    steps_per_epoch = max(1, math.ceil(n_train_est / (settings.batch_size // settings.workers) / settings.workers))
     settings_dict = asdict(settings)
-    st.make_dirs(run_dir)
-    st.write_text(st.join(run_dir, "settings.json"), json.dumps(settings_dict, indent=2))
     unlabelled = manifest.num_rows - labelled
     if unlabelled:
         print(f"train: {unlabelled} unlabelled stamps of {settings.data} are not used for training")
 
-    with ray_session(settings.address):
+    with contextlib.ExitStack() as held, ray_session(settings.address):
         if settings.use_gpu:  # an autoscaler brings GPU nodes on request; a cluster that cannot refuses now
             ensure_gpus("train", int(settings.workers), float(settings.wait_gpu))
-        cpus = cluster_cpus()
-        res = resources(settings.workers, settings.use_gpu, cpus, settings.cpus_per_worker)
+            check_gpu_nodes("train")  # a GPU node whose torch cannot use CUDA: one line, before any worker
+        # Refusals come before anything is written or started: workers that would starve the reads, an
+        # empty split.
+        res = _worker_resources(settings)
+        counts = split_counts(settings.data, manifest, settings.fractions)
+        _check_splits(settings, manifest, counts)
+        held.enter_context(output_lock(run_dir, "train"))  # one run at a time in RUNDIR/NAME, to the end
+        st.make_dirs(run_dir)
+        st.write_text(st.join(run_dir, "settings.json"), json.dumps(settings_dict, indent=2))
+        per_worker = settings.batch_size // settings.workers
+        ledger = ray.remote(num_cpus=0)(SetAside).remote()
         cfg = {
             "settings": settings_dict, "shape": list(spec.shape), "class_names": list(spec.class_names),
-            "class_weights": weights, "steps_per_epoch": steps_per_epoch, "run_dir": run_dir,
-            "threads": max(1, int(res["CPU"])),
+            "class_weights": weights, "run_dir": run_dir, "threads": max(1, int(res["CPU"])),
+            "steps_per_epoch": max(1, math.ceil(counts["train"] / settings.workers / per_worker)),
             "val_cache_rows": int(2**29 // (4 * int(np.prod(spec.shape)))),  # about 512 MiB of stamps
-            "data_info": {"path": settings.data, "rows": manifest.num_rows, "shape": list(spec.shape)},
+            "data_info": {"path": settings.data, "rows": manifest.num_rows, "shape": list(spec.shape),
+                          "splits": counts},
+            "ledger": ledger,
         }
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=cfg,
-            torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
-                                                   resources_per_worker=res, placement_strategy=settings.placement),
-            run_config=ray.train.RunConfig(
-                name=settings.run_name, storage_path=out,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
-                # One console line per epoch from rank 0, not Ray Train's per-report logging; print() is
-                # left alone so each line appears once.
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                                  "RAY_DATA_LOG_LEVEL": "WARNING"}}),
-            datasets=_datasets(settings, manifest),
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
+        try:
+            result = _trainer(settings, cfg, res, out, _datasets(settings, manifest, ledger)).fit()
+            aside = _write_set_aside(run_dir, settings.data, ray.get(ledger.listing.remote()))
+        finally:
+            ray.kill(ledger)
 
-    # The latest checkpoint carries the best epoch's weights: write best.pt and last.pt beside it.
-    with result.checkpoint.as_directory() as d:
-        latest = ck.load_bundle(os.path.join(d, ck.FILE_NAME))
-    last = {k: v for k, v in latest.items() if k not in ("optimizer", "scheduler", "train_state")}
-    ck.save(last, st.join(run_dir, "last.pt"))
-    tstate = latest["train_state"]
-    best = dict(last, state_dict=tstate["best_state_dict"] or latest["state_dict"],
-                epoch=tstate["best_epoch"], metrics=tstate["best_metrics"])
-    best_path = st.join(run_dir, "best.pt")
-    ck.save(best, best_path)
-    metrics = json.loads(st.read_text(st.join(run_dir, "final.json")))
-    metrics["wall_seconds"] = round(time.time() - t0, 1)
-    history = tstate["history"]
-    metrics["stamps_per_s"] = float(np.mean([h["stamps_per_s"] for h in history])) if history else 0.0
-    st.write_text(summary_path, json.dumps({"best": best_path, "metrics": metrics, "history": history}, indent=2))
-    return TrainResult(run_dir, best_path, metrics, history)
+        # The latest checkpoint carries the best epoch's weights: write best.pt and last.pt beside it.
+        with result.checkpoint.as_directory() as d:
+            latest = ck.load_bundle(os.path.join(d, ck.FILE_NAME))
+        last = {k: v for k, v in latest.items() if k not in ("optimizer", "scheduler", "scaler", "train_state")}
+        ck.save(last, st.join(run_dir, "last.pt"))
+        tstate = latest["train_state"]
+        best = dict(last, state_dict=tstate["best_state_dict"] or latest["state_dict"],
+                    epoch=tstate["best_epoch"], metrics=tstate["best_metrics"])
+        best_path = st.join(run_dir, "best.pt")
+        ck.save(best, best_path)
+        metrics = json.loads(st.read_text(st.join(run_dir, "final.json")))
+        metrics["wall_seconds"] = round(time.time() - t0, 1)
+        history = tstate["history"]
+        metrics["stamps_per_s"] = float(np.mean([h["stamps_per_s"] for h in history])) if history else 0.0
+        metrics.update(aside)
+        st.write_text(summary_path, json.dumps({"best": best_path, "metrics": metrics, "history": history}, indent=2))
+        return TrainResult(run_dir, best_path, metrics, history)

@@ -102,3 +102,153 @@ def test_a_shard_the_manifest_does_not_list_is_named_in_a_warning(survey, tmp_pa
             in captured.err)
     assert "score: 400 stamps scored" in captured.out
     assert np.sum([json.load(open(tmp_path / "s" / "_manifest.json"))["num_rows"]]) == 400
+
+
+def copy_table(src, dst) -> str:
+    os.system(f"cp -r {src} {dst}")
+    return str(dst)
+
+
+def test_scores_of_a_table_that_changed_are_refused_as_stale_and_overwrite_starts_over(tmp_path, ray_shared,
+                                                                                        survey, capsys):
+    _, model = survey
+    data, out = str(tmp_path / "tR"), str(tmp_path / "sR")
+    synth(SynthSettings(out=data, n=200, seed=1, shard_rows=100))
+    args = ["score", "--model", model, "--data", data, "--out", out, "--compile", "off", "--no-progress"]
+    assert main(args) == 0
+    first = st.read_parquet(os.path.join(out, "part-00000.parquet")).column("p_source").to_pylist()
+    open(os.path.join(out, "notes.txt"), "w").write("mine")
+    synth(SynthSettings(out=data, n=200, seed=2, shard_rows=100))  # same path, same shard names, new stamps
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data} changed since {out} was scored: 2 of its shards (part-00000.parquet, part-00001.parquet)" in err
+    assert "the scores there are stale; pass --overwrite" in err
+    assert main(args + ["--overwrite"]) == 0
+    assert "score: 200 stamps scored" in capsys.readouterr().out
+    again = st.read_parquet(os.path.join(out, "part-00000.parquet")).column("p_source").to_pylist()
+    assert again != first
+    manifest = st.read_manifest(data)
+    job = json.load(open(os.path.join(out, "_job.json")))
+    assert job["data_shards"] == {s["path"]: s["footer"] for s in manifest.shards}
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"  # --overwrite removes only what score wrote
+    assert not os.path.exists(os.path.join(out, "_lock.json"))
+
+
+def test_a_damaged_page_sets_its_rows_aside_naming_the_shard(survey, tmp_path, ray_shared, capsys):
+    data, model = survey
+    copy = copy_table(data, tmp_path / "t")
+    shard = os.path.join(copy, "part-00001.parquet")
+    raw = bytearray(open(shard, "rb").read())
+    middle = len(raw) // 2
+    raw[middle:middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    open(shard, "wb").write(bytes(raw))  # the footer is intact: only a data page is damaged
+    out = str(tmp_path / "s")
+    assert main(["score", "--model", model, "--data", copy, "--out", out, "--compile", "off", "--no-progress"]) == 0
+    assert "score: 300 stamps scored into" in capsys.readouterr().out
+    doc = json.load(open(os.path.join(out, "_manifest.json")))
+    assert (doc["num_rows"], doc["set_aside"], doc["errors"]) == (300, 100, {"corrupt": 100})
+    errors = st.read_parquet(os.path.join(out, "_errors", "part-00001.parquet"))
+    assert errors.num_rows == 100 and errors.column("row").to_pylist() == list(range(100))
+    assert set(errors.column("reason").to_pylist()) == {
+        errors.column("reason")[0].as_py()} and "part-00001.parquet rows 0-99" in errors.column("reason")[0].as_py()
+    assert "CRC checksum verification failed" in errors.column("reason")[0].as_py()
+    with pytest.raises(ValueError, match="part-00001.parquet is damaged and cannot be read"):
+        st.read_table(copy)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "rows", "replaced", "missing"])
+def test_a_table_that_does_not_match_its_manifest_is_refused_naming_the_shard(survey, tmp_path, capsys, damage):
+    data, model = survey
+    copy = copy_table(data, tmp_path / "t")
+    shard = os.path.join(copy, "part-00002.parquet")
+    mpath = os.path.join(copy, st.MANIFEST_NAME)
+    if damage == "truncated":
+        raw = open(shard, "rb").read()
+        open(shard, "wb").write(raw[: len(raw) // 2])
+    elif damage == "random":
+        open(shard, "wb").write(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif damage == "rows":
+        doc = json.load(open(mpath))
+        doc["shards"][2]["rows"] = 99
+        open(mpath, "w").write(json.dumps(doc))
+    elif damage == "replaced":
+        os.system(f"cp {copy}/part-00000.parquet {shard}")  # as many rows, other stamps
+    else:
+        os.remove(shard)
+    assert main(["score", "--model", model, "--data", copy, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    expected = {
+        "truncated": f"{shard} is not a readable Parquet file (Parquet magic bytes not found in footer",
+        "random": f"{shard} is not a readable Parquet file (Parquet magic bytes not found in footer",
+        "rows": f"{mpath} is wrong about part-00002.parquet: it lists 99 rows, the file holds 100",
+        "replaced": f"{shard} was changed after the table's manifest was written",
+        "missing": f"{copy}: shard part-00002.parquet, listed in _manifest.json, is missing",
+    }[damage]
+    assert expected in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "s" / "part-00000.parquet")
+
+
+def test_a_second_run_on_a_locked_out_is_refused_and_a_dead_runs_lock_is_taken_over(survey, tmp_path, ray_shared,
+                                                                                   capsys):
+    import socket
+    import subprocess
+    import time
+
+    data, model = survey
+    out = tmp_path / "s"
+    out.mkdir()
+    lock = out / "_lock.json"
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({"verb": "score", "host": socket.gethostname(), "pid": holder.pid,
+                                    "started": time.time(), "beat": time.time(), "token": "t1"}))
+        args = ["score", "--model", model, "--data", data, "--out", str(out), "--compile", "off", "--no-progress"]
+        for verb_args in (args, args + ["--overwrite"]):
+            assert main(verb_args) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by 'stampray score' started " in err
+            assert f"by process {holder.pid} on {socket.gethostname()}; wait for it to finish" in err
+        assert sorted(os.listdir(out)) == ["_lock.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # the holder is gone: its lock is taken over
+    assert "score: 400 stamps scored" in capsys.readouterr().out
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("verb", ["score", "occlude", "synth", "ingest"])
+def test_a_verb_never_replaces_part_files_it_did_not_write(survey, tmp_path, capsys, verb):
+    data, model = survey
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "part-00000.parquet").write_bytes(b"my own file")
+    np.save(tmp_path / "a.npy", np.zeros((3, 21, 21), np.float32))
+    args = {"score": ["score", "--model", model, "--data", data],
+            "occlude": ["occlude", "--model", model, "--data", data, "--limit", "2"],
+            "synth": ["synth", "-n", "10"],
+            "ingest": ["ingest", "--class", f"noise={tmp_path / 'a.npy'}"]}[verb]
+    assert main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds part-00000.parquet, which " in err and "choose a new or empty directory" in err
+    assert (out / "part-00000.parquet").read_bytes() == b"my own file"
+    assert sorted(os.listdir(out)) == ["part-00000.parquet"]
+
+
+@pytest.mark.parametrize("verb", ["score", "occlude", "evaluate", "synth"])
+def test_an_out_under_a_file_is_one_clear_line(survey, tmp_path, capsys, verb):
+    data, model = survey
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    scores = str(tmp_path / "none")
+    args = {"score": ["score", "--model", model, "--data", data],
+            "occlude": ["occlude", "--model", model, "--data", data],
+            "evaluate": ["evaluate", "--scores", scores],
+            "synth": ["synth", "-n", "10"]}[verb]
+    assert main(args + ["--out", str(afile)]) == 2
+    assert f"--out {afile} is a file; give a directory" in capsys.readouterr().err
+    assert main(args + ["--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {afile / 'sub'}: cannot create that directory" in err and "Traceback" not in err
+    assert afile.read_text() == "x"

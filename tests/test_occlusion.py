@@ -50,6 +50,59 @@ def test_output_is_stamp_sized(kernel, stride):
     assert even.shape == (1, 20, 20)
 
 
+def reference_maps(raw, target, kernel, stride, preprocess, predict):
+    """The unchunked computation: every (stamp, window) variant at once."""
+    n, c, h, w = raw.shape
+    ys, xs = range(0, h - kernel + 1, stride), range(0, w - kernel + 1, stride)
+    masks = np.ones((len(ys) * len(xs), 1, h, w), np.float32)
+    for p, (y, x) in enumerate((y, x) for y in ys for x in xs):
+        masks[p, :, y:y + kernel, x:x + kernel] = 0.0
+    variants = (preprocess(raw)[:, None] * masks[None]).reshape(-1, c, h, w)
+    probs = predict(preprocess(variants)).reshape(n, len(masks), -1)
+    return probs[np.arange(n), :, target].reshape(n, len(ys), len(xs))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, None])
+def test_chunked_maps_equal_the_unchunked_ones_with_a_real_model(chunk):
+    from stampray import preprocess as pp
+    from stampray.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", 2, 21, 3).eval()
+
+    def predict(x):
+        with torch.no_grad():
+            return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x))), 1).numpy()
+
+    raw = np.random.default_rng(1).normal(size=(3, 2, 21, 21)).astype(np.float32)
+    target = np.array([0, 2, 1])
+    prep = pp.get("course")
+    heat = occlusion_maps(raw, target, 5, 2, prep, predict, chunk)
+    ref = reference_maps(raw, target, 5, 2, prep, predict)
+    grid = np.repeat(np.repeat(ref, 2, axis=1), 2, axis=2)[:, :17, :17]
+    np.testing.assert_allclose(heat[:, 2:19, 2:19], grid, rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_memory_does_not_grow_with_stamp_size_or_positions():
+    import tracemalloc
+
+    raw = np.random.default_rng(0).random((2, 1, 150, 150)).astype(np.float32)
+    calls = []
+
+    def predict(x):
+        calls.append(len(x))
+        return np.full((len(x), 2), 0.5, np.float32)
+
+    tracemalloc.start()
+    heat = occlusion_maps(raw, np.array([0, 1]), 5, 1, identity, predict)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert heat.shape == (2, 150, 150)
+    assert sum(calls) == 2 * 146 * 146 and max(calls) == (1 << 20) // (150 * 150)
+    # Unchunked, the variants alone were 2 x 21,316 x 150 x 150 float32 = 3.8 GB.
+    assert peak < 32 * 2**20
+
+
 def test_kernel_larger_than_the_stamp_is_refused():
     with pytest.raises(ValueError, match="--kernel 30 does not fit in stamps of 21x21"):
         occlusion_maps(np.ones((1, 1, 21, 21), np.float32), np.array([0]), 30, 1, identity, central_probe)

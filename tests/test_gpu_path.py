@@ -1,0 +1,122 @@
+"""The GPU path on a machine without CUDA (issue #19): what a CPU can show."""
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.mark.slow
+def test_use_gpu_on_a_node_whose_torch_has_no_cuda_stops_with_one_line(tmp_path, run_scenario):
+    """A Ray node that advertises a GPU while its torch cannot use CUDA (here: a private Ray started with
+    num_gpus=1 and the CPU wheel) must not score on the CPU: score and occlude stop naming the node."""
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray.models import create_model
+    from stampray.synth import SynthSettings, synth
+
+    data, model = str(tmp_path / "t"), str(tmp_path / "m.pt")
+    synth(SynthSettings(out=data, n=50, seed=1, shard_rows=50))
+    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("noise", "source"), preprocess="course"),
+            model)
+    result, _ = run_scenario(f"""
+        import contextlib, io, json, os, ray
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+        from stampray.cli import main
+        out = {{}}
+        for verb in ("score", "occlude"):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main([verb, "--model", {model!r}, "--data", {data!r}, "--out", {str(tmp_path)!r} + "/" + verb,
+                             "--use-gpu", "--no-progress"])
+            out[verb] = [code, err.getvalue(), sorted(os.listdir({str(tmp_path)!r} + "/" + verb))
+                         if os.path.isdir({str(tmp_path)!r} + "/" + verb) else None]
+        print("RESULT " + json.dumps(out))
+    """, timeout=300)
+    for verb in ("score", "occlude"):
+        code, err, files = result[verb]
+        assert code == 2, err
+        assert "--use-gpu: node 1" in err and "was given a GPU by Ray but its torch" in err
+        assert f"torch {torch.__version__} cannot use CUDA (a CPU-only build (torch.version.cuda is None)" in err
+        assert "install a CUDA build of torch matching the node's driver" in err
+        assert "Traceback" not in err and len([x for x in err.splitlines() if "stampray" in x]) == 1
+        assert not any(f.startswith("part-") for f in files or [])
+
+
+def test_compile_warm_up_takes_the_path_real_batches_take(monkeypatch):
+    """The compiled model is warmed up through ``_run`` (device copy, autocast, channels-last), the one
+    place real batches call the model, so the first real batch does not recompile."""
+    import io
+
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray.inference import ModelActor
+    from stampray.models import create_model
+
+    bundle = ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("a", "b"), preprocess="course")
+    buf = io.BytesIO()
+    torch.save(bundle, buf)
+    calls = []
+    real = ModelActor._run
+
+    def spy(self, part):
+        calls.append((len(part), self.compiled))
+        return real(self, part)
+
+    monkeypatch.setattr(ModelActor, "_run", spy)
+    monkeypatch.setattr("ray.get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n"})())
+    actor = ModelActor(buf.getvalue(), compile=True, chunk=8)
+    assert calls == [(8, True)] and actor.compiled
+    probs = actor.probabilities(np.zeros((3, 1, 21, 21), np.float32))
+    assert calls[1] == (8, True) and probs.shape == (3, 2)  # padded to the compiled shape, same path
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_epoch_sums_live_on_the_training_device():
+    """all_reduce under NCCL takes CUDA tensors only: the sums are made on the worker's device."""
+    import torch
+
+    from stampray.train import epoch_sums
+
+    assert epoch_sums(torch.device("meta")).device.type == "meta"
+    assert epoch_sums(torch.device("cpu")).dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_cpu_tensors_and_the_scaler_and_resumes(tmp_path, ray_shared):
+    """Every tensor of a checkpoint is on the CPU (a GPU run's checkpoint loads on a laptop), the AMP
+    scaler's state is saved, and a resumed run restores the optimizer after the model's device move."""
+    import glob
+
+    import torch
+
+    from stampray.synth import SynthSettings, synth
+    from stampray.train import TrainSettings, fit
+
+    data = str(tmp_path / "t")
+    synth(SynthSettings(out=data, n=300, seed=2, shard_rows=300))
+    settings = dict(model="cnn", data=data, out=str(tmp_path / "runs"), epochs=1, batch_size=64,
+                    cpus_per_worker=0.5)
+    fit(TrainSettings(**settings))
+    ckpt = sorted(glob.glob(str(tmp_path / "runs" / "cnn" / "epoch-*" / "model.pt")))[-1]
+    bundle = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "scaler" in bundle and "optimizer" in bundle
+
+    def devices(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj.device.type
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from devices(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from devices(v)
+
+    found = set(devices(bundle))
+    assert found == {"cpu"}
+    moments = bundle["optimizer"]["state"]
+    assert moments and all(v["exp_avg"].device.type == "cpu" for v in moments.values())
+    r = fit(TrainSettings(**{**settings, "epochs": 2}))  # resumes from epoch 1
+    assert r.metrics["epochs_done"] == 2 and r.metrics["resumed_from"] == [1]

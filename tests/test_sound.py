@@ -1,0 +1,195 @@
+"""Sound results or a clear stop (issue #18): duplicates, unknown ids, ambiguous labels, typed settings,
+one-line errors."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stampray import checkpoint as ck
+from stampray import table as st
+from stampray.cli import main
+from stampray.evaluate import table_labels
+from stampray.models import create_model
+from stampray.synth import SynthSettings, synth
+
+SPEC = st.StampSpec((1, 21, 21), ("noise", "source"), "another tool")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("sound") / "m.pt")
+    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("noise", "source"), preprocess="course"),
+            path)
+    return path
+
+
+def foreign_table(root, shards: list[list[str]]) -> str:
+    """A stamp table as another tool would write it: plain pyarrow shards and a manifest without footers."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for k, ids in enumerate(shards):
+        images = rng.normal(size=(len(ids), 1, 21, 21)).astype(np.float32)
+        t = st.make_table(SPEC, ids, images, labels=np.arange(len(ids)) % 2)
+        pq.write_table(t, os.path.join(root, f"part-{k:05d}.parquet"))
+        entries.append({"path": f"part-{k:05d}.parquet", "rows": len(ids)})
+    st.write_text(os.path.join(root, st.MANIFEST_NAME),
+                  st.Manifest(SPEC, entries, columns=list(t.schema.names)).to_json())
+    return str(root)
+
+
+def test_repeated_ids_of_a_foreign_table_are_set_aside_with_their_reason(tmp_path, model, ray_shared, capsys):
+    data = foreign_table(tmp_path / "t", [["a", "b", "a", "c"], ["d", "b", "e"]])
+    out = str(tmp_path / "s")
+    assert main(["score", "--model", model, "--data", data, "--out", out, "--compile", "off", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "score: 5 stamps scored" in printed and "set aside 2 (duplicate 2)" in printed
+    doc = json.load(open(os.path.join(out, "_manifest.json")))
+    assert (doc["num_rows"], doc["set_aside"], doc["errors"]) == (5, 2, {"duplicate": 2})
+    ids = sorted(st.read_parquet(os.path.join(out, "part-00000.parquet")).column("stamp_id").to_pylist()
+                 + st.read_parquet(os.path.join(out, "part-00001.parquet")).column("stamp_id").to_pylist())
+    assert ids == ["a", "b", "c", "d", "e"]
+    e0 = st.read_parquet(os.path.join(out, "_errors", "part-00000.parquet")).to_pylist()
+    e1 = st.read_parquet(os.path.join(out, "_errors", "part-00001.parquet")).to_pylist()
+    assert [(e["stamp_id"], e["row"]) for e in e0] == [("a", 2)]
+    assert e0[0]["reason"] == "duplicate: stamp_id 'a' is also at part-00000.parquet row 0, which is scored"
+    assert [(e["stamp_id"], e["row"], e["reason"]) for e in e1] == [
+        ("b", 1, "duplicate: stamp_id 'b' is also at part-00000.parquet row 1, which is scored")]
+    assert main(["score", "--model", model, "--data", data, "--out", out]) == 0  # a rerun: nothing to do
+    assert "already complete (5 stamps scored, 2 set aside)" in capsys.readouterr().out
+
+
+def test_score_tables_with_the_same_last_name_keep_their_own_labels():
+    assert table_labels(["a/cnn/scores", "b/cnn/scores"]) == ["a/cnn/scores", "b/cnn/scores"]
+    assert table_labels(["runs/a/scores", "runs/b/scores"]) == ["a/scores", "b/scores"]
+    assert table_labels(["s1", "s2"]) == ["s1", "s2"]
+    assert table_labels(["s1", "s2"], ("cnn", "vgg")) == ["cnn", "vgg"]
+    with pytest.raises(ValueError, match="--scores a/s is given twice"):
+        table_labels(["a/s", "a/s/"])
+    with pytest.raises(ValueError, match="--names gives 'x' twice"):
+        table_labels(["a", "b"], ("x", "x"))
+
+
+def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path, model, ray_shared, capsys):
+    data = str(tmp_path / "t")
+    synth(SynthSettings(out=data, n=200, seed=3, shard_rows=100))
+    for run in ("a", "b"):
+        assert main(["score", "--model", model, "--data", data, "--out", str(tmp_path / run / "cnn" / "scores"),
+                     "--compile", "off", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--scores", str(tmp_path / "a" / "cnn" / "scores"), "--scores",
+                 str(tmp_path / "b" / "cnn" / "scores"), "--out", str(tmp_path / "rep"), "--split", "all"]) == 0
+    report = json.load(open(tmp_path / "rep" / "report.json"))
+    assert sorted(report["results"]) == ["a/cnn/scores", "b/cnn/scores"]
+    assert [r["n"] for r in report["results"].values()] == [200, 200]
+
+
+def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, ray_shared, capsys):
+    data = str(tmp_path / "t")
+    synth(SynthSettings(out=data, n=100, seed=3, shard_rows=100))
+    good = st.read_table(data, [st.ID]).column(st.ID)[0].as_py()
+    out = str(tmp_path / "maps")
+    assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", f"{good},TYPO,nope",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"occlude: warning: 2 of the 3 --ids are not in {data}: TYPO, nope" in captured.err
+    assert st.read_parquet(os.path.join(out, "part-00000.parquet")).column("stamp_id").to_pylist() == [good]
+    assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", "TYPO", "--no-progress"]) == 2
+    assert f"none of the 1 --ids is in {data} (TYPO); check the ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("doc, words", [
+    ({"batch_size": "256"}, "--batch-size must be an integer, got '256' (a string)"),
+    ({"epochs": 2.5}, "--epochs must be an integer, got 2.5 (a number)"),
+    ({"augment": "yes"}, "--augment must be true or false, got 'yes' (a string)"),
+    ({"fractions": [0.5, 0.5]}, "--fractions must be a list of 3 values, got [0.5, 0.5] (a list)"),
+    ({"bogus": 1}, "unknown settings bogus; known:"),
+])
+def test_config_values_are_checked_by_their_declared_type(tmp_path, capsys, doc, words):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(doc))
+    assert main(["train", "--model", "cnn", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"stampray train: error: --config {cfg}: {words}" in err
+
+
+def test_a_string_setting_list_is_split_at_commas_never_into_letters():
+    from stampray.score import ScoreSettings
+    from stampray.settings import coerce
+
+    assert coerce(ScoreSettings, {"keep": "snr"})["keep"] == ("snr",)
+    assert coerce(ScoreSettings, {"keep": "snr, mjd"})["keep"] == ("snr", "mjd")
+    assert coerce(ScoreSettings, {"keep": ["snr"]})["keep"] == ("snr",)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"epochs": 2,', "is not valid JSON (Expecting"),
+    ("epochs = ", "is not valid TOML"),
+    ("[1, 2]", "want a JSON object of settings, got [1, 2] (a list)"),
+])
+def test_a_config_file_that_does_not_parse_is_named_with_its_format(tmp_path, capsys, text, words):
+    cfg = tmp_path / ("c.toml" if "=" in text else "c.json")
+    cfg.write_text(text)
+    assert main(["synth", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {cfg} {words}" in err or f"--config {cfg}: {words}" in err
+
+
+def test_user_mistakes_end_in_one_line_naming_the_flag_or_file(tmp_path, model, capsys):
+    data = str(tmp_path / "t")
+    synth(SynthSettings(out=data, n=20, seed=3, shard_rows=20))
+    h5 = tmp_path / "x.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_group("grp").create_dataset("images", data=np.zeros((2, 21, 21), np.float32))
+    gz = tmp_path / "g.npy"
+    import gzip
+
+    np.save(tmp_path / "plain.npy", np.zeros((2, 21, 21), np.float32))
+    gz.write_bytes(gzip.compress((tmp_path / "plain.npy").read_bytes()))
+    nostamp = tmp_path / "nostamp"
+    nostamp.mkdir()
+    pq.write_table(st.make_table(SPEC, ["x"], np.zeros((1, 1, 21, 21), np.float32)).drop_columns(["stamp_id"]),
+                   nostamp / "part-00000.parquet")
+    st.write_text(str(nostamp / st.MANIFEST_NAME), st.Manifest(SPEC, [{"path": "part-00000.parquet", "rows": 1}]).to_json())
+    cases = [
+        (["ingest", "--hdf5", str(h5), "--images-key", "grp", "--out", str(tmp_path / "o1")],
+         f"{h5}: --images-key 'grp' names a group, not a dataset (it holds grp/images)"),
+        (["ingest", "--class", f"noise={gz}", "--out", str(tmp_path / "o2")],
+         f"{gz} is gzip-compressed, not a .npy file; decompress it first"),
+        (["score", "--model", model, "--data", str(nostamp), "--out", str(tmp_path / "o3")],
+         f"{nostamp / 'part-00000.parquet'} has no stamp_id column (it has: image, label)"),
+        (["evaluate", "--scores", data, "--out", str(tmp_path / "o4")],
+         f"--scores {data} is a stamp table, not scores; give the --out directory of 'stampray score'"),
+        (["synth", "--seed", "-1", "--out", str(tmp_path / "o5")], "--seed must be an integer >= 0, got -1"),
+        (["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "o6"), "--batch-size", "-5"],
+         "--batch-size must be a positive integer, got -5"),
+        (["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "o7"), "--actors", "-1"],
+         "--actors must be a positive integer, got -1"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err, (argv, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_saved(monkeypatch, tmp_path, capsys):
+    import stampray.synth
+
+    def broken(settings):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(stampray.synth, "synth", broken)
+    assert main(["synth", "-n", "5", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stampray synth: internal error: KeyError: 'boom'; the full traceback is in ")
+    path = err.split("the full traceback is in ")[1].split(" ")[0]
+    assert "Traceback (most recent call last)" in open(path).read() and "KeyError: 'boom'" in open(path).read()
+    os.remove(path)
