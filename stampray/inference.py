@@ -172,6 +172,7 @@ class ModelActor:
         self.bundle = bundle
         self.model = ck.build_model(bundle).to(self.device)
         self.preprocess = pp.get(bundle["preprocess"])
+        self.preprocess_torch = pp.get_torch(bundle["preprocess"])
         self.shape = (bundle["in_channels"], *bundle["image_size"])
         self.class_names = list(bundle["class_names"])
         order = bundle.get("class_order")  # set by open_model_for: the table's label order
@@ -211,13 +212,55 @@ class ModelActor:
         import torch
 
         xb = torch.from_numpy(part)
-        if self.compiled:
-            xb = xb.contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             xb = xb.pin_memory().to(self.device, non_blocking=True)
+        return self._run_tensor(xb)
+
+    def _run_tensor(self, xb):
+        """The model on a preprocessed tensor already on the device (channels-last when compiled, autocast
+        on a GPU): the one place a replica calls its model, for warm-up and real batches alike."""
+        import torch
+
+        if self.compiled:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.forward(xb)
         return torch.softmax(logits.float(), dim=1)
+
+    def predict(self, raw: np.ndarray) -> np.ndarray:
+        """Softmax probabilities for raw (decoded, not yet normalised) stamps (N, C, H, W).
+
+        On the CPU: the checkpoint's numpy preprocessing, then the model. On a GPU only decoding stays on
+        the CPU: raw pixels go to the device from pinned memory (``non_blocking``, the next chunk's copy on a
+        stream of its own while this chunk computes) and are normalised there by the torch version of the
+        same step (:func:`stampray.preprocess.get_torch`, equal within float tolerance), so one CPU core
+        no longer sets the GPU's pace with per-stamp quartiles."""
+        if self.device.type != "cuda" or self.preprocess_torch is None:
+            return self.probabilities(self.preprocess(raw))
+        import torch
+
+        out, chunks = [], [raw[i:i + self.chunk] for i in range(0, len(raw), self.chunk)]
+        copy_stream = torch.cuda.Stream()
+
+        def upload(part):
+            with torch.cuda.stream(copy_stream):
+                return torch.from_numpy(np.ascontiguousarray(part)).pin_memory().to(self.device, non_blocking=True)
+
+        with torch.inference_mode():
+            nxt = upload(chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                torch.cuda.current_stream().wait_stream(copy_stream)
+                xb, n = nxt, len(chunks[i])
+                xb.record_stream(torch.cuda.current_stream())
+                nxt = upload(chunks[i + 1]) if i + 1 < len(chunks) else None
+                xb = self.preprocess_torch(xb)
+                if self.compiled and n < self.chunk:  # keep the one compiled shape
+                    xb = torch.cat([xb, xb.new_zeros((self.chunk - n, *self.shape))])
+                out.append(self._run_tensor(xb)[:n].cpu().numpy())
+        if not out:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        probs = np.concatenate(out)
+        return probs[:, self.class_order] if self.class_order is not None else probs
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities for preprocessed stamps (N, C, H, W)."""

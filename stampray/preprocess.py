@@ -118,3 +118,63 @@ def standardize(x: np.ndarray) -> np.ndarray:
     std = flat.std(axis=-1, keepdims=True)
     out = (flat - mean) / np.where(std > 0, std, 1.0)
     return out.astype(np.float32).reshape(n, c, h, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# The same steps in torch, for the device (a GPU replica copies raw pixels and normalises there)
+# --------------------------------------------------------------------------------------------------
+def _torch_course(x):
+    """:func:`course_normalize` on a torch tensor (N, C, H, W), on whatever device it lives."""
+    import torch
+
+    n, c, h, w = x.shape
+    if x.numel() == 0:
+        return x.clone()
+    flat = x.reshape(n * c, h * w).float()
+    m = h * w
+    ordered = flat.sort(dim=1).values
+    quart = []
+    for q in (0.25, 0.5, 0.75):  # np.percentile's default linear rule, in float64 as the numpy step
+        p = q * (m - 1)
+        lo, hi = int(np.floor(p)), int(np.ceil(p))
+        a = ordered[:, lo].double()
+        quart.append(a if lo == hi else a + (ordered[:, hi].double() - a) * (p - lo))
+    p25, p50, p75 = quart
+    floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).float()
+    clipped = torch.maximum(flat, floor[:, None])
+    clipped = clipped - clipped.min(dim=1, keepdim=True).values
+    total = clipped.sum(dim=1, keepdim=True, dtype=torch.float64)
+    degenerate = total <= 0
+    scale = (1.0 / torch.where(degenerate, torch.ones_like(total), total)).float()
+    out = torch.where(degenerate, torch.full_like(clipped, 1.0 / m), clipped * scale)
+    return out.reshape(n, c, h, w)
+
+
+def _torch_standardize(x):
+    n, c, h, w = x.shape
+    flat = x.reshape(n, c, h * w).double()
+    mean = flat.mean(dim=-1, keepdim=True)
+    std = flat.std(dim=-1, keepdim=True, unbiased=False)
+    out = (flat - mean) / torch_where_positive(std)
+    return out.float().reshape(n, c, h, w)
+
+
+def torch_where_positive(std):
+    import torch
+
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+_TORCH_STEPS = {
+    "course": _torch_course,
+    "course_scaled": lambda x: _torch_course(x) * float(x.shape[2] * x.shape[3]),
+    "none": lambda x: x.float(),
+    "standardize": _torch_standardize,
+}
+
+
+def get_torch(name: str):
+    """The torch version of the step ``name`` (equal to :func:`get`'s within float tolerance): it runs where
+    its input tensor lives, so a GPU replica normalises on the GPU. None for a step without one."""
+    get(name)  # unknown names are refused with the list of known ones
+    return _TORCH_STEPS.get(name)

@@ -111,7 +111,7 @@ class Scorer(ModelActor):
         images, good, bad = self.decode_valid(batch)
         probs = np.full((n, len(self.class_names)), np.nan, np.float32)
         if len(good):
-            probs[good] = self.probabilities(self.preprocess(images))
+            probs[good] = self.predict(images)
         pred = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
         valid = np.ones(n, bool)
         errors = np.full(n, None, dtype=object)

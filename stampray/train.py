@@ -57,6 +57,10 @@ SCHEDULES = ("constant", "cosine")
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max"}
 
 
+BATCH_CPU = 128  # default global batch on CPU workers
+BATCH_GPU = 512  # default global batch with --use-gpu
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Settings of ``stampray train``; see ``stampray train --help``."""
@@ -69,7 +73,7 @@ class TrainSettings:
     use_gpu: bool = False
     wait_gpu: float = 1800.0
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int | None = None  # None: BATCH_CPU, or BATCH_GPU with use_gpu
     lr: float = 1e-3
     weight_decay: float = 1e-2
     optimizer: str = "adamw"
@@ -91,6 +95,8 @@ class TrainSettings:
     address: str | None = None
 
     def __post_init__(self):
+        if self.batch_size is None:  # a batch that keeps a CPU busy leaves a GPU mostly idle
+            object.__setattr__(self, "batch_size", BATCH_GPU if self.use_gpu else BATCH_CPU)
         if self.model not in list_models():
             msg = f"unknown model {self.model!r}; known models: {', '.join(list_models())}"
             raise ValueError(msg)
@@ -844,7 +850,11 @@ def fit(settings: TrainSettings) -> TrainResult:
         st.make_dirs(run_dir)
         st.write_text(st.join(run_dir, "settings.json"), json.dumps(settings_dict, indent=2))
         per_worker = settings.batch_size // settings.workers
-        ledger = ray.remote(num_cpus=0)(SetAside).remote()
+        # On the driver's node: a worker node lost mid-run must not take the ledger (and the run) with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ledger = ray.remote(num_cpus=0)(SetAside).options(scheduling_strategy=here).remote()
         cfg = {
             "settings": settings_dict, "shape": list(spec.shape), "class_names": list(spec.class_names),
             "class_weights": weights, "run_dir": run_dir, "threads": max(1, int(res["CPU"])),

@@ -1,7 +1,6 @@
 """Class names: their score columns, their validation at ingest, and how a model's classes meet a table's
 (issue #18 items 1 and 2, issue #11 item 7)."""
 
-import dataclasses
 import json
 import os
 
@@ -15,7 +14,7 @@ from stampray import table as st
 from stampray.classes import ClassMatch, check_class_names, match_classes, prob_column
 from stampray.cli import main
 from stampray.models import create_model
-from stampray.score import ScoreSettings, read_scores, score_manifest
+from stampray.score import read_scores, score_manifest
 
 P_HIGH = float(torch.softmax(torch.tensor([0.0, 10.0]), 0)[1])  # the constant model's top probability
 
@@ -190,6 +189,7 @@ def numbered(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow
 def test_score_and_evaluate_match_classes_by_name(always_source, source_first, tmp_path, capsys, ray_shared):
     out, rep = str(tmp_path / "scores"), str(tmp_path / "report")
     assert main(["score", "--model", always_source, "--data", source_first, "--out", out, "--compile", "off"]) == 0
@@ -221,8 +221,7 @@ def test_score_refuses_other_class_names(always_source, numbered, tmp_path, caps
     assert not os.path.exists(out / "_manifest.json") and not os.path.exists(out / "part-00000.parquet")
 
 
-@pytest.mark.skipif("rename_classes" not in {f.name for f in dataclasses.fields(ScoreSettings)},
-                    reason="needs ScoreSettings.rename_classes (see the report of this change)")
+@pytest.mark.slow
 def test_score_renames_classes_by_position_when_asked(always_source, numbered, tmp_path, capsys, ray_shared):
     out = str(tmp_path / "scores")
     assert main(["score", "--model", always_source, "--data", numbered, "--out", out, "--compile", "off",

@@ -1,7 +1,5 @@
 """The GPU path on a machine without CUDA (issue #19): what a CPU can show."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -9,7 +7,8 @@ import pytest
 @pytest.mark.slow
 def test_use_gpu_on_a_node_whose_torch_has_no_cuda_stops_with_one_line(tmp_path, run_scenario):
     """A Ray node that advertises a GPU while its torch cannot use CUDA (here: a private Ray started with
-    num_gpus=1 and the CPU wheel) must not score on the CPU: score and occlude stop naming the node."""
+    num_gpus=1 and the CPU wheel) must not score or train on the CPU: score, occlude and train stop with one
+    line naming the node, before any work."""
     import torch
 
     from stampray import checkpoint as ck
@@ -25,16 +24,16 @@ def test_use_gpu_on_a_node_whose_torch_has_no_cuda_stops_with_one_line(tmp_path,
         ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
         from stampray.cli import main
         out = {{}}
-        for verb in ("score", "occlude"):
+        for verb in ("score", "occlude", "train"):
             err = io.StringIO()
+            args = (["--model", {model!r}, "--no-progress"] if verb != "train" else ["--model", "cnn", "--epochs", "1"])
             with contextlib.redirect_stderr(err):
-                code = main([verb, "--model", {model!r}, "--data", {data!r}, "--out", {str(tmp_path)!r} + "/" + verb,
-                             "--use-gpu", "--no-progress"])
+                code = main([verb, *args, "--data", {data!r}, "--out", {str(tmp_path)!r} + "/" + verb, "--use-gpu"])
             out[verb] = [code, err.getvalue(), sorted(os.listdir({str(tmp_path)!r} + "/" + verb))
                          if os.path.isdir({str(tmp_path)!r} + "/" + verb) else None]
         print("RESULT " + json.dumps(out))
     """, timeout=300)
-    for verb in ("score", "occlude"):
+    for verb in ("score", "occlude", "train"):
         code, err, files = result[verb]
         assert code == 2, err
         assert "--use-gpu: node 1" in err and "was given a GPU by Ray but its torch" in err
@@ -120,3 +119,31 @@ def test_a_checkpoint_holds_cpu_tensors_and_the_scaler_and_resumes(tmp_path, ray
     assert moments and all(v["exp_avg"].device.type == "cpu" for v in moments.values())
     r = fit(TrainSettings(**{**settings, "epochs": 2}))  # resumes from epoch 1
     assert r.metrics["epochs_done"] == 2 and r.metrics["resumed_from"] == [1]
+
+
+@pytest.mark.parametrize("name", ["course", "course_scaled", "none", "standardize"])
+@pytest.mark.parametrize("size", [21, 64])
+def test_the_torch_preprocessing_equals_the_numpy_one(name, size):
+    """A GPU replica normalises raw pixels on the device with the torch version of the checkpoint's step:
+    the same numbers as the numpy step (constant and all-zero stamps included)."""
+    import torch
+
+    from stampray import preprocess as pp
+
+    x = np.random.default_rng(size).normal(3.0, 2.0, size=(40, 2, size, size)).astype(np.float32)
+    x[3] = 1.0
+    x[5, 1] = 0.0
+    x[7, 0, :4] = 50.0
+    expected = pp.get(name)(x)
+    got = pp.get_torch(name)(torch.from_numpy(x))
+    assert got.dtype == torch.float32 and tuple(got.shape) == x.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_default_training_batch_is_chosen_per_device():
+    from stampray.train import BATCH_CPU, BATCH_GPU, TrainSettings
+
+    assert (BATCH_CPU, BATCH_GPU) == (128, 512)
+    assert TrainSettings(model="cnn", data="d", out="o").batch_size == 128
+    assert TrainSettings(model="cnn", data="d", out="o", use_gpu=True).batch_size == 512
+    assert TrainSettings(model="cnn", data="d", out="o", use_gpu=True, batch_size=64).batch_size == 64

@@ -109,6 +109,7 @@ def copy_table(src, dst) -> str:
     return str(dst)
 
 
+@pytest.mark.slow
 def test_scores_of_a_table_that_changed_are_refused_as_stale_and_overwrite_starts_over(tmp_path, ray_shared,
                                                                                         survey, capsys):
     _, model = survey
@@ -189,6 +190,7 @@ def test_a_table_that_does_not_match_its_manifest_is_refused_naming_the_shard(su
     assert "Traceback" not in err and not os.path.exists(tmp_path / "s" / "part-00000.parquet")
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_out_is_refused_and_a_dead_runs_lock_is_taken_over(survey, tmp_path, ray_shared,
                                                                                    capsys):
     import socket
@@ -234,6 +236,15 @@ def test_a_verb_never_replaces_part_files_it_did_not_write(survey, tmp_path, cap
     assert f"--out {out} holds part-00000.parquet, which " in err and "choose a new or empty directory" in err
     assert (out / "part-00000.parquet").read_bytes() == b"my own file"
     assert sorted(os.listdir(out)) == ["part-00000.parquet"]
+
+
+def test_train_refuses_an_out_that_is_a_file(survey, tmp_path, capsys):
+    data, _ = survey
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "--model", "cnn", "--data", data, "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file; give a directory for the runs" in capsys.readouterr().err
+    assert afile.read_text() == "x"
 
 
 @pytest.mark.parametrize("verb", ["score", "occlude", "evaluate", "synth"])

@@ -44,6 +44,7 @@ def foreign_table(root, shards: list[list[str]]) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_repeated_ids_of_a_foreign_table_are_set_aside_with_their_reason(tmp_path, model, ray_shared, capsys):
     data = foreign_table(tmp_path / "t", [["a", "b", "a", "c"], ["d", "b", "e"]])
     out = str(tmp_path / "s")
@@ -76,6 +77,7 @@ def test_score_tables_with_the_same_last_name_keep_their_own_labels():
         table_labels(["a", "b"], ("x", "x"))
 
 
+@pytest.mark.slow
 def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path, model, ray_shared, capsys):
     data = str(tmp_path / "t")
     synth(SynthSettings(out=data, n=200, seed=3, shard_rows=100))
@@ -90,6 +92,7 @@ def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path,
     assert [r["n"] for r in report["results"].values()] == [200, 200]
 
 
+@pytest.mark.slow
 def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, ray_shared, capsys):
     data = str(tmp_path / "t")
     synth(SynthSettings(out=data, n=100, seed=3, shard_rows=100))
@@ -168,6 +171,8 @@ def test_user_mistakes_end_in_one_line_naming_the_flag_or_file(tmp_path, model, 
         (["evaluate", "--scores", data, "--out", str(tmp_path / "o4")],
          f"--scores {data} is a stamp table, not scores; give the --out directory of 'stampray score'"),
         (["synth", "--seed", "-1", "--out", str(tmp_path / "o5")], "--seed must be an integer >= 0, got -1"),
+        (["train", "--model", "cnn", "--data", data, "--out", str(tmp_path / "o8"), "--weight-decay", "-1"],
+         "--weight-decay must be zero or more, got -1.0"),
         (["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "o6"), "--batch-size", "-5"],
          "--batch-size must be a positive integer, got -5"),
         (["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "o7"), "--actors", "-1"],
