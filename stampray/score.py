@@ -253,7 +253,16 @@ def commit_shard(out: str, name: str, expected: int) -> dict:
     """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring."""
     parts = st.join(out, PARTS_DIR, _stem(name))
     fs, _ = st.resolve(out)
-    tables = [st.read_parquet(st.join(parts, f)) for f in list_files(parts)]
+    pieces = list_files(parts)
+    result = st.join(out, name)
+    if not pieces and expected and st.exists(result):
+        # A retry of a commit that finished (its node died before it could return): the result file is
+        # written last and the pieces removed after it, so the shard is done.
+        meta = pq.read_metadata(st.resolve(result)[1], filesystem=fs)
+        kv = meta.metadata or {}
+        return {"shard": name, "rows": meta.num_rows,
+                "errors": json.loads(kv[ERRORS_META]) if ERRORS_META in kv else {}}
+    tables = [st.read_parquet(st.join(parts, f)) for f in pieces]
     table = pa.concat_tables(tables, promote_options="default") if tables else None
     rows = table.column(ROW).to_numpy() if table is not None else np.zeros(0, np.int64)
     order = np.argsort(rows, kind="stable")
