@@ -42,6 +42,20 @@ def make_bundle(model: StampModel, *, class_names, preprocess: str, config: dict
     }
 
 
+def split_of(bundle: dict) -> dict | None:
+    """The split definition the model was trained with: ``{"fractions": (train, val, test), "column": bool}``
+    (``column``: the training table shipped a fixed ``split`` column, which wins over the id hash; None when
+    unknown). Checkpoints written before it was recorded give the fractions of their training settings;
+    None when the checkpoint says nothing (not written by ``stampray train``)."""
+    rec = bundle.get("split")
+    if isinstance(rec, dict) and rec.get("fractions") is not None:
+        return {"fractions": tuple(float(f) for f in rec["fractions"]), "column": rec.get("column")}
+    fractions = (bundle.get("config") or {}).get("fractions")
+    if fractions is not None:
+        return {"fractions": tuple(float(f) for f in fractions), "column": None}
+    return None
+
+
 def save(bundle: dict, path: str) -> None:
     """Write a bundle to a local path or URI."""
     buf = io.BytesIO()

@@ -11,6 +11,8 @@ import sys
 import time
 from dataclasses import fields
 
+from . import cutout as _cutout
+
 S = argparse.SUPPRESS
 
 
@@ -23,6 +25,17 @@ def _shape(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"--shape wants C,H,W such as 1,21,21, got {text!r}")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = _csv(text)
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"--fractions wants TRAIN,VAL,TEST such as 0.7,0.1,0.2, got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def _class_file(text: str) -> tuple[str, str]:
@@ -103,20 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--labels", default=S, help="labels array (.npy, or key of --images .npz)")
     src.add_argument("--hdf5", default=S, help="HDF5 file with --images-key and --labels-key datasets")
     src.add_argument("--fits", default=S, metavar="DIR", help="directory of FITS cutouts (needs --catalog)")
-    src.add_argument("--catalog", default=S, metavar="CSV", help="CSV: file,label[,id,metadata...]")
+    src.add_argument("--catalog", default=S, metavar="CSV",
+                     help="CSV: file,label[,id,metadata...]; without an id column a cutout's id is its file name "
+                          "less the FITS extension (J123456.78+012345.6_r.fits -> J123456.78+012345.6_r)")
     src.add_argument("--size", type=int, default=S, help="FITS: centre-crop or pad every cutout to N x N")
+    src.add_argument("--hdu", default=S, metavar="N|NAME[,NAME...]",
+                     help="FITS: the HDU to read, by index or EXTNAME (default: the first HDU holding an image, so "
+                          "an empty primary HDU is skipped); a comma list such as SCI,TEMPLATE,DIFF stacks those "
+                          "HDUs as channels (each a 2-D image of one shape). A file without a named HDU is set "
+                          "aside")
+    src.add_argument("--header-keys", dest="header_keys", type=_csv, default=S, metavar="KEY,KEY",
+                     help="FITS: copy these header values (from the first --hdu, else the primary header) into "
+                          "columns named by the key in lower case (EXPTIME -> exptime): numbers as float64, other "
+                          "values as strings, null where a file lacks the key. Cutouts with a celestial WCS also "
+                          "get ra and dec (degrees, of the stamp centre; null without a WCS) unless the catalogue "
+                          "or --header-keys already gives an ra or dec column, which is kept instead")
     src.add_argument("--pickle", default=S, help="pickled images (needs --allow-pickle)")
     p.add_argument("--images-key", dest="images_key", default=S, help="array/dataset name of the images "
                    "(default 'images')")
     p.add_argument("--labels-key", dest="labels_key", default=S, help="array/dataset name of the labels "
-                   "(default 'labels')")
+                   "(default 'labels' when the file has it, else the images are unlabelled; a key given here "
+                   "must exist)")
     p.add_argument("--ids-key", dest="ids_key", default=S, help="array/dataset of stamp ids (default: "
                    "FILESTEM-ROW)")
     p.add_argument("--classes", type=_csv, default=S, help="class names in label order, e.g. noise,source")
     p.add_argument("--split", choices=["train", "val", "test"], default=S,
                    help="the whole input belongs to this fixed split (overrides the id hash)")
     p.add_argument("--layout", choices=["auto", "nchw", "nhwc", "nhw", "flat"], default=S,
-                   help="image axis order (default auto)")
+                   help="image axis order (default auto; auto refuses an array that looks like one image "
+                        "saved without its N axis, such as (21,21) or (21,21,3))")
     p.add_argument("--nonfinite", choices=["set-aside", "fail"], default=S,
                    help="rows with NaN/inf pixels: set aside in _errors (default) or fail")
     p.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=S,
@@ -130,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-rows", dest="unit_rows", type=int, default=S, help="array rows per Ray task (default 200000)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
     _common(p)
+
+    _cutout.add_parser(sub, _common)
 
     p = sub.add_parser("models", help="list the registered models with parameters and FLOPs")
     p.add_argument("--shape", type=_shape, default=(1, 21, 21), help="C,H,W (default 1,21,21)")
@@ -169,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart failed workers from the last checkpoint up to K times (default 0)")
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     p.add_argument("--preprocess", default=S, help="named preprocessing: course_scaled (default), course, standardize, none")
+    p.add_argument("--fractions", type=_fractions, default=S, metavar="TRAIN,VAL,TEST",
+                   help="split fractions of the id hash (default 0.7,0.1,0.2; a 'split' column wins); recorded "
+                        "in the checkpoint, so score and evaluate use the same split")
+    p.add_argument("--preprocess-on", dest="preprocess_on", choices=["auto", "reads", "device"], default=S,
+                   help="where batches are normalised: in the CPU read tasks, or on the worker's device (raw "
+                        "pixels are copied); auto (default): device with --use-gpu, reads otherwise")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S,
                    help="per-epoch checkpoints kept besides best.pt/last.pt (default 2)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=S,
@@ -182,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="stamp dataset to score")
     p.add_argument("--out", required=True, help="result directory (one Parquet file per input shard)")
     p.add_argument("--keep", type=_csv, default=S, help="metadata columns to pass through, e.g. snr,ra,dec")
+    p.add_argument("--fractions", type=_fractions, default=S, metavar="TRAIN,VAL,TEST",
+                   help="split fractions for the 'split' column (default: those the checkpoint was trained with; "
+                        "others are refused, as they would test the model on stamps it trained on)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=S,
                    help="stamps per model call (default 4096 on CPU, 16384 on GPU)")
     _pool_flags(p)
@@ -341,7 +380,8 @@ def _cmd_demo(ns):
     demo(_settings(DemoSettings, ns))
 
 
-COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "models": _cmd_models, "train": _cmd_train,
+COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "cutout": _cutout.main, "models": _cmd_models,
+            "train": _cmd_train,
             "score": _cmd_score, "occlude": _cmd_occlude, "evaluate": _cmd_evaluate,
             "demo": _cmd_demo}
 

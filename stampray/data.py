@@ -35,17 +35,25 @@ def _read_items(items: pa.Table, root: str, columns: list[str] | None, tag: bool
     """map_batches callable: read the listed (shard, row group) pieces, one Arrow table each."""
     fs, _ = st.resolve(root)
     out = []
-    row0s = items.column("row0").to_pylist() if "row0" in items.schema.names else [0] * items.num_rows
-    for name, rg, row0 in zip(items.column("shard").to_pylist(), items.column("row_group").to_pylist(), row0s):
+    names = items.schema.names
+    row0s = items.column("row0").to_pylist() if "row0" in names else [0] * items.num_rows
+    offsets = items.column("offset").to_pylist() if "offset" in names else [0] * items.num_rows
+    lengths = items.column("length").to_pylist() if "length" in names else [None] * items.num_rows
+    for name, rg, row0, offset, length in zip(items.column("shard").to_pylist(),
+                                              items.column("row_group").to_pylist(), row0s, offsets, lengths):
         with fs.open_input_file(st.resolve(st.join(root, name))[1]) as f:
             pf = st.open_parquet(f)
             cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
             try:
-                tbl = pf.read_row_group(rg, columns=cols)
+                tbl = pf.read_row_group(rg, columns=cols) if length is None else \
+                    _read_range(pf, rg, cols, offset, length)
             except (OSError, pa.ArrowException) as e:
                 if not tag:  # a reader without row books (training) cannot set rows aside: it stops
                     raise ValueError(st.damaged(st.join(root, name), e)) from None
                 tbl = _unreadable(pf, rg, cols, name, row0, e)
+                if length is not None:
+                    tbl = tbl.slice(offset, length)
+        row0 += offset
         if tag:
             tbl = tbl.append_column(SHARD, pa.array([name] * tbl.num_rows, pa.string()))
             tbl = tbl.append_column(ROW, pa.array(np.arange(row0, row0 + tbl.num_rows, dtype=np.int64)))
@@ -53,16 +61,38 @@ def _read_items(items: pa.Table, root: str, columns: list[str] | None, tag: bool
     return pa.concat_tables(out, promote_options="default") if len(out) > 1 else out[0]
 
 
-def work_items(path: str, shards: Sequence[str]) -> list[dict]:
-    """One work item per row group of each shard (the unit of parallel reading)."""
+def _read_range(pf: pq.ParquetFile, rg: int, cols: list[str] | None, offset: int, length: int) -> pa.Table:
+    """Rows ``offset .. offset+length`` of row group ``rg``, decoding no further than their end."""
+    parts, seen = [], 0
+    for batch in pf.iter_batches(batch_size=max(1, length), row_groups=[rg], columns=cols):
+        lo, hi = max(0, offset - seen), min(batch.num_rows, offset + length - seen)
+        if hi > lo:
+            parts.append(batch.slice(lo, hi - lo))
+        seen += batch.num_rows
+        if seen >= offset + length:
+            break
+    if not parts:
+        return pf.schema_arrow.empty_table().select(cols) if cols else pf.schema_arrow.empty_table()
+    return pa.Table.from_batches(parts)
+
+
+def work_items(path: str, shards: Sequence[str], rows: int | None = None) -> list[dict]:
+    """One work item per row group of each shard (the unit of parallel reading); with ``rows``, one per
+    ``rows`` rows of a row group, for work so heavy per row (occlusion) that a row group is too coarse a
+    unit to share between replicas."""
     fs, _ = st.resolve(path)
     items = []
     for name in shards:
         meta = pq.read_metadata(st.resolve(st.join(path, name))[1], filesystem=fs)
         row0 = 0
         for i in range(meta.num_row_groups):
-            items.append({"shard": name, "row_group": i, "row0": row0})
-            row0 += meta.row_group(i).num_rows
+            n = meta.row_group(i).num_rows
+            if rows:
+                items.extend({"shard": name, "row_group": i, "row0": row0, "offset": k, "length": min(rows, n - k)}
+                             for k in range(0, n, int(rows)))
+            else:
+                items.append({"shard": name, "row_group": i, "row0": row0})
+            row0 += n
     return items
 
 

@@ -22,6 +22,7 @@ import html
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -397,6 +398,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
         elif names != class_names:
             msg = f"{path} scores classes {names}, the first table {class_names}; compare like with like"
             raise ValueError(msg)
+        _check_split(path, doc, settings)
         t = read_scores(path)
         _check_prob_columns(path, names, t.column_names)
         total = t.num_rows
@@ -410,7 +412,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
             raise ValueError(msg)
         name = labels[i]
         results[name] = evaluate_table(t, class_names, settings)
-        meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"),
+        meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"), "split": doc.get("split"),
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
 
     plots: dict[str, str] = {}
@@ -528,6 +530,32 @@ def _upload(local_dir: str, names: list[str] | None, dest: str, flag: str) -> No
                             destination_filesystem=fs)
     except OSError as e:
         raise _storage_error(flag, dest, e, "write") from None
+
+
+def _check_split(path: str, doc: dict, settings: EvaluateSettings) -> None:
+    """The ``split`` column of the scores must be the split the model was trained with (``score`` takes it
+    from the checkpoint and records it). Scores whose split is not known to be the training's are
+    evaluated with a warning; a ``--run`` trained with other fractions is refused."""
+    if settings.split == "all":
+        return
+    rec = doc.get("split")
+    if rec is None:
+        print(f"evaluate: warning: {path} was scored before stampray recorded splits; its '{settings.split}' "
+              f"rows follow the fractions score was given then, which may differ from training's (score again "
+              f"to be sure)", file=sys.stderr)
+        return
+    if rec.get("source") != "checkpoint":
+        print(f"evaluate: warning: the model behind {path} does not record its training split; its "
+              f"'{settings.split}' rows may include stamps it trained on", file=sys.stderr)
+    if settings.run:
+        run_settings = st.join(settings.run, "settings.json")
+        trained = json.loads(st.read_text(run_settings)).get("fractions") if st.exists(run_settings) else None
+        if trained is not None and [round(float(f), 9) for f in trained] != \
+                [round(float(f), 9) for f in rec["fractions"]]:
+            msg = (f"--run {settings.run} trained with split fractions {trained}, but {path} was split with "
+                   f"{rec['fractions']}: its '{settings.split}' rows are not that run's; score with the run's "
+                   f"checkpoint")
+            raise ValueError(msg)
 
 
 def _read_history(run: str) -> list[dict]:

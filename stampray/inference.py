@@ -20,28 +20,23 @@ from __future__ import annotations
 import io
 import logging
 import math
-import posixpath
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from . import checkpoint as ck
 from . import preprocess as pp
 from . import table as st
 from .classes import ClassMatch, check_class_names, match_classes, prob_column  # noqa: F401
 from .data import READ_ERROR
+from .pieces import PARTS_DIR, TMP_DIR, delete_dir, list_files, reason_counts, write_atomic  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-TMP_DIR = "_tmp"  # atomic writes land here first, then move into place (local filesystems)
-PARTS_DIR = "_parts"  # pieces written by the replicas before their shard is committed
 READ_CPUS = 0.25  # each read task; each commit task
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
@@ -107,50 +102,6 @@ def open_model_for(model: str, data: str, rename_classes: bool = False) -> tuple
 # --------------------------------------------------------------------------------------------------
 # Writing from the workers
 # --------------------------------------------------------------------------------------------------
-def write_atomic(table: pa.Table, path: str, tmp_root: str, metadata: dict | None = None) -> None:
-    """Write ``table`` to ``path`` so that a reader (or a rerun) sees the whole file or none of it.
-
-    Local filesystems: write under ``tmp_root/_tmp/`` then rename into place. Object stores: one PUT
-    is already atomic, so the file is written in place.
-    """
-    fs, p = st.resolve(path)
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    if not isinstance(fs, pafs.LocalFileSystem):
-        pq.write_table(table, p, filesystem=fs, compression="zstd", write_page_checksum=True)
-        return
-    _, root = st.resolve(tmp_root)
-    tmp = posixpath.join(root, TMP_DIR, f"{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}")
-    fs.create_dir(posixpath.dirname(tmp), recursive=True)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd", write_page_checksum=True)
-    fs.move(tmp, p)
-
-
-def list_files(path: str, suffix: str = ".parquet") -> list[str]:
-    """Names (not paths) of the files directly inside ``path`` ending in ``suffix``; [] when it is absent."""
-    fs, p = st.resolve(path)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
-    return sorted(posixpath.basename(i.path) for i in infos
-                  if i.type == pafs.FileType.File and i.path.endswith(suffix))
-
-
-def delete_dir(path: str) -> None:
-    """Remove a directory stampray wrote (its ``_parts``/``_tmp``), if present."""
-    fs, p = st.resolve(path)
-    if fs.get_file_info(p).type == pafs.FileType.Directory:
-        fs.delete_dir(p)
-
-
-def reason_counts(reasons) -> dict[str, int]:
-    """``{"nonfinite": 3, "shape": 1}`` from reasons such as ``"nonfinite: 12 non-finite pixels"``."""
-    counts: dict[str, int] = {}
-    for r in reasons:
-        kind = str(r).split(":", 1)[0]
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
-
-
 # --------------------------------------------------------------------------------------------------
 # The replica
 # --------------------------------------------------------------------------------------------------
@@ -336,10 +287,13 @@ class PoolPlan:
     threads: int
     batch_size: int
 
-    def strategy(self):
+    def strategy(self, tasks_in_flight: int | None = None):
+        """The Ray Data strategy; ``tasks_in_flight`` caps the blocks queued at one replica (Ray's default
+        queues several, so a job of few heavy blocks, as occlusion's, could run them all on one replica)."""
         from ray.data import ActorPoolStrategy
 
-        return ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size)
+        return ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size,
+                                 max_tasks_in_flight_per_actor=tasks_in_flight)
 
 
 def replica_cpus(node_cpus: float) -> tuple[int, float]:

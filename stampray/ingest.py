@@ -6,7 +6,10 @@ Source forms (exactly one per call):
 * ``images`` (+ ``labels``): one images array and one labels array, as two ``.npy`` files or two keys of
   one ``.npz``;
 * ``hdf5``: named datasets for images and labels (the jet images: ``images`` (N,20,20), ``labels`` (N,));
-* ``fits``: a directory of FITS cutouts and a CSV catalogue ``file,label[,id,metadata...]``;
+* ``fits``: a directory of FITS cutouts and a CSV catalogue ``file,label[,id,metadata...]``. Cutouts may be
+  gzipped or tile-compressed; ``hdu`` picks the HDU (several stack as channels), ``header_keys`` copies header
+  values into columns, and a celestial WCS gives ``ra``, ``dec`` of the stamp centre. Without an ``id`` column
+  a cutout's id is its whole file name less the FITS extension;
 * ``pickle``: refused unless ``allow_pickle`` is set, because unpickling runs code from the file.
 
 Image arrays may be (N,H,W), channels-last (N,H,W,C), channels-first (N,C,H,W) or flat square (N,H*W).
@@ -26,8 +29,8 @@ FITS directories and class files are split into *units*: runs of ``unit_files`` 
 its own shards ``part-UUUUU-KKK.parquet``, its set-aside rows ``_errors/part-UUUUU.parquet`` and then a
 marker ``_ingest/unit-UUUUU.json``; the driver receives only these small records. Shard names sort in input
 order, so the table reads back with exactly the rows, order, ids and reasons of the in-process ingest.
-Duplicate ids are found on the driver before dispatch (ids are known up front: the catalogue's, or file
-stem plus row). The first row that names an id owns it, on either path.
+Duplicate ids are found on the driver before dispatch (ids are known up front: the catalogue's, the
+FITS file names, or file stem plus row). The first row that names an id owns it, on either path.
 
 The manifest is written last. ``_ingest/_job.json`` records the settings and a fingerprint of the inputs
 (names, sizes, modification times): rerunning a killed ingest with the same settings and inputs keeps the
@@ -48,6 +51,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import sys
 import tempfile
@@ -66,6 +70,13 @@ from .lock import output_lock
 
 LAYOUTS = ("auto", "nchw", "nhwc", "nhw", "flat")
 NONFINITE = ("set-aside", "fail")
+LABELS_KEY = "labels"  # the labels array/dataset read when --labels-key is not given (if the file has it)
+RESERVED_COLUMNS = (*st.CORE_COLUMNS, st.SPLIT)  # written by stampray: never a metadata column
+WCS_COLUMNS = ("ra", "dec")  # the stamp centre from a FITS cutout's celestial WCS (degrees)
+HEADER_SCAN = 20  # FITS files the driver reads to type a --header-keys column the first cutout lacks
+# FITS names end in .fits/.fit/.fts, each optionally compressed (.gz, .fz, .bz2), or in a bare .fz
+FITS_EXTENSION = re.compile(r"\.(?:fits|fit|fts)(?:\.(?:gz|fz|bz2))?$|\.fz$", re.IGNORECASE)
+ARRAY_EXTENSION = re.compile(r"\.(?:npy|npz|h5|hdf5|hdf|he5|pkl|pickle|p)$", re.IGNORECASE)
 PARALLEL = ("auto", "on", "off")
 UNIT_FILES = 500  # FITS cutouts per unit: each file is one small read, so a unit is a few seconds of work
 UNIT_ROWS = 200_000  # array rows per unit (about 350 MB of 21x21 float32 stamps)
@@ -83,12 +94,16 @@ class IngestSettings:
     images: str | None = None
     labels: str | None = None
     images_key: str = "images"
-    labels_key: str = "labels"
+    labels_key: str | None = None  # None: the array/dataset 'labels' when the file has one (else unlabelled);
+    # a key given here must exist
     ids_key: str | None = None
     hdf5: str | None = None
     fits: str | None = None
     catalog: str | None = None
     size: int | None = None
+    hdu: str | None = None  # FITS: HDU index or EXTNAME; a comma list (SCI,TEMPLATE,DIFF) stacks them as channels;
+    # None: the first HDU holding an image (an empty primary HDU is skipped)
+    header_keys: tuple[str, ...] = ()  # FITS: header values copied into columns named by the key in lower case
     pickle: str | None = None
     allow_pickle: bool = False
     classes: tuple[str, ...] = ()
@@ -113,6 +128,7 @@ class IngestSettings:
         if self.fits and not self.catalog:
             msg = "--fits DIR needs --catalog CSV (columns file,label[,id,metadata...])"
             raise ValueError(msg)
+        self._check_fits_options()
         if self.layout not in LAYOUTS:
             msg = f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"
             raise ValueError(msg)
@@ -138,6 +154,34 @@ class IngestSettings:
                    "single inputs read in-process: use --parallel auto or off")
             raise ValueError(msg)
         self._check_class_names()
+
+    def _check_fits_options(self) -> None:
+        """``--hdu`` and ``--header-keys``: normalised (an int HDU, a "A,B" string of keys) and checked."""
+        if isinstance(self.hdu, int) and not isinstance(self.hdu, bool):
+            object.__setattr__(self, "hdu", str(self.hdu))
+        if isinstance(self.header_keys, str):
+            object.__setattr__(self, "header_keys", tuple(k.strip() for k in self.header_keys.split(",")))
+        object.__setattr__(self, "header_keys", tuple(str(k).strip() for k in self.header_keys))
+        if (self.hdu is not None or self.header_keys) and not self.fits:
+            msg = "--hdu and --header-keys choose what is read from FITS cutouts: they need --fits DIR --catalog CSV"
+            raise ValueError(msg)
+        if self.hdu is not None and (not str(self.hdu).strip() or "" in _hdu_tokens(self.hdu)):
+            msg = f"--hdu wants an HDU index or EXTNAME, or a comma list of them (SCI,TEMPLATE,DIFF), got {self.hdu!r}"
+            raise ValueError(msg)
+        columns: dict[str, str] = {}
+        for key in self.header_keys:
+            col = key.lower()
+            if not key:
+                msg = f"--header-keys has an empty key in {','.join(self.header_keys)!r}; give KEY,KEY"
+                raise ValueError(msg)
+            if col in RESERVED_COLUMNS:
+                msg = (f"--header-keys {key}: its column {col!r} is one stampray writes itself "
+                       f"({', '.join(RESERVED_COLUMNS)}); it cannot be copied from the header")
+                raise ValueError(msg)
+            if col in columns:
+                msg = f"--header-keys names {columns[col]} and {key}, which both make the column {col!r}"
+                raise ValueError(msg)
+            columns[col] = key
 
     def _check_class_names(self) -> None:
         """Every class needs a distinct, non-empty name: the score columns ``p_<class>`` derive from them."""
@@ -244,16 +288,18 @@ class _StreamedNpy:
     """A ``.npy`` member of an ``.npz`` archive read sequentially, chunk by chunk.
 
     ``path`` names the archive in messages; ``file`` (a local copy, or a random-access file of a URI when
-    only the header is wanted) is what is opened, ``path`` itself when not given.
+    only the header is wanted) is what is opened, ``path`` itself when not given. ``flag`` is the option
+    that named ``key`` (``--images-key``), for the message when the archive lacks it.
     """
 
-    def __init__(self, path: str, key: str, file=None):
+    def __init__(self, path: str, key: str, file=None, flag: str | None = None):
         self.path, self.key = path, key
         self._zip = zipfile.ZipFile(path if file is None else file)
         name = key if key.endswith(".npy") else key + ".npy"
         if name not in self._zip.namelist():
             keys = ", ".join(n[:-4] for n in self._zip.namelist() if n.endswith(".npy"))
-            raise IngestError(f"{path} has no array {key!r}; it holds: {keys}")
+            raise IngestError(f"{path} has no array {key!r}; it holds: {keys}"
+                              + (f"; name the array with {flag}" if flag else ""))
         self._name = name
         with self._zip.open(name) as f:
             self.shape, self.fortran, self.dtype = self._header(f)
@@ -367,15 +413,17 @@ def _open_npy(path: str):
         raise IngestError(f"{path} is not a readable .npy file: {e}") from None
 
 
-def _open_array(path: str, key: str | None, allow_pickle: bool = False, local: _LocalCopies | None = None):
+def _open_array(path: str, key: str | None, allow_pickle: bool = False, local: _LocalCopies | None = None,
+                flag: str | None = None):
     """Open ``path`` (.npy, .npz with ``key``, or a pickle when allowed) for chunked reading.
 
-    ``local`` makes local copies of URIs for the readers that need a file (``.npz``, pickles).
+    ``local`` makes local copies of URIs for the readers that need a file (``.npz``, pickles); ``flag`` names
+    the option that gave ``key`` in the message when an ``.npz`` lacks it.
     """
     if not _exists(path):
         raise IngestError(f"{path} does not exist")
     if path.endswith(".npz"):
-        return _StreamedNpy(path, key or "", local(path) if local is not None else None)
+        return _StreamedNpy(path, key or "", local(path) if local is not None else None, flag)
     if path.endswith(".npy"):
         return _open_npy(path)
     if path.endswith((".pkl", ".pickle", ".p")):
@@ -405,6 +453,7 @@ def image_layout(shape: tuple[int, ...], layout: str, path: str) -> tuple[str, t
     """Decide how to read (N, ...) images and return ``(layout, (C, H, W))``."""
     rest = tuple(int(s) for s in shape[1:])
     if layout == "auto":
+        _refuse_single_image(tuple(int(s) for s in shape), path)
         if len(rest) == 2:
             layout = "nhw"
         elif len(rest) == 1:
@@ -434,6 +483,27 @@ def image_layout(shape: tuple[int, ...], layout: str, path: str) -> tuple[str, t
                               f"reshape them to (N,H,W) before ingesting")
         return layout, (1, side, side)
     raise IngestError(f"{path}: --layout {layout} does not fit images of shape {shape}")
+
+
+def _refuse_single_image(shape: tuple[int, ...], path: str) -> None:
+    """Under ``--layout auto``, refuse arrays that hold one image rather than a batch: read along their first
+    axis they would become rows of a single image, without a warning."""
+    fix = "save images with a leading N axis (np.save(f, img[None]))"
+    if len(shape) == 2:
+        n, p = shape
+        side = int(np.sqrt(p) + 0.5)
+        if side * side != p:  # cannot be flat square images: one image
+            raise IngestError(f"{path} holds one {n}x{p} image (shape {shape}), not a batch; {fix}")
+        if n == p:  # a square array: one image far more often than n flat images of sqrt(n) x sqrt(n)
+            raise IngestError(f"{path} holds one {n}x{p} image (shape {shape}), not a batch; {fix}, or pass "
+                              f"--layout flat if it holds {n} flat images of {side}x{side} pixels")
+    elif len(shape) == 3:
+        n, h, w = shape
+        if min(h, w) <= 4 < max(h, w):  # as (N,H,W): N images of 21x3 pixels, where 3 is a channel axis
+            what = f"one {n}x{h} image with {w} channels (channels-last)" if w <= 4 else "one image"
+            raise IngestError(f"{path}: shape {shape} would be read as {n} images of {h}x{w} pixels; it looks "
+                              f"like {what}, not a batch; {fix}, or pass --layout nhw if it holds {n} images "
+                              f"of {h}x{w} pixels")
 
 
 def to_nchw(chunk: np.ndarray, layout: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -501,6 +571,7 @@ class _Chunk:
     labels: np.ndarray | None  # int64, -1 = null, -2 = invalid (see bad)
     bad: dict[int, str] = field(default_factory=dict)  # row within chunk -> reason
     metadata: dict[str, np.ndarray] = field(default_factory=dict)
+    fields: tuple[pa.Field, ...] = ()  # types (and order) of metadata columns fixed up front (FITS)
 
 
 def _screen(chunk: _Chunk, nonfinite: str) -> dict[int, str]:
@@ -531,7 +602,7 @@ def _kept_table(chunk: _Chunk, reasons: dict[int, str], spec: st.StampSpec, spli
         labels = pa.array(lab, type=pa.int64(), mask=lab < 0)
     return st.make_table(spec, [chunk.ids[i] for i in idx], chunk.images[idx], labels,
                          {k: v[idx] for k, v in chunk.metadata.items()},
-                         split=[split] * len(idx) if split else None)
+                         split=[split] * len(idx) if split else None, extra_fields=chunk.fields)
 
 
 class _Ingester:
@@ -569,8 +640,21 @@ def _jsonable(d):
 
 
 def _stem(path: str) -> str:
+    """The id prefix of an array file: its base name less a known extension, dots kept (``run.2.npy`` ->
+    ``run.2``, so ``run.1.npy`` and ``run.2.npy`` do not collide); other names up to their first dot."""
     base = os.path.basename(path.rstrip("/"))
+    m = ARRAY_EXTENSION.search(base)
+    if m and m.start() > 0:
+        return base[:m.start()]
     return base.split(".")[0] or base
+
+
+def _fits_id(name: str) -> str:
+    """The id of a FITS cutout: its whole base name less the FITS extension (``J123456.78+012345.6_r.fits``
+    -> ``J123456.78+012345.6_r``), so two files share an id only when their names do."""
+    base = posixpath.basename(name.replace(os.sep, "/").rstrip("/"))
+    m = FITS_EXTENSION.search(base)
+    return base[:m.start()] if m and m.start() > 0 else base
 
 
 def _ids(prefix: str, start: int, n: int) -> list[str]:
@@ -639,8 +723,8 @@ def _array_header(path: str, s: IngestSettings, local: _LocalCopies):
         if not _exists(path):
             raise IngestError(f"{path} does not exist")
         fs, p = st.resolve(path)
-        return _StreamedNpy(path, s.images_key, fs.open_input_file(p))
-    return _open_array(path, s.images_key, s.allow_pickle, local)
+        return _StreamedNpy(path, s.images_key, fs.open_input_file(p), "--images-key")
+    return _open_array(path, s.images_key, s.allow_pickle, local, "--images-key")
 
 
 def _class_files(s: IngestSettings, local: _LocalCopies) -> tuple[st.StampSpec, list[_ClassFile], dict]:
@@ -720,22 +804,26 @@ def _plan_images(s: IngestSettings, local: _LocalCopies):
         if not _exists(s.images):
             raise IngestError(f"{s.images} does not exist")
         file = local(s.images)
-        images = _StreamedNpy(s.images, s.images_key, file)
+        images = _StreamedNpy(s.images, s.images_key, file, "--images-key")
         with zipfile.ZipFile(file) as z:
             keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+        labels_key = s.labels_key or LABELS_KEY
         labels_raw = None
         if s.labels:
-            labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all()
-        elif s.labels_key in keys:
-            labels_raw = _StreamedNpy(s.images, s.labels_key, file).read_all()
-        ids = _StreamedNpy(s.images, s.ids_key, file).read_all().astype(str) if s.ids_key else None
+            labels_raw = _open_array(s.labels, labels_key, s.allow_pickle, local, "--labels-key").read_all()
+        elif s.labels_key is not None or LABELS_KEY in keys:
+            # A key the user named must be there: without it every label would be null, and the real
+            # labels array would pass through as a column.
+            labels_raw = _StreamedNpy(s.images, labels_key, file, "--labels-key").read_all()
+        ids = _StreamedNpy(s.images, s.ids_key, file, "--ids-key").read_all().astype(str) if s.ids_key else None
         others = {k: _StreamedNpy(s.images, k, file) for k in keys
-                  if k not in (s.images_key, s.labels_key, s.ids_key)}
+                  if k not in (s.images_key, labels_key, s.ids_key)}
         meta = {k: a.read_all() for k, a in others.items() if len(a.shape) == 1 and a.shape[0] == len(images)}
         meta = _extra_columns(meta, len(images), set())
         return _plan_arrays(s, images, labels_raw, ids, meta, s.images, s.images)
-    images = _open_array(s.images, s.images_key, s.allow_pickle, local)
-    labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all() if s.labels else None
+    images = _open_array(s.images, s.images_key, s.allow_pickle, local, "--images-key")
+    labels_raw = (_open_array(s.labels, s.labels_key or LABELS_KEY, s.allow_pickle, local, "--labels-key").read_all()
+                  if s.labels else None)
     source = s.images + (f" + {s.labels}" if s.labels else "")
     return _plan_arrays(s, images, labels_raw, None, {}, source, s.images)
 
@@ -756,13 +844,17 @@ def _plan_hdf5(s: IngestSettings, local: _LocalCopies):
             inside = ", ".join(f"{key}/{k}" for k in f[key].keys()) or "nothing"
             raise IngestError(f"{s.hdf5}: {flag} {key!r} names a group, not a dataset (it holds {inside}); "
                               f"give the path of a dataset, e.g. {flag} {key}/NAME")
+    labels_key = s.labels_key or LABELS_KEY
+    if s.labels_key is not None and s.labels_key not in f:
+        raise IngestError(f"{s.hdf5} has no dataset {s.labels_key!r}; it holds: {', '.join(f.keys())}; "
+                          f"name the labels with --labels-key (or leave it out for unlabelled images)")
     images = _Sliced(f[s.images_key], s.hdf5)
-    labels_raw = np.asarray(f[s.labels_key][:]) if s.labels_key in f else None
+    labels_raw = np.asarray(f[labels_key][:]) if labels_key in f else None
     if labels_raw is not None and labels_raw.dtype.kind == "S":
         labels_raw = labels_raw.astype(str)
     ids = np.asarray(f[s.ids_key][:]).astype(str) if s.ids_key else None
     datasets = {k: f[k] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    meta = _extra_columns(datasets, len(images), {s.images_key, s.labels_key, s.ids_key or ""})
+    meta = _extra_columns(datasets, len(images), {s.images_key, labels_key, s.ids_key or ""})
     return _plan_arrays(s, images, labels_raw, ids, meta, s.hdf5, s.hdf5)
 
 
@@ -770,15 +862,21 @@ def _plan_pickle(s: IngestSettings, local: _LocalCopies):
     obj = _load_pickle(s.pickle, s.allow_pickle)
     labels_raw = None
     if isinstance(obj, dict):
+        keys = ", ".join(map(str, obj))
         if s.images_key not in obj:
-            raise IngestError(f"{s.pickle} holds a dict without key {s.images_key!r} (keys: {', '.join(map(str, obj))})")
-        images, labels_raw = obj[s.images_key], obj.get(s.labels_key)
+            raise IngestError(f"{s.pickle} holds a dict without key {s.images_key!r} (keys: {keys}); "
+                              f"name the images with --images-key")
+        if s.labels_key is not None and s.labels_key not in obj:
+            raise IngestError(f"{s.pickle} holds a dict without key {s.labels_key!r} (keys: {keys}); "
+                              f"name the labels with --labels-key")
+        images, labels_raw = obj[s.images_key], obj.get(s.labels_key or LABELS_KEY)
     elif isinstance(obj, (tuple, list)) and len(obj) == 2 and np.ndim(obj[0]) >= 2:
         images, labels_raw = obj
     else:
         images = obj
     if s.labels:
-        labels_raw = _open_array(s.labels, s.labels_key, s.allow_pickle, local).read_all()
+        labels_raw = _open_array(s.labels, s.labels_key or LABELS_KEY, s.allow_pickle, local,
+                                 "--labels-key").read_all()
     images = _Sliced(np.asarray(images), s.pickle)
     labels_raw = None if labels_raw is None else np.asarray(labels_raw)
     return _plan_arrays(s, images, labels_raw, None, {}, s.pickle, s.pickle)
@@ -787,6 +885,27 @@ def _plan_pickle(s: IngestSettings, local: _LocalCopies):
 # --------------------------------------------------------------------------------------------------
 # Source forms: FITS cutouts and their catalogue
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _FitsColumns:
+    """The per-file metadata columns of a FITS ingest: ``--header-keys`` values and the WCS centre.
+
+    Their types are fixed on the driver before any unit runs (from the first cutouts that hold each key), so
+    every unit, and the in-process reader, writes the same schema whatever files it happens to read.
+    """
+
+    keys: tuple[tuple[str, str, str], ...] = ()  # (header key, column, "float64" or "string")
+    wcs: bool = False  # ra, dec of the stamp centre (False when the catalogue or a header key gives them)
+
+    @property
+    def names(self) -> list[str]:
+        return [col for _, col, _ in self.keys] + (list(WCS_COLUMNS) if self.wcs else [])
+
+    def fields(self) -> list[pa.Field]:
+        types = {"float64": pa.float64(), "string": pa.string()}
+        return ([pa.field(col, types[kind]) for _, col, kind in self.keys]
+                + ([pa.field(c, pa.float64()) for c in WCS_COLUMNS] if self.wcs else []))
+
+
 @dataclass
 class _FitsRows:
     """A run of catalogue rows (the whole catalogue, or one unit's part) with what the driver knows of them."""
@@ -797,12 +916,19 @@ class _FitsRows:
     labels: np.ndarray | None
     bad: dict[int, str]  # catalogue row -> reason known from the catalogue (a label outside the classes)
     metadata: dict[str, np.ndarray]
+    columns: _FitsColumns = field(default_factory=_FitsColumns)  # read from each file's header
 
     def slice(self, a: int, b: int, bad: dict[int, str]) -> "_FitsRows":
         """Catalogue rows ``a`` to ``b`` (exclusive); ``bad`` holds those of ``self.bad`` in that range."""
         i, j = a - self.row0, b - self.row0
         return _FitsRows(a, self.files[i:j], self.ids[i:j], None if self.labels is None else self.labels[i:j],
-                         bad, {k: v[i:j] for k, v in self.metadata.items()})
+                         bad, {k: v[i:j] for k, v in self.metadata.items()}, self.columns)
+
+
+def _fit_window(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """``(sy, sx, dy, dx)``: where a centred ``size`` window starts in the source (crop) and where the source
+    starts in the window (pad)."""
+    return max(0, (h - size) // 2), max(0, (w - size) // 2), max(0, (size - h) // 2), max(0, (size - w) // 2)
 
 
 def _fit_size(img: np.ndarray, size: int) -> np.ndarray:
@@ -811,34 +937,101 @@ def _fit_size(img: np.ndarray, size: int) -> np.ndarray:
     fill = np.nanmedian(img) if np.isfinite(img).any() else 0.0
     out = np.full((c, size, size), fill, dtype=np.float32)
     # crop: take the central window of the source; pad: place the source in the centre of the output
-    sy, sx = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    dy, dx = max(0, (size - h) // 2), max(0, (size - w) // 2)
+    sy, sx, dy, dx = _fit_window(h, w, size)
     ch, cw = min(h, size), min(w, size)
     out[:, dy:dy + ch, dx:dx + cw] = img[:, sy:sy + ch, sx:sx + cw]
     return out
 
 
-def _read_fits(path: str, fs: pafs.FileSystem | None = None) -> np.ndarray:
-    """The first image HDU of a FITS file as (C, H, W) float32; through ``fs`` (a URI's filesystem) when given."""
+@dataclass
+class _FitsImage:
+    """One cutout as read: the image and the headers ``--header-keys`` and the WCS are read from."""
+
+    image: np.ndarray  # (C, H, W) float32
+    header: object  # the first selected HDU's header (astropy Header)
+    primary: object  # the primary header, where --header-keys look for a key the first one lacks
+
+
+class _HduProblem(ValueError):
+    """A file whose HDUs do not fit ``--hdu``: set aside under the reason kind ``kind`` (the message follows
+    the file's path)."""
+
+    def __init__(self, kind: str, msg: str):
+        super().__init__(msg)
+        self.kind = kind
+
+
+def _hdu_tokens(hdu: str | None) -> tuple[int | str, ...]:
+    """``--hdu 1`` -> ``(1,)``; ``--hdu SCI,TEMPLATE`` -> ``("SCI", "TEMPLATE")``; None -> ``()``."""
+    if hdu is None:
+        return ()
+    return tuple(int(t) if t.isdigit() else t for t in (t.strip() for t in str(hdu).split(",")))
+
+
+def _fits_source(path: str, fs: pafs.FileSystem | None):
+    """What ``fits.open`` reads: the path itself, or a URI's bytes (un-gzipped: astropy un-gzips files it
+    opens by name, not file objects; tile-compressed .fz files are FITS and need nothing)."""
+    if fs is None:
+        return path
+    data = _read_bytes(fs, path)
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    elif data[:3] == b"BZh":
+        data = bz2.decompress(data)
+    return io.BytesIO(data)
+
+
+def _image_data(hdu) -> np.ndarray | None:
+    """An HDU's image with at least two axes (leading length-1 axes of radio cubes dropped), else None."""
+    if not getattr(hdu, "is_image", True) or hdu.data is None or np.ndim(hdu.data) < 2:
+        return None
+    data = np.asarray(hdu.data)
+    while data.ndim > 3 and data.shape[0] == 1:  # (1, 1, H, W): Stokes and frequency axes of one plane
+        data = data[0]
+    return data
+
+
+def _select_hdus(hdul, tokens: tuple[int | str, ...]) -> list[tuple[object, np.ndarray]]:
+    """``(hdu, image)`` of the HDUs ``--hdu`` names, or of the first HDU holding an image by default."""
+    if not tokens:
+        for hdu in hdul:
+            data = _image_data(hdu)
+            if data is not None:
+                return [(hdu, data)]
+        raise ValueError("no image HDU")
+    present = ", ".join(f"{i} {h.name}".rstrip() for i, h in enumerate(hdul))
+    out = []
+    for t in tokens:
+        try:
+            hdu = hdul[t] if isinstance(t, int) else hdul[hdul.index_of(t)]
+        except (IndexError, KeyError):
+            raise _HduProblem("hdu", f"has no HDU {t!r} (--hdu {','.join(map(str, tokens))}); "
+                                     f"its HDUs: {present}") from None
+        data = _image_data(hdu)
+        if data is None:
+            raise _HduProblem("hdu", f"HDU {t!r} holds no image ({type(hdu).__name__}); its HDUs: {present}")
+        out.append((hdu, data))
+    if len(out) > 1 and (len({d.shape for _, d in out}) > 1 or out[0][1].ndim != 2):
+        shapes = ", ".join(f"{t} {'x'.join(map(str, d.shape))}" for t, (_, d) in zip(tokens, out))
+        raise _HduProblem("shape", f"has HDUs {shapes} of different shapes; stacked HDUs "
+                                   f"(--hdu {','.join(map(str, tokens))}) must be 2-D images of one shape")
+    return out
+
+
+def _read_fits(path: str, fs: pafs.FileSystem | None = None, hdu: str | None = None) -> _FitsImage:
+    """The ``--hdu`` image(s) of a FITS file as (C, H, W) float32 with their headers; through ``fs`` (a URI's
+    filesystem) when given. Several HDUs stack as channels; a cube's planes are channels."""
     from astropy.io import fits
 
-    source = path
-    if fs is not None:
-        data = _read_bytes(fs, path)
-        # astropy un-gzips files it opens by name, not file objects: do it here for .fits.gz (and .bz2).
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        elif data[:3] == b"BZh":
-            data = bz2.decompress(data)
-        source = io.BytesIO(data)
-    with fits.open(source, memmap=False) as hdul:
-        for hdu in hdul:
-            if hdu.data is not None and getattr(hdu, "is_image", True) and np.ndim(hdu.data) >= 2:
-                data = np.asarray(hdu.data)
-                # FITS is big-endian on disk; astype to native float32 swaps the bytes once.
-                data = data.astype(np.float32)
-                return data[None] if data.ndim == 2 else data
-    raise ValueError("no image HDU")
+    with fits.open(_fits_source(path, fs), memmap=False) as hdul:
+        chosen = _select_hdus(hdul, _hdu_tokens(hdu))
+        # FITS is big-endian on disk; astype to native float32 swaps the bytes once (BSCALE/BZERO and BLANK
+        # were applied by astropy: blank integers come out NaN).
+        data = np.stack([d for _, d in chosen]) if len(chosen) > 1 else chosen[0][1]
+        data = data.astype(np.float32)
+        if data.ndim == 2:
+            data = data[None]
+        return _FitsImage(data, chosen[0][0].header, hdul[0].header)
 
 
 def _fits_root(s: IngestSettings) -> tuple[pafs.FileSystem | None, str]:
@@ -846,23 +1039,113 @@ def _fits_root(s: IngestSettings) -> tuple[pafs.FileSystem | None, str]:
     return st.resolve(s.fits) if _is_uri(s.fits) else (None, s.fits)
 
 
-def _fits_cutout(s: IngestSettings, fs, root: str, name: str, shape) -> tuple[str | None, np.ndarray | None]:
-    """Read one catalogue file: ``(None, image)``, or ``(reason, None)`` when it must be set aside."""
-    path = os.path.join(root, name) if fs is None else st.join(s.fits, name)
+def _fits_path(s: IngestSettings, fs, root: str, name: str) -> tuple[str, str]:
+    """``(what is opened, what messages name)`` for one catalogue file."""
+    if fs is None:
+        return os.path.join(root, name), os.path.join(root, name)
+    return posixpath.join(root, name), st.join(s.fits, name)
+
+
+def _header_value(got: _FitsImage, key: str):
+    """A header value from the first selected HDU, else the primary header; None when neither has it."""
+    from astropy.io.fits.card import Undefined
+
+    for header in (got.header, got.primary):
+        if key in header:
+            value = header[key]
+            return None if isinstance(value, Undefined) else value
+    return None
+
+
+def _header_kind(value) -> str | None:
+    """The column type a header value makes: numbers (and FITS logicals, as 1/0) float64, others strings."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+        return "float64"
+    return "string"
+
+
+def _sky_centre(header, x: float, y: float) -> tuple[float | None, float | None]:
+    """``(ra, dec)`` in degrees of the zero-based pixel ``(x, y)``, or ``(None, None)`` without a celestial WCS.
+
+    Equatorial axes give their own values (``pixel_to_world_values``); other celestial frames (galactic,
+    ecliptic) are converted to ICRS, so ``ra``/``dec`` never hold longitudes of another frame.
+    """
+    if not any(k.startswith("CTYPE") for k in header.keys()):
+        return None, None  # no axis types, no celestial WCS: skip building one (a few ms a file)
+    import warnings
+
+    from astropy.utils.exceptions import AstropyWarning
+    from astropy.wcs import WCS
+
     try:
-        img = _read_fits(path if fs is None else posixpath.join(root, name), fs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)  # header fix-ups, repeated for every file
+            wcs = WCS(header)
+            if not wcs.has_celestial:
+                return None, None
+            cel = wcs.celestial
+            if cel.wcs.lngtyp == "RA" and cel.wcs.lattyp == "DEC":
+                ra, dec = cel.pixel_to_world_values(x, y)
+            else:
+                sky = cel.pixel_to_world(x, y).icrs
+                ra, dec = sky.ra.deg, sky.dec.deg
+    except Exception:  # noqa: BLE001 - a WCS astropy cannot use is no WCS: the centre is null
+        return None, None
+    ra, dec = float(ra), float(dec)
+    return (ra, dec) if np.isfinite(ra) and np.isfinite(dec) else (None, None)
+
+
+def _file_values(got: _FitsImage, columns: _FitsColumns, path: str, centre: tuple[float, float]):
+    """``(reason, None)`` or ``(None, {column: value})``: the file's ``--header-keys`` values and WCS centre."""
+    values: dict[str, object] = {}
+    for key, col, kind in columns.keys:
+        v = _header_value(got, key)
+        if v is None:
+            values[col] = None
+        elif kind == "string":
+            values[col] = str(v)
+        elif _header_kind(v) == "float64":
+            values[col] = float(v)
+        else:
+            return (f"header: {path}: {key} = {v!r} is not a number, but the column {col!r} is numeric (from "
+                    f"the first cutouts that have {key}); fix the header or leave {key} out of --header-keys"), None
+    if columns.wcs:
+        values["ra"], values["dec"] = _sky_centre(got.header, *centre)
+    return None, values
+
+
+def _fits_cutout(s: IngestSettings, fs, root: str, name: str, shape,
+                 columns: _FitsColumns = _FitsColumns()) -> tuple[str | None, np.ndarray | None, dict]:
+    """Read one catalogue file: ``(None, image, {column: value})``, or ``(reason, None, {})`` when it must be
+    set aside."""
+    opened, path = _fits_path(s, fs, root, name)
+    try:
+        got = _read_fits(opened, fs, s.hdu)
     except FileNotFoundError:
-        return f"unreadable: {path} does not exist", None
+        return f"unreadable: {path} does not exist", None, {}
+    except _HduProblem as e:
+        return f"{e.kind}: {path} {e}", None, {}
     except Exception as e:  # noqa: BLE001 - any unreadable file is set aside with its reason
-        return f"unreadable: {path}: {e}", None
-    if img.shape[0] != shape[0]:
-        return f"shape: {path} has {img.shape[0]} channels, the dataset {shape[0]}", None
-    if img.shape[1:] != shape[1:]:
-        if s.size:
-            return None, _fit_size(img, int(s.size))
-        return (f"shape: {path} is {img.shape[1]}x{img.shape[2]}, the dataset {shape[1]}x{shape[2]}; "
-                f"pass --size N to centre-crop or pad every cutout"), None
-    return None, img
+        return f"unreadable: {path}: {e}", None, {}
+    img = got.image
+    c, h, w = img.shape
+    if c != shape[0]:
+        return f"shape: {path} has {c} channels, the dataset {shape[0]}", None, {}
+    # The stamp's centre pixel, in the cutout's zero-based pixel coordinates (as stored: after crop or pad).
+    centre = ((w - 1) / 2, (h - 1) / 2)
+    if (h, w) != tuple(shape[1:]):
+        if not s.size:
+            return (f"shape: {path} is {h}x{w}, the dataset {shape[1]}x{shape[2]}; "
+                    f"pass --size N to centre-crop or pad every cutout"), None, {}
+        size = int(s.size)
+        sy, sx, dy, dx = _fit_window(h, w, size)
+        img, centre = _fit_size(img, size), (sx - dx + (size - 1) / 2, sy - dy + (size - 1) / 2)
+    reason, values = _file_values(got, columns, path, centre)
+    if reason is not None:
+        return reason, None, {}
+    return None, img, values
 
 
 def _read_catalog(path: str) -> list[dict]:
@@ -876,31 +1159,54 @@ def _read_catalog(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _fits_shape(s: IngestSettings, files: list[str]) -> tuple[int, int, int]:
-    """Channels (and, without --size, height and width) of the first readable cutout."""
+def _fits_probe(s: IngestSettings, files: list[str],
+                catalog_columns: list[str]) -> tuple[tuple[int, int, int], _FitsColumns]:
+    """The stamp shape (channels and, without --size, height and width of the first readable cutout) and
+    the types of the ``--header-keys`` columns: a key's type is that of its value in the first readable
+    cutout that has it, looking at most ``HEADER_SCAN`` files further; a key none of them has is a string."""
     fs, root = _fits_root(s)
-    first = None
+    first, first_error, kinds, looked = None, None, {}, 0
+    keys = list(s.header_keys)
     for name in files:
-        try:
-            first = _read_fits(os.path.join(root, name) if fs is None else posixpath.join(root, name), fs).shape
+        if first is not None and (looked >= HEADER_SCAN or all(k in kinds for k in keys)):
             break
-        except Exception:  # noqa: BLE001 - unreadable files are reported per row when read
+        try:
+            got = _read_fits(_fits_path(s, fs, root, name)[0], fs, s.hdu)
+        except Exception as e:  # noqa: BLE001 - unreadable files are reported per row when read
+            first_error = first_error or f"{name}: {e}"
             continue
+        if first is None:
+            first = got.image.shape
+        else:
+            looked += 1
+        for key in keys:
+            kind = _header_kind(_header_value(got, key))
+            if kind is not None:
+                kinds.setdefault(key, kind)
     if first is None and not s.size:
-        raise IngestError(f"no readable FITS cutout among the {len(files)} files of {s.catalog}")
-    channels = first[0] if first else 1
+        raise IngestError(f"no readable FITS cutout among the {len(files)} files of {s.catalog}"
+                          + (f" (the first, {first_error})" if first_error else ""))
+    channels = first[0] if first else len(_hdu_tokens(s.hdu)) or 1
     hw = (int(s.size), int(s.size)) if s.size else (first[1], first[2])
-    return int(channels), int(hw[0]), int(hw[1])
+    columns = tuple((k, k.lower(), kinds.get(k, "string")) for k in keys)
+    taken = {c.lower() for c in catalog_columns} | {col for _, col, _ in columns}
+    wcs = not any(c in taken for c in WCS_COLUMNS)  # the catalogue's (or a header key's) ra, dec win
+    return (int(channels), int(hw[0]), int(hw[1])), _FitsColumns(columns, wcs)
 
 
 def _fits_catalog(s: IngestSettings) -> tuple[st.StampSpec, _FitsRows]:
-    """Read the catalogue (labels, ids, metadata) and the stamp shape; no cutout is read beyond the first."""
+    """Read the catalogue (labels, ids, metadata) and the stamp shape; only the first cutouts are read."""
     if not _is_dir(s.fits):
         raise IngestError(f"--fits {s.fits} is not a directory of FITS cutouts")
     rows = _read_catalog(s.catalog)
     if rows and "file" not in rows[0]:
         raise IngestError(f"{s.catalog}: the catalogue needs a 'file' column (file,label[,id,metadata...]); "
                           f"its columns are {', '.join(rows[0])}")
+    header = list(rows[0]) if rows else []
+    for key in s.header_keys:
+        if key.lower() in header:
+            raise IngestError(f"--header-keys {key}: its column {key.lower()!r} is already a column of "
+                              f"{s.catalog}; leave {key} out of --header-keys or rename the catalogue column")
     has_label = bool(rows) and "label" in rows[0]
     raw = None
     if has_label:
@@ -908,34 +1214,41 @@ def _fits_catalog(s: IngestSettings) -> tuple[st.StampSpec, _FitsRows]:
         raw = np.array([np.nan if v.strip() == "" else float(v) for v in values]) if all(
             _is_number(v) or v.strip() == "" for v in values) else np.array(values, dtype=str)
     classes, labels, label_bad = map_labels(raw, tuple(s.classes), s.catalog)
-    meta_cols = [c for c in (rows[0] if rows else {}) if c not in ("file", "label", "id", "split")]
+    meta_cols = [c for c in header if c not in ("file", "label", "id", "split")]
     meta = {c: _column(rows, c) for c in meta_cols}
-    ids = [r.get("id") or (s.id_prefix + "-" if s.id_prefix else "") + _stem(r["file"]) for r in rows]
+    prefix = s.id_prefix + "-" if s.id_prefix else ""
+    ids = [r.get("id") or prefix + _fits_id(r["file"]) for r in rows]
     files = [r["file"] for r in rows]
-    shape = _fits_shape(s, files)
+    shape, columns = _fits_probe(s, files, header)
     spec = st.StampSpec(shape, classes, f"FITS cutouts: {s.fits} + {s.catalog}")
-    return spec, _FitsRows(0, files, ids, labels, label_bad, meta)
+    return spec, _FitsRows(0, files, ids, labels, label_bad, meta, columns)
 
 
 def _fits_chunks(s: IngestSettings, shape: tuple[int, int, int], rows: _FitsRows) -> Iterator[_Chunk]:
-    """Read the cutouts of ``rows`` in chunks of ``chunk_rows``."""
+    """Read the cutouts of ``rows`` in chunks of ``chunk_rows``, with their header and WCS columns."""
     fs, root = _fits_root(s)
+    # Catalogue columns first, then the header keys and ra, dec; typed up front, the same in every unit.
+    fields = [pa.field(k, pa.float64() if v.dtype.kind == "f" else pa.string()) for k, v in rows.metadata.items()]
+    fields += rows.columns.fields()
     for a in range(0, len(rows.files), s.chunk_rows):
         b = min(len(rows.files), a + s.chunk_rows)
         imgs = np.zeros((b - a, *shape), np.float32)
+        per_file = {col: np.full(b - a, None, dtype=object) for col in rows.columns.names}
         bad = {}
         for i in range(a, b):
             if rows.row0 + i in rows.bad:
                 bad[i - a] = rows.bad[rows.row0 + i]
                 continue
-            reason, img = _fits_cutout(s, fs, root, rows.files[i], shape)
+            reason, img, values = _fits_cutout(s, fs, root, rows.files[i], shape, rows.columns)
             if reason is None:
                 imgs[i - a] = img
+                for col, v in values.items():
+                    per_file[col][i - a] = v
             else:
                 bad[i - a] = reason
         yield _Chunk(source=s.catalog, row0=rows.row0 + a, images=imgs, ids=rows.ids[a:b],
                      labels=None if rows.labels is None else rows.labels[a:b], bad=bad,
-                     metadata={k: v[a:b] for k, v in rows.metadata.items()})
+                     metadata={**{k: v[a:b] for k, v in rows.metadata.items()}, **per_file}, fields=tuple(fields))
 
 
 def _fits_duplicates(s: IngestSettings, rows: _FitsRows) -> dict[int, str]:
@@ -1071,7 +1384,8 @@ def _plan_class_files(s: IngestSettings, local: _LocalCopies) -> _Plan:
 
     def chunks():
         for f in files:
-            arr = opened[f.path] if f.path in opened else _open_array(f.path, s.images_key, s.allow_pickle, local)
+            arr = (opened[f.path] if f.path in opened
+                   else _open_array(f.path, s.images_key, s.allow_pickle, local, "--images-key"))
             yield from _class_chunks(arr, f, s.chunk_rows)
 
     return _Plan(spec, units, _names(len(units), widest, s.shard_rows), sum(f.rows for f in files), "stamps",
@@ -1178,7 +1492,7 @@ def _unit_chunks(s: IngestSettings, spec: st.StampSpec, unit, local: _LocalCopie
             yield chunk, {r - chunk.row0: d for r, d in unit.dups.items() if chunk.row0 <= r < end}
         return
     for seg in unit.segments:
-        arr = _open_array(seg.file.path, s.images_key, s.allow_pickle, local)
+        arr = _open_array(seg.file.path, s.images_key, s.allow_pickle, local, "--images-key")
         for chunk in _class_chunks(arr, seg.file, s.chunk_rows, seg.start, seg.stop):
             yield chunk, _range_dups(chunk, seg.dups)
 

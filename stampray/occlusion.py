@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import re
 import sys
 import tempfile
@@ -34,12 +33,12 @@ from . import table as st
 from .data import ROW, SHARD
 from .lock import output_lock
 from .settings import non_negative, positive
-from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, delete_dir, list_files,
-                        open_model_for, write_atomic)
+from .inference import READ_CPUS, ModelActor, Progress, open_model_for
+from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, commit_maps, delete_dir, list_files,  # noqa: F401
+                     write_atomic)
 
 WHERE = ("misclassified",)
 MAPS_FILE = "_maps.json"  # what an occlude run wrote in --out: only these files are ever replaced
-ERROR = "_error"  # set on rows that could not be occluded (their reason); they go to OUT/_errors/
 
 
 @dataclass(frozen=True)
@@ -302,14 +301,20 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
             check_gpu_nodes("occlude")
-        items = work_items(settings.data, [sh["path"] for sh in manifest.shards])
+        batch_size = settings.batch_size or (512 if settings.use_gpu else 64)
+        # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
+        # row group given whole to one replica would leave the others idle.
+        items = work_items(settings.data, [sh["path"] for sh in manifest.shards], rows=batch_size)
         plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
-        strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
+        # One block at a time per replica: a block is seconds to minutes of work, and blocks queued at a busy
+        # replica would leave the others idle.
+        strategy = plan.strategy(tasks_in_flight=1) if not settings.actors else \
+            ray.data.ActorPoolStrategy(size=int(settings.actors), max_tasks_in_flight_per_actor=1)
         ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], tag_shard=True, num_cpus=READ_CPUS,
                          items=items)
         ds = ds.map_batches(
-            Occluder, batch_format="pyarrow", batch_size=settings.batch_size or (512 if settings.use_gpu else 64),
-            compute=strategy, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            Occluder, batch_format="pyarrow", batch_size=batch_size, compute=strategy, num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
             fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
                                    "kernel": settings.kernel, "stride": settings.stride, "ids": list(settings.ids),
                                    "where": settings.where, "threads": plan.threads, "use_gpu": settings.use_gpu,
@@ -332,68 +337,6 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         total, set_aside, files, missing = ray.get(
             commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
     return total, set_aside, nodes, files, missing
-
-
-MAP_FILE_ROWS = 10_000  # maps per output file
-
-
-def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[str] = (),
-                ids: list[str] = ()) -> tuple[int, int, list, list]:
-    """Ray task: join the accepted pieces (in order, each stamp once, at most ``limit`` maps) into
-    ``part-NNNNN`` files and ``_errors/part-00000.parquet``, then remove an earlier run's files beyond them
-    (``old_files``, from its ``_maps.json``); returns (maps, set aside, files written, the asked-for ``ids``
-    that no piece holds)."""
-    fs, _ = st.resolve(out)
-    seen: set = set()
-    found: set = set()
-    pending, written, total, errors = [], 0, 0, []
-    for name in pieces:
-        t = st.read_parquet(st.join(out, PARTS_DIR, name))
-        key = [f"{s}:{r}" for s, r in zip(t.column(SHARD).to_pylist(), t.column(ROW).to_pylist())]
-        fresh = np.array([k not in seen for k in key], bool)
-        seen.update(key)
-        t = t.filter(pa.array(fresh)).drop_columns([SHARD, ROW])
-        if ids:
-            found.update(t.column(st.ID).to_pylist())
-        failed = t.column(ERROR).is_valid()
-        if pc.any(failed).as_py():
-            errors.append(t.filter(failed).select([st.ID, ERROR]))
-        t = t.filter(pc.invert(failed)).drop_columns([ERROR])
-        if limit is not None:
-            t = t.slice(0, max(0, limit - total))
-        pending.append(t)
-        total += t.num_rows
-        if sum(x.num_rows for x in pending) >= MAP_FILE_ROWS:
-            written = _flush(out, pending, written)
-            pending = []
-        if limit is not None and total >= limit:
-            break
-    if pending or written == 0:
-        written = _flush(out, pending, written, allow_empty=True)
-    files = [f"part-{i:05d}.parquet" for i in range(written)]
-    for name in old_files:  # an earlier run's maps beyond this run's files
-        if name not in files and posixpath.basename(name) == name and st.exists(st.join(out, name)):
-            fs.delete_file(st.resolve(st.join(out, name))[1])
-    stopped = limit is not None and total >= limit  # the data was not read to its end: no id is known missing
-    return total, _write_errors(out, errors), files, [] if stopped else [i for i in ids if i not in found]
-
-
-def _write_errors(out: str, errors: list) -> int:
-    """Write the rows that could not be occluded to ``OUT/_errors/part-00000.parquet``; their count."""
-    if not errors:
-        delete_dir(st.join(out, st.ERRORS_DIR))
-        return 0
-    tbl = pa.concat_tables(errors).rename_columns([st.ID, "reason"])
-    write_atomic(tbl, st.join(out, st.ERRORS_DIR, "part-00000.parquet"), out)
-    return tbl.num_rows
-
-
-def _flush(out: str, tables: list, index: int, allow_empty: bool = False) -> int:
-    if not tables and not allow_empty:
-        return index
-    tbl = pa.concat_tables(tables) if tables else pa.table({st.ID: pa.array([], pa.string())})
-    write_atomic(tbl, st.join(out, f"part-{index:05d}.parquet"), out)
-    return index + 1
 
 
 def read_maps(path: str) -> pa.Table:

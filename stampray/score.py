@@ -28,7 +28,7 @@ import json
 import posixpath
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +66,7 @@ class ScoreSettings:
     actors: int | None = None
     max_actors: int | None = None
     wait_gpu: float = 1800.0
-    fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
+    fractions: tuple[float, float, float] | None = None  # None: those the checkpoint was trained with
     overwrite: bool = False
     compile: str = "auto"
     progress: bool = True
@@ -88,6 +88,8 @@ class ScoreSettings:
         if float(self.wait_gpu) < 0:
             msg = f"--wait-gpu must be a number of seconds >= 0, got {self.wait_gpu!r}"
             raise ValueError(msg)
+        if self.fractions is not None:
+            object.__setattr__(self, "fractions", splits.check_fractions(self.fractions))
 
 
 class Scorer(ModelActor):
@@ -308,10 +310,40 @@ class ScoreResult:
     coordinator_cpu_s: float = 0.0  # CPU seconds of the job's coordinator task (Ray Data's executor, books)
 
 
-def _job_doc(settings: ScoreSettings, bundle: dict, tag: str, shards: dict[str, dict]) -> dict:
+def _job_doc(settings: ScoreSettings, bundle: dict, tag: str, shards: dict[str, dict], split: dict) -> dict:
     return {"model": settings.model, "model_tag": tag, "data": settings.data, "keep": list(settings.keep),
             "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"]),
-            "data_shards": {name: info["footer"] for name, info in shards.items()}}
+            "split": split, "data_shards": {name: info["footer"] for name, info in shards.items()}}
+
+
+def split_rule(bundle: dict, asked, table_has_column: bool, data: str) -> dict:
+    """The split the ``split`` column of the scores follows: the one the model was trained with.
+
+    ``--fractions`` other than the checkpoint's are refused (the 'test' rows would include stamps the model
+    trained on). A checkpoint that records no split gets the default fractions and a warning; a model
+    trained on a table with a fixed ``split`` column, scoring a table without one, gets a warning. The
+    record (``fractions``, ``source``: checkpoint or default, ``column``) goes into the score manifest,
+    where ``evaluate`` reads it.
+    """
+    trained = ck.split_of(bundle)
+    if trained is None:
+        fractions = tuple(float(f) for f in (asked or splits.DEFAULT_FRACTIONS))
+        print(f"score: warning: the checkpoint does not record the split it was trained with; the 'split' "
+              f"column uses fractions {','.join(f'{f:g}' for f in fractions)}, and its 'test' rows may include "
+              f"training stamps", file=sys.stderr)
+        return {"fractions": list(fractions), "source": "assumed", "column": table_has_column}
+    fractions = tuple(trained["fractions"])
+    if asked is not None and not np.allclose(splits.check_fractions(asked), fractions, atol=1e-9):
+        msg = (f"--fractions {','.join(f'{f:g}' for f in asked)} differs from the split the model was trained "
+               f"with ({','.join(f'{f:g}' for f in fractions)}): its 'test' rows would include stamps it trained "
+               f"on; drop --fractions (score uses the checkpoint's)")
+        raise ValueError(msg)
+    if trained.get("column") and not table_has_column:
+        print(f"score: warning: the model was trained on a table with a fixed 'split' column and {data} has "
+              f"none, so its 'split' column comes from the id hash; if this is the training data, its 'test' "
+              f"rows are not the training's test split", file=sys.stderr)
+    return {"fractions": list(fractions), "source": "checkpoint", "column": table_has_column,
+            "trained_with_column": trained.get("column")}
 
 
 def _check_shard_names(manifest: st.Manifest, data: str) -> dict[str, int]:
@@ -349,8 +381,8 @@ def _prepare_out(settings: ScoreSettings, job: dict) -> None:
                    f"'stampray score' did not write there (no {JOB_FILE}); choose a new or empty directory")
             raise ValueError(msg)
     elif not settings.overwrite:
-        for key in ("model_tag", "data", "keep", "preprocess", "class_names"):
-            if before.get(key) != job[key]:
+        for key in ("model_tag", "data", "keep", "preprocess", "class_names", "split"):
+            if key in before and before.get(key) != job[key]:
                 msg = (f"{out} holds results of another job ({key}: {before.get(key)} vs {job[key]}); "
                        f"choose another --out, or pass --overwrite to start it again")
                 raise ValueError(msg)
@@ -409,7 +441,9 @@ def score(settings: ScoreSettings) -> ScoreResult:
               f"ingest them into a table of their own", file=sys.stderr)
     shards = st.inspect_shards(settings.data, manifest)
     tag = f"{bundle['model']}@{ck.weights_hash(bundle)}"
-    job = _job_doc(settings, bundle, tag, shards)
+    split = split_rule(bundle, settings.fractions, st.SPLIT in manifest.columns, settings.data)
+    settings = replace(settings, fractions=tuple(split["fractions"]))
+    job = _job_doc(settings, bundle, tag, shards, split)
     with output_lock(settings.out, "score"):
         return _score_locked(settings, manifest, bundle, model_bytes, tag, job, expected, t0)
 

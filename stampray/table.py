@@ -524,7 +524,17 @@ def write_shard(path: str, table: pa.Table) -> None:
     fs, p = resolve(path)
     compression = {name: ("lz4" if name == IMAGE else "zstd") for name in table.schema.names}
     pq.write_table(table, p, filesystem=fs, compression=compression,
-                   row_group_size=min(16384, max(1, table.num_rows)), write_page_checksum=True)
+                   row_group_size=row_group_rows(table), write_page_checksum=True)
+
+
+ROW_GROUP_BYTES = 64 << 20  # a row group is the unit one read task holds in memory
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per row group: at most 16,384, and at most ``ROW_GROUP_BYTES`` of decoded data, so a reader's
+    memory does not grow with the stamp size (16,384 stamps of 150x150 float32 would be 1.4 GB)."""
+    per_row = table.nbytes / max(1, table.num_rows)
+    return int(max(1, min(16384, table.num_rows, ROW_GROUP_BYTES // max(1, per_row))))
 
 
 class StampWriter:

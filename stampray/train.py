@@ -59,6 +59,8 @@ MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max"}
 
 BATCH_CPU = 128  # default global batch on CPU workers
 BATCH_GPU = 512  # default global batch with --use-gpu
+PREPROCESS_ON = ("auto", "reads", "device")
+OVERFLOW_RISK = 1e30  # a stamp with a pixel beyond this may overflow float32 when normalised
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class TrainSettings:
     max_failures: int = 0
     seed: int = 0
     preprocess: str = "course_scaled"
+    preprocess_on: str = "auto"  # "reads" (CPU read tasks), "device" (the worker's GPU or CPU), "auto"
     fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
     amp: bool = True
     keep_checkpoints: int = 2
@@ -123,6 +126,7 @@ class TrainSettings:
             (int(self.keep_checkpoints) >= 1, "--keep-checkpoints must be at least 1"),
             (int(self.max_failures) >= -1, "--max-failures must be -1 (unlimited) or more"),
             (self.placement in ("PACK", "SPREAD"), "--placement must be PACK or SPREAD"),
+            (self.preprocess_on in PREPROCESS_ON, f"--preprocess-on must be one of {', '.join(PREPROCESS_ON)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -134,28 +138,63 @@ class TrainSettings:
     def run_name(self) -> str:
         return self.name or self.model
 
+    @property
+    def device_preprocess(self) -> bool:
+        """Normalise on the worker's device (raw pixels travel from the read tasks): the default with
+        ``--use-gpu``, where one CPU per GPU could not keep up; on CPU workers the read tasks normalise, in
+        parallel with training."""
+        if self.preprocess_on == "auto":
+            return bool(self.use_gpu)
+        return self.preprocess_on == "device"
+
 
 # --------------------------------------------------------------------------------------------------
 # Pieces used on the workers
 # --------------------------------------------------------------------------------------------------
-def prepare_batch(batch: pa.Table, split: str, fractions, shape, preprocess: str, ledger=None) -> dict:
-    """Ray Data map_batches: keep the labelled rows of one split, decode and preprocess them.
+def part_mask(ids, part: tuple[int, int] | None) -> np.ndarray:
+    """Rows of worker ``rank`` of ``world`` (``part``), from the id's hash: the validation and test splits
+    are shared out this way, so each worker predicts on its own part and no row is predicted twice.
+    Uses the hash's low bits; the split uses its high bits, so the parts are even within a split."""
+    n = len(ids)
+    if part is None or int(part[1]) <= 1:
+        return np.ones(n, bool)
+    h = splits._fmix64(splits.fnv1a64(ids)) & np.uint64(0xFFFFFFFF)
+    return (h % np.uint64(int(part[1]))) == np.uint64(int(part[0]))
+
+
+def prepare_batch(batch: pa.Table, split: str, fractions, shape, preprocess: str, ledger=None,
+                  part: tuple[int, int] | None = None, raw: bool = False) -> dict:
+    """Ray Data map_batches: keep the labelled rows of one split (of worker ``part``), decode and
+    preprocess them (``raw``: leave the normalisation to the worker's device).
 
     Rows with non-finite pixels (before or after preprocessing) are left out and recorded in ``ledger`` (a
-    :class:`SetAside` actor) with their reason, worded as ``score`` words it."""
+    :class:`SetAside` actor) with their reason, worded as ``score`` words it. With ``raw``, only stamps
+    holding a pixel beyond ``OVERFLOW_RISK`` are normalised here, to learn whether they overflow: the
+    rows set aside are the same either way."""
     keep = splits.mask(batch, split, fractions) & batch.column(st.LABEL).is_valid().to_numpy(zero_copy_only=False)
+    if part is not None:
+        keep &= part_mask(batch.column(st.ID), part)
     idx = np.nonzero(keep)[0]
     sub = batch.take(pa.array(idx, pa.int64()))
     images = st.decode_images(sub.column(st.IMAGE), shape)
     y = sub.column(st.LABEL).to_numpy().astype(np.int64)
     bad = ~np.isfinite(images).all(axis=(1, 2, 3))
-    x = pp.get(preprocess)(images[~bad] if bad.any() else images)  # per-stamp steps: a NaN stamp stays apart
+    finite = images[~bad] if bad.any() else images  # per-stamp steps: a NaN stamp stays apart
     reasons = {int(i): f"nonfinite: {int((~np.isfinite(images[i])).sum())} non-finite pixels"
                for i in np.nonzero(bad)[0]}
     good = np.nonzero(~bad)[0]
-    worse = ~np.isfinite(x).all(axis=(1, 2, 3))  # preprocessing overflowed (huge but finite pixels)
+    if raw:
+        worse = np.zeros(len(finite), bool)
+        risky = np.nonzero(np.abs(finite).max(axis=(1, 2, 3), initial=0.0) > OVERFLOW_RISK)[0]
+        if len(risky):
+            worse[risky] = ~np.isfinite(pp.get(preprocess)(finite[risky])).all(axis=(1, 2, 3))
+        x = finite
+    else:
+        x = pp.get(preprocess)(finite)
+        worse = ~np.isfinite(x).all(axis=(1, 2, 3))  # preprocessing overflowed (huge but finite pixels)
     for j in np.nonzero(worse)[0]:
-        reasons[int(good[j])] = f"nonfinite: {int((~np.isfinite(x[j])).sum())} non-finite pixels after {preprocess}"
+        after = pp.get(preprocess)(finite[j:j + 1])
+        reasons[int(good[j])] = f"nonfinite: {int((~np.isfinite(after)).sum())} non-finite pixels after {preprocess}"
     if not reasons:
         return {"x": x, "y": y}
     if ledger is None:
@@ -274,14 +313,16 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
             "n": int(len(labels)), "confusion": cm.tolist()}
 
 
-def predict_dataset(model: nn.Module, it, device, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels over a Ray Data iterator (or dataset)."""
+def predict_dataset(model: nn.Module, it, device, batch_size: int = 1024, prep=None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a Ray Data iterator (or dataset); ``prep`` normalises each
+    batch on the device first (raw pixels from the read tasks)."""
     model.eval()
     probs, labels = [], []
     with torch.no_grad():
         for batch in it.iter_torch_batches(batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64},
                                            device=device):
-            probs.append(torch.softmax(model(batch["x"]).float(), dim=1).cpu().numpy())
+            x = prep(batch["x"]) if prep is not None else batch["x"]
+            probs.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
             labels.append(batch["y"].cpu().numpy())
     if not probs:
         return np.zeros((0, getattr(model, "num_classes", 2)), np.float32), np.zeros(0, np.int64)
@@ -476,6 +517,16 @@ def train_loop(cfg: dict) -> None:
     log = _RunLog(cfg["run_dir"], class_names, state["history"]) if rank == 0 else None
     direction = MONITORS[s["monitor"]]
     val_cache = None
+    # Raw pixels from the read tasks are normalised here, on the device (see TrainSettings.device_preprocess).
+    prep = pp.get_torch(s["preprocess"]) if cfg["device_preprocess"] else None
+
+    def gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every worker's part of a split, joined on each worker (the parts are disjoint)."""
+        if world == 1:
+            return probs, labels
+        parts = [None] * world
+        dist.all_gather_object(parts, (probs, labels))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # 2. Epochs.
     for epoch in range(state["epoch"], int(s["epochs"])):
@@ -490,6 +541,8 @@ def train_loop(cfg: dict) -> None:
                 local_shuffle_seed=int(s["seed"]) * 100_003 + epoch * 101 + rank,
                 pin_memory=device.type == "cuda", prefetch_batches=2):
             x, y = batch["x"], batch["y"]
+            if prep is not None:
+                x = prep(x)
             if len(y) < 2:
                 # An epoch's last batch can hold one stamp, on which BatchNorm cannot train: leave it out.
                 # Every worker's shard has the same rows (streaming_split(equal=True)), so all leave it out
@@ -515,14 +568,19 @@ def train_loop(cfg: dict) -> None:
         seconds = time.time() - t0
         n_train = max(1.0, float(sums[2]))
 
-        # 3. Validation on rank 0 (the full validation split), shared with every worker.
+        # 3. Validation: each worker predicts its own part of the split (so validation time falls as
+        # workers are added); rank 0 joins the parts, computes the metrics and shares them.
+        if world > 1:  # each worker updated BatchNorm's running stats on its own last batch: use rank 0's
+            with torch.no_grad():
+                for buf in core.buffers():
+                    dist.broadcast(buf, src=0)
+        if val_cache is None:
+            val_cache = _Cached.collect(ray.train.get_dataset_shard(f"val_{rank}"), cfg["val_cache_rows"])
+        probs, labels = gather(*predict_dataset(core, val_cache, device, prep=prep))
         payload = [None]
         if rank == 0:
-            if val_cache is None:
-                val_cache = _Cached.collect(ray.train.get_dataset_shard("val"), cfg["val_cache_rows"])
-            probs, labels = predict_dataset(core, val_cache, device)
-            # Every worker has read its train shard (the all_reduce above), so the train split's
-            # set-aside rows are all in the ledger.
+            # Every worker has read its train shard (the all_reduce above) and its validation part (the
+            # gather), so the set-aside rows of both splits are all in the ledger.
             payload = [(classification_metrics(probs, labels, k), probs, labels,
                         ray.get(cfg["ledger"].counts.remote()))]
         if world > 1:
@@ -562,7 +620,7 @@ def train_loop(cfg: dict) -> None:
                                     metrics=metrics, epoch=epoch + 1, extra={
                                         "optimizer": to_cpu(optimizer.state_dict()),
                                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                        "train_state": state, "data": cfg["data_info"]})
+                                        "train_state": state, "data": cfg["data_info"], "split": cfg["split"]})
             torch.save(bundle, os.path.join(tmp, ck.FILE_NAME))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
@@ -575,12 +633,13 @@ def train_loop(cfg: dict) -> None:
                       f"(best {state['best_value']:.4f} at epoch {state['best_epoch']})", flush=True)
             break
 
-    # 6. Test split with the best weights, on rank 0; every worker reports the final numbers.
+    # 6. Test split with the best weights (each worker its part, as validation); every worker reports the
+    # final numbers.
     final = [None]
+    if state["best_state_dict"] is not None:
+        core.load_state_dict(state["best_state_dict"])
+    probs, labels = gather(*predict_dataset(core, ray.train.get_dataset_shard(f"test_{rank}"), device, prep=prep))
     if rank == 0:
-        if state["best_state_dict"] is not None:
-            core.load_state_dict(state["best_state_dict"])
-        probs, labels = predict_dataset(core, ray.train.get_dataset_shard("test"), device)
         test = classification_metrics(probs, labels, k)
         final = [{"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"], "test_n": test["n"],
                   "test_confusion": test["confusion"], "best_epoch": state["best_epoch"],
@@ -727,14 +786,19 @@ def _datasets(settings: TrainSettings, manifest: st.Manifest, ledger):
     # A seeded row-group order for training; every epoch re-reads through a local shuffle buffer.
     order = np.random.default_rng(settings.seed).permutation(len(items)).tolist()
     out = {}
-    for split in st.SPLIT_NAMES:
+    world = int(settings.workers)
+    # train is split between the workers by Ray Train (equal parts); validation and test are shared out
+    # by id (part_mask), one dataset per worker, so no row is dropped to even them out.
+    wanted = [("train", "train", None)] + [(f"{split}_{r}", split, (r, world))
+                                           for split in ("val", "test") for r in range(world)]
+    for name, split, part in wanted:
         ds = read_stamps(settings.data, columns=columns,
                          items=[items[i] for i in order] if split == "train" else items)
         # Half-CPU tasks: they fit on a node whose other CPUs hold Train workers.
-        out[split] = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=4096, num_cpus=READ_TASK_CPUS,
-                                    fn_kwargs={"split": split, "fractions": tuple(settings.fractions),
-                                               "shape": manifest.spec.shape, "preprocess": settings.preprocess,
-                                               "ledger": ledger})
+        out[name] = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=4096, num_cpus=READ_TASK_CPUS,
+                                   fn_kwargs={"split": split, "fractions": tuple(settings.fractions),
+                                              "shape": manifest.spec.shape, "preprocess": settings.preprocess,
+                                              "ledger": ledger, "part": part, "raw": settings.device_preprocess})
     return out
 
 
@@ -862,7 +926,9 @@ def fit(settings: TrainSettings) -> TrainResult:
             "val_cache_rows": int(2**29 // (4 * int(np.prod(spec.shape)))),  # about 512 MiB of stamps
             "data_info": {"path": settings.data, "rows": manifest.num_rows, "shape": list(spec.shape),
                           "splits": counts},
-            "ledger": ledger,
+            "ledger": ledger, "device_preprocess": settings.device_preprocess,
+            # The split definition travels with every checkpoint: score and evaluate use the same one.
+            "split": {"fractions": list(settings.fractions), "column": st.SPLIT in manifest.columns},
         }
         try:
             result = _trainer(settings, cfg, res, out, _datasets(settings, manifest, ledger)).fit()

@@ -10,8 +10,12 @@ import pytest
 from stampray.evaluate import EvaluateSettings, accuracy_by, evaluate, roc
 
 
-def write_scores(path, labels, probs, class_names, extra=None, split=None):
-    """A score directory as 'stampray score' writes it, from literal values."""
+SPLIT_RECORD = {"fractions": [0.7, 0.1, 0.2], "source": "checkpoint", "column": False, "trained_with_column": False}
+
+
+def write_scores(path, labels, probs, class_names, extra=None, split=None, split_record=SPLIT_RECORD):
+    """A score directory as 'stampray score' writes it, from literal values (``split_record=None``: as
+    score wrote it before it recorded the split it used)."""
     os.makedirs(path, exist_ok=True)
     probs = np.asarray(probs, np.float32)
     n = len(labels)
@@ -27,6 +31,8 @@ def write_scores(path, labels, probs, class_names, extra=None, split=None):
     doc = {"model": "m.pt", "model_tag": "m@000000000000", "data": "d", "keep": [], "preprocess": "course",
            "class_names": list(class_names), "num_rows": n, "set_aside": 0, "errors": {},
            "shards": [{"path": "part-00000.parquet", "rows": n, "errors": 0}]}
+    if split_record is not None:
+        doc["split"] = split_record
     with open(os.path.join(path, "_manifest.json"), "w") as f:
         json.dump(doc, f)
     return str(path)
@@ -145,3 +151,18 @@ def test_html_report_renders_with_every_image(tno_small, tmp_path, ray_shared):
     title = out.stdout.split("<title>")[1].split("</title>")[0]
     n = page.count("<img")
     assert title == f"images:{n} broken:0", title
+
+
+def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, capsys):
+    probs = np.stack([1 - np.array(P1), P1], axis=1)
+    old = write_scores(tmp_path / "old", LABELS, probs, ["noise", "source"], split_record=None)
+    evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r1")))
+    assert "was scored before stampray recorded splits" in capsys.readouterr().err
+    assumed = write_scores(tmp_path / "assumed", LABELS, probs, ["noise", "source"],
+                           split_record={"fractions": [0.7, 0.1, 0.2], "source": "assumed", "column": False})
+    evaluate(EvaluateSettings(scores=(assumed,), out=str(tmp_path / "r2")))
+    assert "does not record its training split" in capsys.readouterr().err
+    known = write_scores(tmp_path / "known", LABELS, probs, ["noise", "source"])
+    evaluate(EvaluateSettings(scores=(known,), out=str(tmp_path / "r3")))
+    evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r4"), split="all"))
+    assert capsys.readouterr().err == ""

@@ -147,3 +147,85 @@ def test_the_default_training_batch_is_chosen_per_device():
     assert TrainSettings(model="cnn", data="d", out="o").batch_size == 128
     assert TrainSettings(model="cnn", data="d", out="o", use_gpu=True).batch_size == 512
     assert TrainSettings(model="cnn", data="d", out="o", use_gpu=True, batch_size=64).batch_size == 64
+
+
+def test_validation_parts_are_disjoint_and_cover_the_split():
+    """Each worker predicts its own part of validation and test: the parts of 3 workers are disjoint,
+    together hold every id, and are close to even."""
+    from stampray.train import part_mask
+
+    ids = [f"tno-{i:06d}" for i in range(3000)]
+    parts = [part_mask(ids, (r, 3)) for r in range(3)]
+    assert (sum(p.astype(int) for p in parts) == 1).all()
+    assert all(900 < p.sum() < 1100 for p in parts)
+    assert part_mask(ids, (0, 1)).all() and part_mask(ids, None).all()
+
+
+def test_raw_batches_set_aside_the_same_rows_as_normalised_ones(ray_shared):
+    """With normalisation on the device, the read tasks pass raw pixels but set aside exactly the stamps
+    that are non-finite before or after normalisation, with the same reasons; the device's normalisation of
+    the raw batch equals the read tasks' one."""
+    import torch
+
+    from stampray import preprocess as pp
+    from stampray import splits
+    from stampray import table as st
+    from stampray.train import SetAside, prepare_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(12, 1, 21, 21)).astype(np.float32)
+    images[3, 0, 2, 2] = np.nan
+    images[5, 0, :10] = 3e38  # finite, but the normalisation overflows
+    images[5, 0, 10:] = -3e38
+    spec = st.StampSpec((1, 21, 21), ("a", "b"))
+    batch = st.make_table(spec, [f"s{i}" for i in range(12)], images, list(np.arange(12) % 2), split=["train"] * 12)
+    listings = []
+    outs = []
+    for raw in (False, True):
+        ledger = ray_shared.remote(num_cpus=0)(SetAside).remote()
+        outs.append(prepare_batch(batch, "train", splits.DEFAULT_FRACTIONS, spec.shape, "course_scaled",
+                                  ledger=ledger, raw=raw))
+        listings.append(ray_shared.get(ledger.listing.remote()))
+        ray_shared.kill(ledger)
+    assert listings[0] == listings[1] and [r["stamp_id"] for r in listings[0]] == ["s3", "s5"]
+    assert listings[1][1]["reason"].startswith("nonfinite: ") and "after course_scaled" in listings[1][1]["reason"]
+    normalised, raw = outs
+    assert raw["y"].tolist() == normalised["y"].tolist() and len(raw["y"]) == 10
+    keep = [i for i in range(12) if i not in (3, 5)]
+    assert np.array_equal(raw["x"], images[keep])
+    on_device = pp.get_torch("course_scaled")(torch.from_numpy(raw["x"])).numpy()
+    np.testing.assert_allclose(on_device, normalised["x"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_workers_share_validation_and_normalise_on_the_device(tmp_path, ray_shared):
+    """Two workers, normalisation on the device (the GPU default, run here on the CPU): validation and
+    test are each predicted in two disjoint parts, no row lost or counted twice, and the metrics equal
+    those of the saved best checkpoint recomputed in one piece with the read tasks' numpy normalisation."""
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray import preprocess as pp
+    from stampray import splits
+    from stampray import table as st
+    from stampray.synth import SynthSettings, synth
+    from stampray.train import TrainSettings, classification_metrics, fit
+
+    data = str(tmp_path / "t")
+    synth(SynthSettings(out=data, n=600, seed=3, shard_rows=300))
+    r = fit(TrainSettings(model="cnn", data=data, out=str(tmp_path / "runs"), epochs=1, batch_size=64, workers=2,
+                          cpus_per_worker=0.5, preprocess_on="device"))
+    tbl = st.read_table(data)
+    images = st.decode_images(tbl.column(st.IMAGE), (1, 21, 21))
+    labels = tbl.column(st.LABEL).to_numpy()
+    bundle = ck.load_bundle(r.best)
+    model = ck.build_model(bundle).eval()
+    for split, n_key, loss_key, acc_key in (("val", "val_n", "val_loss", "val_acc"),
+                                            ("test", "test_n", "test_loss", "test_acc")):
+        m = splits.mask(tbl, split)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.from_numpy(pp.get("course_scaled")(images[m]))), 1).numpy()
+        want = classification_metrics(probs, labels[m].astype(np.int64), 2)
+        got = r.history[0] if split == "val" else r.metrics
+        assert got[n_key] == int(m.sum())
+        assert abs(got[loss_key] - want["loss"]) < 1e-4 and abs(got[acc_key] - want["acc"]) < 1e-9

@@ -87,3 +87,40 @@ def test_missing_manifest_has_an_actionable_message(tmp_path):
 def test_iter_batches_streams_every_row(tno_small):
     rows = sum(b.num_rows for b in st.iter_batches(tno_small, batch_size=64, columns=["stamp_id"]))
     assert rows == 600
+
+
+def test_row_groups_are_bounded_in_bytes_not_only_in_rows(tmp_path):
+    """A reader holds one row group: 16,384 stamps of 21x21 fit in one, stamps of 150x150 are cut so a
+    row group stays within ROW_GROUP_BYTES of decoded data."""
+    small = st.StampSpec((1, 21, 21), ("a", "b"))
+    t = st.make_table(small, [f"s{i}" for i in range(20000)], np.zeros((20000, 1, 21, 21), np.float32))
+    assert st.row_group_rows(t) == 16384
+    big = st.StampSpec((1, 150, 150), ("a", "b"))
+    t = st.make_table(big, [f"b{i}" for i in range(3000)], np.zeros((3000, 1, 150, 150), np.float32))
+    rows = st.row_group_rows(t)
+    assert rows * 150 * 150 * 4 <= st.ROW_GROUP_BYTES < (rows + 1) * (150 * 150 * 4 + 8)
+    st.write_shard(str(tmp_path / "part-00000.parquet"), t)
+    meta = pq.read_metadata(str(tmp_path / "part-00000.parquet"))
+    assert meta.num_row_groups == -(-3000 // rows) and meta.row_group(0).num_rows == rows
+
+
+def test_read_items_of_a_few_rows_each_cover_the_shard_once(tmp_path):
+    """Occlusion reads a few rows per work item: the items' rows, in order, are the shard's rows exactly,
+    each tagged with its shard and row index."""
+    from stampray.data import _read_items, work_items
+
+    spec = st.StampSpec((1, 4, 4), ("a", "b"))
+    w = st.StampWriter(str(tmp_path / "d"), spec, rows_per_shard=23)
+    images = np.arange(50 * 16, dtype=np.float32).reshape(50, 1, 4, 4)
+    w.write(st.make_table(spec, [f"s{i}" for i in range(50)], images, labels=np.arange(50) % 2))
+    w.close()
+    shards = [s["path"] for s in st.read_manifest(str(tmp_path / "d")).shards]
+    items = work_items(str(tmp_path / "d"), shards, rows=5)
+    assert [it["length"] for it in items] == [5, 5, 5, 5, 3] * 2 + [4]
+    got = [_read_items(pa.Table.from_pylist([it]), str(tmp_path / "d"), [st.ID, st.IMAGE], True) for it in items]
+    ids = [i for t in got for i in t.column(st.ID).to_pylist()]
+    assert ids == [f"s{i}" for i in range(50)]
+    rows = [(t.column("_shard")[k].as_py(), t.column("_row")[k].as_py()) for t in got for k in range(t.num_rows)]
+    assert rows == [(shards[i // 23], i % 23) for i in range(50)]
+    whole = np.concatenate([st.decode_images(t.column(st.IMAGE), (1, 4, 4)) for t in got])
+    assert np.array_equal(whole, images)
