@@ -6,13 +6,20 @@ Parquet shards and the same model and preprocessing:
 * baseline: one process reads each shard with pyarrow, decodes, preprocesses, runs the model (PyTorch's
   default threads) and writes one Parquet result per shard;
 * stampray: ``stampray score`` as a user runs it (a fresh process: Ray start-up, actor pool, compile,
-  Parquet out), wall clock.
+  Parquet out), wall clock;
+* the machine's forward limit: two processes (as many as the replicas of a 2-core machine), one thread
+  each, running the checkpoint's preprocessing and the ``torch.compile``d model on in-memory batches of
+  decoded stamps (no I/O, no Ray), their rates summed.
 
-Prints both rates and their ratio. Run: ``python benchmarks/score_throughput.py [-n 1000000]``.
+Prints the rates, ``ratio stampray / baseline`` and ``fraction of the forward limit``, end to end and for
+the steady rate after start-up (from score's own progress lines, a line every ~10 s: stamps scored between
+its first line and its last over the time between them). Run:
+``python benchmarks/score_throughput.py [-n 1000000]``.
 """
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +57,43 @@ def baseline(data: str, model_path: str, out: str) -> int:
     return rows
 
 
+LIMIT_CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from stampray import checkpoint as ck, preprocess as pp, table as st
+bundle = ck.load_bundle(sys.argv[1])
+model = ck.build_model(bundle).eval()
+prep = pp.get(bundle["preprocess"])
+batch, seconds = int(sys.argv[2]), float(sys.argv[3])
+images = np.random.default_rng(0).normal(size=(batch, 1, 21, 21)).astype(np.float32)
+fwd = torch.compile(model, dynamic=False)
+with torch.inference_mode():
+    for _ in range(3):  # compile and warm up
+        torch.softmax(fwd(torch.from_numpy(prep(images))), 1)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        torch.softmax(fwd(torch.from_numpy(prep(images))), 1).numpy()
+        n += batch
+print("RESULT " + json.dumps({"rate": n / (time.time() - t0)}))
+"""
+
+
+def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, procs: int = 2) -> list[float]:
+    """Rates (stamps/s) of ``procs`` single-thread processes running preprocessing + the compiled model at
+    once on in-memory decoded stamps."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ps = [subprocess.Popen([sys.executable, "-c", LIMIT_CHILD, model_path, str(batch), str(seconds)],
+                           stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
+    rates = []
+    for p in ps:
+        out, _ = p.communicate(timeout=900)
+        rates.append(json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][7:])["rate"])
+    return rates
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=1_000_000)
@@ -72,16 +116,31 @@ def main():
     n_a = baseline(data, model_path, out_a)
     base_s = time.time() - t
     t = time.time()
-    subprocess.run([sys.executable, "-m", "stampray", "score", "--model", model_path, "--data", data,
-                    "--out", out_b, "--no-progress"], check=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.Popen([sys.executable, "-m", "stampray", "score", "--model", model_path, "--data", data,
+                             "--out", out_b], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
+    marks = []  # (time, stamps done) from each progress line
+    for line in proc.stderr:
+        m = re.match(r"score: ([\d,]+)/[\d,]+ stamps", line.strip())
+        if m:
+            marks.append((time.time(), int(m.group(1).replace(",", ""))))
+    if proc.wait(timeout=3600) != 0:
+        raise SystemExit("stampray score failed")
     ray_s = time.time() - t
+    steady = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else float("nan")
     n_b = sum(pq.read_metadata(os.path.join(out_b, f)).num_rows for f in os.listdir(out_b) if f.startswith("part-"))
     assert n_a == n_b == args.n, (n_a, n_b)
     a, b = n_a / base_s, n_b / ray_s
+    rates = forward_limit(model_path)
+    limit = sum(rates)
     print(f"baseline (one process, pyarrow + PyTorch, torch threads {torch.get_num_threads()}): "
           f"{a:,.0f} stamps/s ({base_s:.1f} s)")
     print(f"stampray score (end to end, fresh process): {b:,.0f} stamps/s ({ray_s:.1f} s)")
     print(f"ratio stampray / baseline: {b / a:.2f}")
+    print(f"forward limit (2 processes x 1 thread, preprocessing + compiled model, in memory): {limit:,.0f} "
+          f"stamps/s ({' + '.join(f'{r:,.0f}' for r in rates)})")
+    print(f"fraction of the forward limit: {b / limit:.2f} end to end (goal 0.75); steady rate "
+          f"{steady:,.0f} stamps/s = {steady / limit:.2f} (goal 0.85)")
 
 
 if __name__ == "__main__":

@@ -56,13 +56,18 @@ def split_of(bundle: dict) -> dict | None:
     return None
 
 
-def save(bundle: dict, path: str) -> None:
-    """Write a bundle to a local path or URI."""
+def bundle_bytes(bundle: dict) -> bytes:
+    """A bundle as the bytes of a ``model.pt`` file (what :func:`bundle_from_bytes` reads back)."""
     buf = io.BytesIO()
     torch.save(bundle, buf)
+    return buf.getvalue()
+
+
+def save(bundle: dict, path: str) -> None:
+    """Write a bundle to a local path or URI."""
     fs, p = st.resolve(path)
     with fs.open_output_stream(p) as f:
-        f.write(buf.getvalue())
+        f.write(bundle_bytes(bundle))
 
 
 def resolve_path(path: str) -> str:
@@ -93,7 +98,8 @@ def load_bundle(path: str, map_location: str | torch.device = "cpu") -> dict:
 
 
 def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device = "cpu") -> dict:
-    """:func:`load_bundle` on a checkpoint's bytes already read (``path`` names it in messages)."""
+    """:func:`load_bundle` on a checkpoint's bytes already read (``path`` names it in messages). The one
+    place stampray calls ``torch.load``, always with ``weights_only=True``."""
     try:
         bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint

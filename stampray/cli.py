@@ -12,6 +12,7 @@ import time
 from dataclasses import fields
 
 from . import cutout as _cutout
+from . import vet as _vet
 
 S = argparse.SUPPRESS
 
@@ -58,9 +59,11 @@ def _settings(cls, ns: argparse.Namespace, **fixed):
     return cls(**values)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=S, help="Ray cluster to connect to (default: a private local Ray; "
-                                                "RAY_ADDRESS is honoured)")
+def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    """``--config`` for every verb; ``--address`` for the verbs that run on Ray (not ``evaluate``)."""
+    if ray:
+        p.add_argument("--address", default=S, help="Ray cluster to connect to (default: a private local Ray; "
+                                                    "RAY_ADDRESS is honoured)")
     p.add_argument("--config", default=None, help="JSON or TOML file of settings; flags override it")
 
 
@@ -84,11 +87,21 @@ def _class_flags(p: argparse.ArgumentParser) -> None:
                         "take the model's class names by position instead of refusing")
 
 
+def _version_line() -> str:
+    """``stampray 0.1.0 (ray 2.60.0, torch 2.13.0+cpu, python 3.11.7, commit abc123...)``."""
+    from .provenance import provenance
+
+    p = provenance()
+    commit = f", commit {p['git_commit']}" if p["git_commit"] else ""
+    return f"stampray {p['stampray']} (ray {p['ray']}, torch {p['torch']}, python {p['python']}{commit})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stampray",
         description="Train CNNs on image stamps and score millions of them with Ray.",
     )
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     p = sub.add_parser("synth", help="write a reproducible synthetic survey as a stamp table")
@@ -98,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="output dataset directory (local path or URI)")
     p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, help="rows per shard (default 50000)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
+    p.add_argument("--append", action="store_true", default=S,
+                   help="add the stamps to the table at --out (use another --seed: the same seed repeats ids, "
+                        "which are set aside)")
     p.add_argument("--positive-fraction", dest="positive_fraction", type=float, default=S,
                    help="tno: fraction of stamps holding a source (default 0.45, as the course data)")
     p.add_argument("--max-offset", dest="max_offset", type=float, default=S, metavar="PX",
@@ -157,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-files", dest="unit_files", type=int, default=S, help="FITS cutouts per Ray task (default 500)")
     p.add_argument("--unit-rows", dest="unit_rows", type=int, default=S, help="array rows per Ray task (default 200000)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
+    p.add_argument("--append", action="store_true", default=S,
+                   help="add the stamps to the table at --out (same shape, classes and columns; a repeated id "
+                        "is set aside); the manifest is replaced in one step, so readers see the table "
+                        "before or after")
     _common(p)
 
     _cutout.add_parser(sub, _common)
@@ -206,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where batches are normalised: in the CPU read tasks, or on the worker's device (raw "
                         "pixels are copied); auto (default): device with --use-gpu, reads otherwise")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S,
-                   help="per-epoch checkpoints kept besides best.pt/last.pt (default 2)")
+                   help="checkpoints Ray keeps besides the latest: the most recent epochs that were a new best, "
+                        "the best among them (default 2); best.pt and last.pt are written at the end")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, default=S,
                    help="override the CPU share of each worker (default: leave a CPU for reading)")
     p.add_argument("--placement", choices=["PACK", "SPREAD"], default=S,
@@ -258,14 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (report.html, report.json, PNGs)")
     p.add_argument("--data", default=S, help="the stamp table, to draw the misclassified stamps")
     p.add_argument("--run", default=S, help="training run directory, for the training curves")
-    p.add_argument("--by", type=_csv, default=S, help="numeric columns for accuracy curves, e.g. snr")
+    p.add_argument("--by", type=_csv, default=S,
+                   help="numeric columns for completeness and false-positive-rate curves (equal-count bins, "
+                        "Wilson 95%% intervals), e.g. snr")
     p.add_argument("--tensorboard", default=S, metavar="LOGDIR", help="also write the numbers to TensorBoard")
     p.add_argument("--split", choices=["test", "val", "train", "all"], default=S,
                    help="which rows to evaluate (default test: the held-out split)")
     p.add_argument("--tpr", type=float, default=S, help="report the FPR at this TPR (default 0.95)")
     p.add_argument("--fpr", type=float, default=S, help="report the FNR at this FPR (default 0.01)")
     p.add_argument("--names", type=_csv, default=S, help="names of the score tables in the report")
-    _common(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no stage lines")
+    _common(p, ray=False)
+
+    _vet.add_parser(sub, _common)
+
+    p = sub.add_parser("export", help="write a checkpoint as an ONNX model (dynamic batch axis, metadata)")
+    p.add_argument("--model", required=True, help="checkpoint: model.pt, a checkpoint dir, or a run dir")
+    p.add_argument("--onnx", required=True, metavar="FILE",
+                   help="the ONNX file to write (replaced only once the new one is written and checked)")
+    _common(p, ray=False)
 
     p = sub.add_parser("demo", help="the whole pipeline on a small synthetic survey")
     p.add_argument("--out", default=S, help="working directory (default ./stampray-demo)")
@@ -284,9 +317,11 @@ def _cmd_synth(ns):
     settings = _settings(SynthSettings, ns)
     m = synth(settings)
     dt = time.time() - t0
-    print(f"synth: wrote {m.num_rows} {settings.kind} stamps {m.spec.shape} in {len(m.shards)} shards to "
-          f"{settings.out}; classes {dict(zip(m.spec.class_names, m.label_counts.values()))}; "
-          f"{dt:.1f} s ({m.num_rows / max(dt, 1e-9):,.0f} stamps/s)")
+    made = m.settings["appends"][-1]["stamps"] if settings.append else m.num_rows
+    where = f"appended to {settings.out} (now {m.num_rows} stamps)" if settings.append else f"to {settings.out}"
+    print(f"synth: wrote {made} {settings.kind} stamps {m.spec.shape} in {len(m.shards)} shards {where}; "
+          f"classes {dict(zip(m.spec.class_names, m.label_counts.values()))}; "
+          f"{dt:.1f} s ({made / max(dt, 1e-9):,.0f} stamps/s)")
 
 
 def _cmd_ingest(ns):
@@ -294,10 +329,16 @@ def _cmd_ingest(ns):
 
     settings = _settings(IngestSettings, ns)
     r = ingest(settings)
-    aside = sum(r.set_aside.values())
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(r.set_aside.items())) or "none"
-    print(f"ingest: read {r.rows_in} rows; ingested {r.ingested} stamps {r.manifest.spec.shape} into "
-          f"{len(r.manifest.shards)} shards at {settings.out}; set aside {aside} ({detail})"
+    counts = r.appended_aside if r.appended is not None else r.set_aside
+    aside = sum(counts.values())
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+    if r.appended is not None:
+        new = len(r.manifest.settings["appends"][-1]["shards"])
+        what = (f"appended {r.appended} stamps {r.manifest.spec.shape} in {new} new shards to {settings.out} "
+                f"(now {r.ingested} stamps in {len(r.manifest.shards)} shards)")
+    else:
+        what = f"ingested {r.ingested} stamps {r.manifest.spec.shape} into {len(r.manifest.shards)} shards at {settings.out}"
+    print(f"ingest: read {r.rows_in} rows; {what}; set aside {aside} ({detail})"
           + (f", listed in {settings.out}/_errors" if aside else "")
           + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
 
@@ -374,6 +415,12 @@ def _cmd_evaluate(ns):
     print(f"evaluate: report {r.html} ({len(r.plots)} plots), numbers in {settings.out}/report.json")
 
 
+def _cmd_export(ns):
+    from .export import main as export_main
+
+    export_main(ns)
+
+
 def _cmd_demo(ns):
     from .demo import DemoSettings, demo
 
@@ -383,7 +430,7 @@ def _cmd_demo(ns):
 COMMANDS = {"synth": _cmd_synth, "ingest": _cmd_ingest, "cutout": _cutout.main, "models": _cmd_models,
             "train": _cmd_train,
             "score": _cmd_score, "occlude": _cmd_occlude, "evaluate": _cmd_evaluate,
-            "demo": _cmd_demo}
+            "vet": _vet.main, "export": _cmd_export, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Iterator
 
 from .classes import check_class_names
+from .progress import Progress
+from .settings import field_help
 
 if TYPE_CHECKING:  # numpy, pyarrow and astropy load when a cutout runs, not when the CLI builds its parser
     import numpy as np
@@ -623,34 +625,6 @@ def cut_piece(path: str, hdu: int, naxis: int, size: int, pad: bool, pad_value: 
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
-class _Progress:
-    """``cutout: 12/40 tasks (30.0%), 1,234 stamps/s`` on stderr: in place on a terminal, a new line every
-    ~10 s otherwise; off with ``progress=False`` or ``STAMPRAY_PROGRESS=0``."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.stamps = total, 0, 0
-        self.enabled = enabled and os.environ.get("STAMPRAY_PROGRESS", "1") != "0"
-        self.tty = sys.stderr.isatty()
-        self.t0, self.last = time.time(), 0.0
-
-    def update(self, stamps: int) -> None:
-        self.done, self.stamps = self.done + 1, self.stamps + stamps
-        if self.enabled and time.time() - self.last >= (0.5 if self.tty else 10.0):
-            self.show()
-
-    def show(self) -> None:
-        self.last = now = time.time()
-        line = (f"cutout: {self.done:,}/{self.total:,} tasks ({100.0 * self.done / max(self.total, 1):.1f}%), "
-                f"{self.stamps / max(now - self.t0, 1e-9):,.0f} stamps/s")
-        print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.last:  # the final count, where a line was shown
-            self.show()
-            if self.tty:
-                print(file=sys.stderr)
-
-
 def _get(ref):
     import ray
 
@@ -662,7 +636,7 @@ def _get(ref):
         raise
 
 
-def _run(s: CutoutSettings, p: _Plan, progress: _Progress) -> Iterator[tuple[_Piece, dict]]:
+def _run(s: CutoutSettings, p: _Plan, progress: Progress) -> Iterator[tuple[_Piece, dict]]:
     """Yield ``(piece, result)`` in plan order. Pieces are written in order, so one slow piece keeps those
     after it waiting: at most ``window`` pieces (enough to keep every CPU busy), and ``HELD_BYTES`` of stamps,
     are running or finished and not yet yielded, which bounds what the driver holds."""
@@ -695,7 +669,7 @@ def _run(s: CutoutSettings, p: _Plan, progress: _Progress) -> Iterator[tuple[_Pi
                 result = done.pop(emit)
                 held -= len(p.pieces[emit].rows) * stamp_bytes
                 yield p.pieces[emit], result
-                progress.update(len(p.pieces[emit].rows) - len(result["errors"]))
+                progress.update(1, len(p.pieces[emit].rows) - len(result["errors"]))
                 emit += 1
             if time.time() - last > STALL_S:
                 logger.warning("cutout: no task finished in the last %.0f min (%d running); check that the Ray "
@@ -777,7 +751,7 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
             from .runtime import ray_session
 
             with ray_session(settings.address):
-                progress = _Progress(len(p.pieces), settings.progress)
+                progress = Progress("cutout", len(p.pieces), settings.progress, unit="tasks")
                 # closing: a failed write stops the generator at once, which cancels the tasks still running
                 with contextlib.closing(_run(settings, p, progress)) as results:
                     try:
@@ -799,26 +773,12 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def _field_help() -> dict[str, str]:
-    """Each setting's description from the ``Args:`` section of :class:`CutoutSettings`, for ``--help``."""
-    out: dict[str, str] = {}
-    name = None
-    for line in (CutoutSettings.__doc__ or "").split("Args:", 1)[-1].splitlines():
-        text = line.strip()
-        head, sep, rest = text.partition(": ")
-        if sep and len(line) - len(line.lstrip()) == 8 and head.isidentifier():
-            name, out[head] = head, rest
-        elif name and text:
-            out[name] += " " + text
-    return out
-
-
 def add_parser(sub, common):
     """Add the ``cutout`` verb to the CLI's subparsers; ``common(p)`` adds ``--address`` and ``--config``.
     Help texts, choices and defaults come from :class:`CutoutSettings`."""
     import argparse
 
-    doc = _field_help()
+    doc = field_help(CutoutSettings)
     defaults = {f.name: f.default for f in fields(CutoutSettings)}
 
     def helped(name: str) -> str:

@@ -5,9 +5,10 @@ recall and F1, accuracy; ROC curves and AUC (one-vs-rest beyond two classes); th
 fixed true-positive rate and the false-negative rate at a fixed false-positive rate (the figures ZTF's
 real/bogus papers quote); a threshold sweep; the notebooks' "confident subset" (p < 0.01 or p > 0.99);
 probability histograms per true class; the misclassified stamps (ids, probabilities and, with the stamp
-table, a picture grid); training curves from a run directory; accuracy against numeric metadata (SNR).
-Several score tables are compared side by side. Output: ``report.json`` with every number, PNG plots and
-one self-contained ``report.html`` (images embedded), plus TensorBoard scalars when asked.
+table, a picture grid); training curves from a run directory; completeness and false-positive rate against
+numeric metadata (SNR), in equal-count bins with Wilson intervals. Several score tables are compared side by
+side. Output: ``report.json`` with every number, PNG plots and one self-contained ``report.html`` (images
+embedded), plus TensorBoard scalars when asked.
 
 Every path may be local or a URI (``s3://bucket/prefix``). For a URI ``--out`` the report is built in a
 local temporary directory and uploaded through pyarrow's filesystem when it is complete (PNGs first,
@@ -35,6 +36,8 @@ import pyarrow.fs as pafs
 from . import table as st
 from .lock import output_lock
 from .classes import check_class_names, prob_column
+from .progress import Progress
+from .provenance import provenance
 from .score import read_scores, score_manifest
 
 SPLITS = ("test", "val", "train", "all")
@@ -56,6 +59,7 @@ class EvaluateSettings:
     confident: float = 0.01
     misclassified_grid: int = 20
     names: tuple[str, ...] = ()
+    progress: bool = True  # a line per stage on stderr (reading each table, drawing, writing)
 
     def __post_init__(self):
         if not self.scores:
@@ -129,24 +133,62 @@ def threshold_sweep(labels_bin: np.ndarray, score: np.ndarray, steps: int = 99) 
     return out
 
 
-def accuracy_by(values: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
-    """Accuracy in quantile bins of a numeric column (log-spaced when all values are positive and spread)."""
-    ok = np.isfinite(values)
-    values, correct = values[ok], correct[ok]
+BY_BINS = 10  # --by: at most this many equal-count bins per curve ...
+BY_MIN_PER_BIN = 10  # ... and at least this many stamps in each (a small sample gets fewer, wider bins)
+CONFIDENCE = 0.95  # of the Wilson intervals drawn as error bars
+
+
+def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> list[float] | None:
+    """The Wilson score interval ``[low, high]`` of a binomial proportion ``k/n`` (None when ``n == 0``):
+    unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n, the usual case
+    for completeness in the brightest bins."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def rate_by(values: np.ndarray, hit: np.ndarray, bins: int | None = None) -> list[dict]:
+    """The share of ``hit`` in bins of ``values`` holding equal counts (quantile bins; tied values stay in
+    one bin, so ties can make bins unequal). ``bins`` None: ``n // BY_MIN_PER_BIN`` bins, 1 to ``BY_BINS``.
+    One dict per non-empty bin: ``lo``, ``hi`` (the last bin includes ``hi``), ``median``, ``n``, ``k``
+    (hits), ``rate`` and its Wilson interval ``ci``."""
     if len(values) == 0:
         return []
+    bins = int(bins) if bins is not None else max(1, min(BY_BINS, len(values) // BY_MIN_PER_BIN))
     edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
     if len(edges) < 2:
-        return [{"lo": float(values.min()), "hi": float(values.max()), "n": int(len(values)),
-                 "accuracy": float(correct.mean())}]
+        edges = np.array([values.min(), values.max()])
     idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
     out = []
     for b in range(len(edges) - 1):
         sel = idx == b
         if sel.any():
-            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
-                        "accuracy": float(correct[sel].mean())})
+            n, k = int(sel.sum()), int(hit[sel].sum())
+            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "median": float(np.median(values[sel])),
+                        "n": n, "k": k, "rate": k / n, "ci": wilson(k, n)})
     return out
+
+
+def completeness_by(values: np.ndarray, labels: np.ndarray, pred: np.ndarray, class_names,
+                    bins: int | None = None) -> dict:
+    """Completeness and false-positive rate against a numeric column (``evaluate --by snr``).
+
+    Class 0 is the negative class (noise, bogus) and every other class a positive. For each positive class
+    c, *completeness* is the recall ``pred == c`` among the stamps of true class c, in equal-count bins of
+    that class's own values; the *false-positive rate* is the share of true class-0 stamps predicted as any
+    other class, in equal-count bins of the class-0 stamps' values (for two classes, the usual FPR). Each
+    curve has bins of its own population, so every point rests on the same number of stamps. Rows whose
+    value is not finite are left out and counted (``missing``)."""
+    ok = np.isfinite(values)
+    values, labels, pred = values[ok], labels[ok], pred[ok]
+    neg = labels == 0
+    return {"negative_class": class_names[0], "missing": int((~ok).sum()),
+            "completeness": {class_names[c]: rate_by(values[labels == c], pred[labels == c] == c, bins)
+                             for c in range(1, len(class_names))},
+            "false_positive_rate": rate_by(values[neg], pred[neg] != 0, bins)}
 
 
 def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettings) -> dict:
@@ -188,7 +230,8 @@ def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettin
     res["by"] = {}
     for col in settings.by:
         if col in t.column_names:
-            res["by"][col] = accuracy_by(t.column(col).to_numpy(zero_copy_only=False).astype(float), correct)
+            res["by"][col] = completeness_by(t.column(col).to_numpy(zero_copy_only=False).astype(float), labels,
+                                             pred, class_names)
     res["_arrays"] = {"probs": probs, "labels": labels, "pred": pred, "ids": ids}
     return res
 
@@ -254,20 +297,44 @@ def plot_histograms(res: dict, names, title, path):
 
 
 def plot_by(results: dict[str, dict], col: str, path):
+    """Completeness of each positive class (left) and the false-positive rate (right) against ``col``, one
+    point per equal-count bin at its median, the bin's extent as the horizontal bar and the Wilson interval
+    as the vertical one."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.4), layout="constrained")
+    los = []
+
+    def draw(ax, rows, label):
+        if not rows:
+            return
+        x = np.array([r["median"] for r in rows])
+        y = np.array([r["rate"] for r in rows])
+        ci = np.array([r["ci"] for r in rows])
+        ax.errorbar(x, y, xerr=[x - [r["lo"] for r in rows], [r["hi"] for r in rows] - x],
+                    yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o-", ms=3, capsize=2, lw=1, label=label)
+        los.extend(r["lo"] for r in rows)
+
+    negative = None
     for run, res in results.items():
-        rows = res["by"].get(col, [])
-        if rows:
-            x = [np.sqrt(max(r["lo"], 1e-9) * max(r["hi"], 1e-9)) if r["lo"] > 0 else (r["lo"] + r["hi"]) / 2
-                 for r in rows]
-            ax.plot(x, [r["accuracy"] for r in rows], "o-", label=run)
-    ax.set_xlabel(col)
-    ax.set_ylabel("accuracy")
-    if all(r["lo"] > 0 for res in results.values() for r in res["by"].get(col, [])):
-        ax.set_xscale("log")
-    ax.set_title(f"accuracy against {col}")
-    ax.legend(fontsize=7)
+        by = res["by"].get(col)
+        if not by:
+            continue
+        negative = by["negative_class"]
+        for cls, rows in by["completeness"].items():
+            draw(left, rows, run + (f" [{cls}]" if len(by["completeness"]) > 1 else ""))
+        draw(right, by["false_positive_rate"], run)
+    left.set_ylabel("completeness (recall)")
+    left.set_title(f"completeness against {col}")
+    right.set_ylabel(f"false-positive rate (true {negative} called positive)")
+    right.set_title(f"false positives against {col}")
+    left.set_ylim(-0.02, 1.02)
+    right.set_ylim(bottom=0)  # false-positive rates are small: let the axis follow them
+    for ax in (left, right):
+        ax.set_xlabel(col)
+        if los and min(los) > 0:
+            ax.set_xscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -390,7 +457,9 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
     labels = table_labels(settings.scores, settings.names)
     results, meta = {}, {}
     class_names = None
+    progress = Progress("evaluate", len(settings.scores), settings.progress, unit="score tables")
     for i, path in enumerate(settings.scores):
+        progress.say(f"reading {path} ({i + 1}/{len(settings.scores)})")
         doc = score_manifest(path)
         names = list(doc["class_names"])
         if class_names is None:
@@ -416,6 +485,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
 
     plots: dict[str, str] = {}
+    progress.say(f"drawing the plots of {len(results)} score table(s)")
     plots["roc"] = plot_roc(results, os.path.join(out, "roc.png"))
     for name, res in results.items():
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
@@ -445,6 +515,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
             plots["curves"] = plot_curves(history, os.path.join(out, "training_curves.png"))
 
     report = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+              "provenance": provenance(),
               "class_names": class_names, "tables": meta,
               "results": {n: {k: v for k, v in r.items() if k != "_arrays"} for n, r in results.items()},
               "training": history, "plots": {k: os.path.basename(v) for k, v in plots.items()},
@@ -457,10 +528,12 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
     plot_paths = list(plots.values())
     if _is_uri(settings.out):
         names = [os.path.basename(p) for p in plot_paths]
+        progress.say(f"uploading the report to {settings.out}")
         _upload(out, [*names, "report.json", "report.html"], settings.out, "--out")  # report.html last
         html_path = st.join(settings.out, "report.html")
         plot_paths = [st.join(settings.out, n) for n in names]
     if settings.tensorboard:
+        progress.say(f"writing TensorBoard events to {settings.tensorboard}")
         if _is_uri(settings.tensorboard):
             tb = tempfile.mkdtemp(prefix="stampray-report-tb-")
             try:
@@ -470,6 +543,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
                 shutil.rmtree(tb, ignore_errors=True)
         else:
             to_tensorboard(settings.tensorboard, results, class_names, plots)
+    progress.close()
     return EvaluateResult(settings.out, report, html_path, plot_paths)
 
 
@@ -635,7 +709,8 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
         parts.append("</table>")
     for key, path in plots.items():
         if key.startswith("by:"):
-            parts.append(f"<h2>Accuracy against {html.escape(key[3:])}</h2>" + _img(path, key))
+            parts.append(f"<h2>Completeness and false positives against {html.escape(key[3:])}</h2>"
+                         + _img(path, key))
     if "curves" in plots:
         parts.append("<h2>Training</h2>" + _img(plots["curves"], "training curves"))
     parts.append(f"<p style='color:#888'>made by stampray in {report['seconds']} s</p></body></html>")

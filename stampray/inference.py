@@ -13,16 +13,33 @@ How a job scales out
 * **The workers write; the driver keeps the books.** A replica writes its results straight to the output
   filesystem (local or ``s3://``), atomically, and hands the driver only a small record per piece (which
   shard, which rows, how many, on which node). See :mod:`stampray.score` for how pieces become shards.
+* **One runner.** :func:`run_pool` plans the pool, reads the stamps and streams them through the replicas
+  for both verbs; each verb only says what its replica is and what to do with the records.
+
+How the model reaches the replicas
+----------------------------------
+The checkpoint is read once (:func:`open_model_for`), put in the object store once, and its ObjectRef
+travels inside the replica's constructor arguments; each replica fetches the bytes once and loads them
+with :func:`stampray.checkpoint.bundle_from_bytes` (``weights_only``). Ray Data 2.60 itself passes every
+pool actor its ``DataContext`` and its ``map_batches`` callable as ObjectRefs and asks for restarts
+(``max_restarts=-1``), so Ray core logs "has constructor arguments in the object store and max_restarts >
+0" once per process for any Ray Data actor pool, whatever the callable's arguments (Ray's
+``CoreWorker::CreateActor``; ray-project/ray#57733; ``max_restarts=0`` silences it but loses the replica
+restarts a node loss needs). The refs live as long as the pool, so the restarts the line warns about work;
+:func:`run_pool` drops that one line from the stderr of the process that creates the replicas.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import math
+import os
+import select
 import sys
-import time
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +50,7 @@ from . import preprocess as pp
 from . import table as st
 from .classes import ClassMatch, check_class_names, match_classes, prob_column  # noqa: F401
 from .data import READ_ERROR
+from .progress import Progress  # noqa: F401 - score and occlude take it from here
 from .pieces import PARTS_DIR, TMP_DIR, delete_dir, list_files, reason_counts, write_atomic  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -88,38 +106,32 @@ def open_model_for(model: str, data: str, rename_classes: bool = False) -> tuple
     bundle = ck.bundle_from_bytes(data_bytes, model_path)
     match = check_compatible(bundle, manifest, data, rename_classes)
     if match.order is not None:
-        import torch
-
         bundle = {**bundle, "class_names": list(match.names), "class_order": list(match.order)}
-        buf = io.BytesIO()
-        torch.save(bundle, buf)
-        data_bytes = buf.getvalue()
+        data_bytes = ck.bundle_bytes(bundle)
     if match.note:
         print(f"stampray: note: {match.note}", file=sys.stderr, flush=True)
     return manifest, model_path, bundle, data_bytes
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing from the workers
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
 # The replica
 # --------------------------------------------------------------------------------------------------
 class ModelActor:
     """Holds one model replica; loads the checkpoint once (from bytes in the object store)."""
 
-    def __init__(self, model_bytes: bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
+    def __init__(self, model_bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
                  chunk: int = 4096):
+        """``model_bytes``: the checkpoint's bytes, or the ObjectRef of them :func:`run_pool` passes."""
         import ray
         import torch
 
-        if isinstance(model_bytes, ray.ObjectRef):  # nested refs are not resolved for us
+        if isinstance(model_bytes, ray.ObjectRef):  # nested in the callable's arguments: not resolved for us
             model_bytes = ray.get(model_bytes)
         torch.set_num_threads(max(1, int(threads)))
         if use_gpu:
             require_cuda("--use-gpu")
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        bundle = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True)
+        bundle = ck.bundle_from_bytes(model_bytes, "the model sent to this replica")
         self.bundle = bundle
         self.model = ck.build_model(bundle).to(self.device)
         self.preprocess = pp.get(bundle["preprocess"])
@@ -351,6 +363,103 @@ def _fits(node_cpus: float, per: float) -> int:
     return min(replica_cpus(node_cpus)[0], int((node_cpus - READ_CPUS) // per))
 
 
+# --------------------------------------------------------------------------------------------------
+# The runner both verbs share
+# --------------------------------------------------------------------------------------------------
+def run_pool(replica: type, model, data: str, shards: list[str], columns: list[str], items: list, *,
+             use_gpu: bool, max_actors: int | None, actors: int | None, batch_size: int | None,
+             chunk: int | None = None, tasks_in_flight: int | None = None,
+             replica_kwargs: dict | None = None) -> Iterator[pa.Table]:
+    """Stream the read ``items`` of ``shards`` of ``data`` through a pool of ``replica`` (a
+    :class:`ModelActor`) and yield the small record tables the replicas return, as they come.
+
+    ``model``: the checkpoint's bytes or an ObjectRef of them. ``batch_size``: rows per replica call (None:
+    a whole block). ``chunk``: stamps per forward pass (None: the plan's). ``tasks_in_flight``: blocks
+    queued at one replica (None: Ray's default). ``actors``: a fixed pool of that size instead of the
+    autoscaling one. ``replica_kwargs``: the verb's own constructor arguments. Stopping the iteration
+    (``break``) ends the job and the pool.
+    """
+    import ray
+    import ray.data
+
+    from .capacity import cluster_capacity
+    from .data import read_stamps
+
+    plan = plan_pool(use_gpu, max_actors, cluster_capacity(), alive_node_cpus(), len(items))
+    strategy = plan.strategy(tasks_in_flight) if not actors else ray.data.ActorPoolStrategy(
+        size=int(actors), max_tasks_in_flight_per_actor=tasks_in_flight)
+    # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
+    # 2.60 ran the whole pool on a single replica.
+    ds = read_stamps(data, shards, columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
+    # 1. One model replica per actor; the model goes once to the object store, each replica fetches it once.
+    model_ref = model if isinstance(model, ray.ObjectRef) else ray.put(model)
+    ds = ds.map_batches(
+        replica, batch_format="pyarrow", batch_size=batch_size, compute=strategy, num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus, zero_copy_batch=True,
+        fn_constructor_kwargs={"model_bytes": model_ref, "threads": plan.threads, "use_gpu": use_gpu,
+                               "chunk": int(chunk or plan.batch_size), **(replica_kwargs or {})})
+    # 2. The records, as the replicas return them; the replicas are created in this process.
+    with dropped_stderr_lines(RAY_POOL_NOISE):
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+# Ray core's line for every Ray Data actor pool (see the module docstring): not a problem of this job.
+RAY_POOL_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def dropped_stderr_lines(needles: tuple[bytes, ...], flush_s: float = 0.2) -> Iterator[None]:
+    """Drop the lines holding any of ``needles`` from this process's stderr (file descriptor 2) while the
+    block runs; everything else passes through (a partial line, such as a progress line redrawn with
+    ``\r``, after ``flush_s`` seconds of quiet). Ray core's C++ logs write to the descriptor, past Python's
+    logging. Does nothing where the descriptor cannot be redirected (Windows, a closed stderr)."""
+    try:
+        if sys.platform == "win32":
+            raise OSError("no select() on pipes")
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def keep(line: bytes) -> None:
+        if not any(n in line for n in needles):
+            os.write(saved, line)
+
+    def pump() -> None:
+        pending = b""
+        while True:
+            ready = select.select([read_end], [], [], flush_s)[0]
+            chunk = os.read(read_end, 1 << 16) if ready else b""
+            if ready and not chunk:  # every writer closed: the block is over
+                break
+            parts = (pending + chunk).splitlines(keepends=True)
+            pending = parts.pop() if parts and not parts[-1].endswith((b"\n", b"\r")) else b""
+            for line in parts:
+                keep(line)
+            if pending and not ready:
+                keep(pending)
+                pending = b""
+        if pending:
+            keep(pending)
+
+    thread = threading.Thread(target=pump, name="stampray-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # closes this process's write end: the pump drains what is left and ends
+        thread.join(timeout=5.0)
+        if not thread.is_alive():  # else a child process still holds the pipe: the pump forwards its lines
+            os.close(read_end)
+            os.close(saved)
+
+
 def require_cuda(flag: str = "--use-gpu") -> None:
     """Refuse to run on the CPU what was asked to run on a GPU: one line naming the node, the torch build
     and the fix. Runs where the work runs (a replica, a Train worker)."""
@@ -398,36 +507,3 @@ def alive_node_cpus() -> list[float]:
     import ray
 
     return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------------
-class Progress:
-    """One progress line on stderr: in place on a terminal, a line every ~10 s otherwise."""
-
-    def __init__(self, verb: str, total: int, enabled: bool, unit: str = "stamps"):
-        self.verb, self.total, self.enabled, self.unit = verb, total, enabled, unit
-        self.done, self.t0, self.last = 0, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, rows: int) -> None:
-        self.done += rows
-        now = time.time()
-        if not self.enabled or now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = 100.0 * self.done / max(self.total, 1)
-        self.say(f"{self.done:,}/{self.total:,} {self.unit} ({pct:5.1f}%), {rate:,.0f} {self.unit}/s")
-
-    def say(self, text: str) -> None:
-        if not self.enabled:
-            return
-        line = f"{self.verb}: {text}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-        self.last = time.time()
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.last:
-            print(file=sys.stderr)

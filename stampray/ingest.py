@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -67,6 +67,7 @@ import pyarrow.fs as pafs
 from . import table as st
 from .classes import check_class_names
 from .lock import output_lock
+from .progress import Progress
 
 LAYOUTS = ("auto", "nchw", "nhwc", "nhw", "flat")
 NONFINITE = ("set-aside", "fail")
@@ -118,6 +119,7 @@ class IngestSettings:
     unit_rows: int = UNIT_ROWS  # array rows per unit (class files)
     progress: bool = True  # the distributed ingest's progress line on stderr
     address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else a private local Ray)
+    append: bool = False  # add the stamps to the table at --out (see stampray/append.py)
 
     def __post_init__(self):
         forms = [bool(self.class_files), bool(self.images), bool(self.hdf5), bool(self.fits), bool(self.pickle)]
@@ -1474,11 +1476,7 @@ class _UnitWriter:
         error_file = None
         if self.errors:
             error_file = self.names.errors(self.unit)
-            st.write_shard(st.join(self.s.out, st.ERRORS_DIR, error_file),
-                           pa.Table.from_pylist(self.errors, schema=st.ERROR_SCHEMA))
-            for e in self.errors:
-                kind = e["reason"].split(":", 1)[0]
-                counts[kind] = counts.get(kind, 0) + 1
+            counts = st.write_errors(self.s.out, error_file, self.errors)
         return {"unit": self.unit, "shards": self.shards, "label_counts": self.label_counts, "errors": counts,
                 "error_file": error_file, "rows_in": self.rows_in, "inputs": inputs,
                 "columns": list(self.schema.names) if self.schema is not None else None}
@@ -1588,46 +1586,26 @@ def _keep_finished(fs: pafs.FileSystem, root: str, plan: _Plan) -> dict[int, dic
     return done
 
 
-class _Progress:
-    """The driver's progress line on stderr (``ingest: 1,234/2,000 files (61.7%), 850 stamps/s``): in place
-    on a terminal, a new line every ~10 s otherwise; off with ``progress=False`` or ``STAMPRAY_PROGRESS=0``."""
+class _Progress(Progress):
+    """The driver's progress line (``ingest: 1,234/2,000 files (61.7%), 850 stamps/s``), and a warning,
+    whatever the progress setting, when no unit has finished for ``STALL_S`` (a stuck ingest must say so)."""
 
     def __init__(self, total: int, what: str, enabled: bool, done: int = 0):
-        self.total, self.what, self.done, self.stamps = total, what, done, 0
-        self.enabled = enabled and os.environ.get("STAMPRAY_PROGRESS", "1") != "0"
-        self.tty = sys.stderr.isatty()
-        self.t0 = self.last_unit = time.time()
-        self.last = 0.0
-        self.stall_warned = self.t0
+        super().__init__("ingest", total, enabled, unit=what, rate_unit="stamps", done=done)
+        self.last_unit = self.stall_warned = self.t0
 
-    def update(self, inputs: int, stamps: int) -> None:
-        self.done += inputs
-        self.stamps += stamps
+    def update(self, units: int = 1, counted: int | None = None) -> None:
         self.last_unit = time.time()
-        self.show()
+        super().update(units, counted)
 
-    def show(self, running: int = 0) -> None:
+    def show(self, running: int = 0, force: bool = False) -> None:
         now = time.time()
         if now - max(self.last_unit, self.stall_warned) > STALL_S:
-            # Printed whatever the progress setting (a stuck ingest must say so), below an in-place line.
             print(("\n" if self.tty and self.last else "")
                   + f"ingest: no unit finished in the last {STALL_S / 60:.0f} min ({running} running); "
                   f"check that the Ray cluster has free CPUs ('ray status')", file=sys.stderr, flush=True)
             self.stall_warned = now
-        if not self.enabled or now - self.last < (0.5 if self.tty else 10.0):
-            return
-        self.last = now
-        rate = self.stamps / max(now - self.t0, 1e-9)
-        pct = 100.0 * self.done / max(self.total, 1)
-        line = f"ingest: {self.done:,}/{self.total:,} {self.what} ({pct:.1f}%), {rate:,.0f} stamps/s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.last:
-            self.last = 0.0
-            self.show()  # the final count
-            if self.tty:
-                print(file=sys.stderr)
+        super().show(force)
 
 
 def _result(ref) -> dict:
@@ -1713,6 +1691,8 @@ class IngestResult:
     seconds: float
     units: int = 0  # units run as Ray tasks (0: read in-process)
     resumed: int = 0  # units a rerun found finished and kept
+    appended: int | None = None  # with --append: the stamps added (the manifest is the whole table's)
+    appended_aside: dict = field(default_factory=dict)  # with --append: this run's rows set aside, by kind
 
     @property
     def ingested(self) -> int:
@@ -1748,7 +1728,27 @@ def ingest(settings: IngestSettings) -> IngestResult:
                                      "--pickle": settings.pickle,
                                      **{f"--class {n}": f for n, f in settings.class_files}}, files=True)
     with output_lock(settings.out, "ingest"):
+        if settings.append:
+            return _append(settings, t0)
         return _ingest(settings, t0)
+
+
+def _append(settings: IngestSettings, t0: float) -> IngestResult:
+    """``--append``: ingest into the table's staging area as usual (resumable), then merge it in."""
+    from .append import AppendError, discard_stage, existing_table, merge, stage_dir
+
+    old = existing_table(settings.out)
+    # Labels map to the table's classes unless --classes says otherwise (a mismatch is refused at the merge).
+    staged = replace(settings, out=stage_dir(settings.out), append=False,
+                     classes=tuple(settings.classes) or tuple(old.spec.class_names))
+    r = _ingest(staged, t0)
+    try:
+        manifest, appended, aside = merge(settings.out, "ingest", _jsonable(asdict(settings)))
+    except AppendError:
+        discard_stage(settings.out)  # refused: the table is as it was, and no staging area is left in it
+        raise
+    return IngestResult(manifest, r.rows_in, time.time() - t0, units=r.units, resumed=r.resumed,
+                        appended=appended, appended_aside=aside)
 
 
 def _ingest(settings: IngestSettings, t0: float) -> IngestResult:

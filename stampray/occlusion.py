@@ -142,11 +142,12 @@ class Occluder(ModelActor):
     """map_batches callable: stamp rows in; the selected stamps' maps written as a piece; a record out."""
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
-                 threads: int = 1, use_gpu: bool = False, limit: int | None = None, chunk: int | None = None):
-        super().__init__(model_bytes, threads, use_gpu)
+                 threads: int = 1, use_gpu: bool = False, limit: int | None = None, occlude_chunk: int | None = None,
+                 chunk: int = 4096):
+        super().__init__(model_bytes, threads, use_gpu, chunk=chunk)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
-        self.occlude_chunk = int(chunk) if chunk else None  # (stamp, window) pairs per forward
+        self.occlude_chunk = int(occlude_chunk) if occlude_chunk else None  # (stamp, window) pairs per forward
         self.ids = pa.array(sorted(ids), pa.string()) if ids else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -252,7 +253,7 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     if settings.png and total:
         with fs.open_input_file(st.resolve(st.join(settings.out, "part-00000.parquet"))[1]) as f:
             first = pq.ParquetFile(f).read_row_group(0).slice(0, settings.png_limit)
-        pngs = write_pngs(first, settings.png, list(bundle["class_names"]))
+        pngs = write_pngs(first, settings.png, list(bundle["class_names"]), settings.kernel)
     return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes, missing)
 
 
@@ -289,9 +290,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
     import ray
     import ray.data
 
-    from .capacity import cluster_capacity
-    from .data import read_stamps, work_items
-    from .inference import alive_node_cpus, check_gpu_nodes, plan_pool
+    from .data import work_items
+    from .inference import check_gpu_nodes, run_pool
     from .runtime import ensure_gpus, ray_session
 
     with ray_session(settings.address):
@@ -304,24 +304,20 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         batch_size = settings.batch_size or (512 if settings.use_gpu else 64)
         # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
         # row group given whole to one replica would leave the others idle.
-        items = work_items(settings.data, [sh["path"] for sh in manifest.shards], rows=batch_size)
-        plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
-        # One block at a time per replica: a block is seconds to minutes of work, and blocks queued at a busy
-        # replica would leave the others idle.
-        strategy = plan.strategy(tasks_in_flight=1) if not settings.actors else \
-            ray.data.ActorPoolStrategy(size=int(settings.actors), max_tasks_in_flight_per_actor=1)
-        ds = read_stamps(settings.data, columns=[st.ID, st.IMAGE, st.LABEL], tag_shard=True, num_cpus=READ_CPUS,
-                         items=items)
-        ds = ds.map_batches(
-            Occluder, batch_format="pyarrow", batch_size=batch_size, compute=strategy, num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus,
-            fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "out": settings.out,
-                                   "kernel": settings.kernel, "stride": settings.stride, "ids": list(settings.ids),
-                                   "where": settings.where, "threads": plan.threads, "use_gpu": settings.use_gpu,
-                                   "limit": settings.limit, "chunk": settings.chunk})
+        shards = [sh["path"] for sh in manifest.shards]
+        items = work_items(settings.data, shards, rows=batch_size)
+        # One block at a time per replica (tasks_in_flight=1): a block is seconds to minutes of work, and
+        # blocks queued at a busy replica would leave the others idle.
+        stream = run_pool(Occluder, model_bytes, settings.data, shards, [st.ID, st.IMAGE, st.LABEL], items,
+                          use_gpu=settings.use_gpu, max_actors=settings.max_actors, actors=settings.actors,
+                          batch_size=batch_size, tasks_in_flight=1,
+                          replica_kwargs={"out": settings.out, "kernel": settings.kernel,
+                                          "stride": settings.stride, "ids": list(settings.ids),
+                                          "where": settings.where, "limit": settings.limit,
+                                          "occlude_chunk": settings.chunk})
         limit = int(settings.limit) if settings.limit else None
         accepted, total, nodes = [], 0, {}
-        for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for records in stream:
             for r in records.to_pylist():
                 if r["piece"] is None or r["piece"] in accepted:  # nothing selected, or a block redone
                     continue
@@ -331,6 +327,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                 progress.update(r["rows"])
             if limit is not None and total >= limit:
                 break  # ends the dataset: the pool stops
+        stream.close()
         progress.close()
         # The commit reads the maps, so it runs as a task beside the replicas, not in the driver.
         commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_maps)
@@ -360,14 +357,15 @@ def png_name(stamp_id: str) -> str:
     return safe + ".png"
 
 
-def write_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[str]:
-    """Stamp-plus-heatmap overlays, one PNG per stamp, one grid of them all (the notebooks' picture) and
-    ``index.csv`` (stamp id, file). ``out_dir`` may be a URI: the files are drawn locally, then uploaded."""
+def write_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: int) -> list[str]:
+    """The stamp beside its probability-change map (:func:`stampray.drawing.draw_occlusion`), one PNG per
+    stamp, one grid of the change maps and ``index.csv`` (stamp id, file). ``out_dir`` may be a URI: the
+    files are drawn locally, then uploaded."""
     if "://" not in str(out_dir):
-        return _draw_pngs(table, out_dir, class_names)
+        return _draw_pngs(table, out_dir, class_names, kernel)
     fs, root = st.resolve(out_dir)
     with tempfile.TemporaryDirectory(prefix="stampray-png-") as tmp:
-        local = _draw_pngs(table, tmp, class_names)
+        local = _draw_pngs(table, tmp, class_names, kernel)
         fs.create_dir(root, recursive=True)
         paths = []
         for path in local + [os.path.join(tmp, "index.csv")]:
@@ -378,38 +376,33 @@ def write_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[st
     return paths[:-1]
 
 
-def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[str]:
+def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: int) -> list[str]:
     import csv
 
-    import matplotlib
+    from .drawing import draw_occlusion, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
     stamps = table.column("stamp").combine_chunks().to_numpy_ndarray()
     ids = table.column(st.ID).to_pylist()
     labels = table.column(st.LABEL).to_pylist()
     preds = table.column("pred").to_pylist()
+    targets = table.column("target").to_pylist()
     base = table.column("base_prob").to_pylist()
 
     def title(i):
         true = class_names[labels[i]] if labels[i] is not None else "?"
         return f"{ids[i]}\ntrue {true}, pred {class_names[preds[i]]}, p={base[i]:.2f}"
 
+    def draw(i, where):
+        return draw_occlusion(stamps[i], heat[i], kernel, title(i), where, base_prob=base[i],
+                              target=class_names[targets[i]])
+
     paths = []
     for i in range(len(ids)):
-        fig, ax = plt.subplots(figsize=(3.2, 3.4))
-        ax.imshow(stamps[i], cmap="gray", origin="lower")
-        im = ax.imshow(heat[i], cmap="Reds_r", alpha=0.5, origin="lower", vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="p(target) occluded")
-        ax.set_title(title(i), fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
         path = os.path.join(out_dir, png_name(ids[i]))
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        draw(i, path)
         paths.append(path)
     with open(os.path.join(out_dir, "index.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -418,14 +411,10 @@ def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str]) -> list[st
     if ids:
         cols = min(5, len(ids))
         rows = (len(ids) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), squeeze=False)
         for k, ax in enumerate(axes.flat):
-            ax.set_xticks([])
-            ax.set_yticks([])
             if k < len(ids):
-                ax.imshow(stamps[k], cmap="gray", origin="lower")
-                ax.imshow(heat[k], cmap="Reds_r", alpha=0.5, origin="lower", vmin=0, vmax=1)
-                ax.set_title(title(k), fontsize=6)
+                draw(k, ax)  # one Axes: the change map alone, centred on zero, border "not measured"
             else:
                 ax.axis("off")
         fig.tight_layout()

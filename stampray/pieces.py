@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 
 from . import table as st
 from .data import ROW, SHARD
+from .table import reason_counts  # noqa: F401 - the pieces' commits count set-aside rows by kind
 
 TMP_DIR = "_tmp"  # atomic writes land here first, then move into place (local filesystems)
 PARTS_DIR = "_parts"  # pieces written by the replicas before their shard is committed
-ERROR = "_error"  # set on rows that could not be occluded (their reason); they go to OUT/_errors/
+ERROR = "_error"  # on a piece's rows that could not be scored or occluded: their reason (to OUT/_errors/)
 
 
 def write_atomic(table: pa.Table, path: str, tmp_root: str, metadata: dict | None = None) -> None:
@@ -58,15 +59,6 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(p)
 
 
-def reason_counts(reasons) -> dict[str, int]:
-    """``{"nonfinite": 3, "shape": 1}`` from reasons such as ``"nonfinite: 12 non-finite pixels"``."""
-    counts: dict[str, int] = {}
-    for r in reasons:
-        kind = str(r).split(":", 1)[0]
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
-
-
 # --------------------------------------------------------------------------------------------------
 # The occlusion maps' commit
 # --------------------------------------------------------------------------------------------------
@@ -88,13 +80,13 @@ def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[
         key = [f"{s}:{r}" for s, r in zip(t.column(SHARD).to_pylist(), t.column(ROW).to_pylist())]
         fresh = np.array([k not in seen for k in key], bool)
         seen.update(key)
-        t = t.filter(pa.array(fresh)).drop_columns([SHARD, ROW])
+        t = t.filter(pa.array(fresh))
         if ids:
             found.update(t.column(st.ID).to_pylist())
         failed = t.column(ERROR).is_valid()
         if pc.any(failed).as_py():
-            errors.append(t.filter(failed).select([st.ID, ERROR]))
-        t = t.filter(pc.invert(failed)).drop_columns([ERROR])
+            errors.append(error_rows(t.filter(failed)))
+        t = t.filter(pc.invert(failed)).drop_columns([SHARD, ROW, ERROR])
         if limit is not None:
             t = t.slice(0, max(0, limit - total))
         pending.append(t)
@@ -111,17 +103,17 @@ def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[
         if name not in files and posixpath.basename(name) == name and st.exists(st.join(out, name)):
             fs.delete_file(st.resolve(st.join(out, name))[1])
     stopped = limit is not None and total >= limit  # the data was not read to its end: no id is known missing
-    return total, _write_errors(out, errors), files, [] if stopped else [i for i in ids if i not in found]
-
-
-def _write_errors(out: str, errors: list) -> int:
-    """Write the rows that could not be occluded to ``OUT/_errors/part-00000.parquet``; their count."""
     if not errors:
         delete_dir(st.join(out, st.ERRORS_DIR))
-        return 0
-    tbl = pa.concat_tables(errors).rename_columns([st.ID, "reason"])
-    write_atomic(tbl, st.join(out, st.ERRORS_DIR, "part-00000.parquet"), out)
-    return tbl.num_rows
+    aside = st.write_errors(out, st.shard_name(0), pa.concat_tables(errors) if errors else [], tmp_root=out)
+    return total, sum(aside.values()), files, [] if stopped else [i for i in ids if i not in found]
+
+
+def error_rows(piece: pa.Table) -> pa.Table:
+    """A piece's rows that were set aside (their ``_error`` set), as ``_errors`` rows: the stamp shard
+    is their source and their index there their row (:data:`stampray.table.ERROR_SCHEMA`)."""
+    return st.errors_table({"stamp_id": piece.column(st.ID), "source": piece.column(SHARD),
+                            "row": piece.column(ROW), "reason": piece.column(ERROR)})
 
 
 def _flush(out: str, tables: list, index: int, allow_empty: bool = False) -> int:

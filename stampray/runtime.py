@@ -33,10 +33,20 @@ _SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
 _SESSION_SOCKET_TAIL = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 
 
-def _quiet_data_context() -> None:
+def _quiet_data_context(private: bool = False) -> None:
+    """Ray Data without its per-dataset lines; with ``private`` (stampray's own local Ray, never a user's
+    cluster) also without Ray's own DeprecationWarnings: Ray Data 2.60 warns about ``use_push_based_shuffle``,
+    ``use_polars`` and ``use_arrow_tensor_v2`` whenever a DataContext is made or unpickled, though nothing
+    sets them (shown under ``-W default``, pytest, ``PYTHONWARNINGS``)."""
+    import warnings
+
+    if private:  # before the DataContext below is made
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines in the driver
+    # Nor "Progress bars disabled. To enable, ...": stampray turns them off to print one progress line itself.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     if os.environ.get("STAMPRAY_PROGRESS", "1") == "0":
         ctx.enable_progress_bars = False
@@ -80,18 +90,32 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         # Loopback only: node IP 127.0.0.1 (GCS, raylet, workers, agents), the dashboard (Ray's state API,
         # which Ray Train uses) on 127.0.0.1, and no per-node Prometheus endpoint (it answers without the
         # token and names datasets, the node and the session).
-        with _loopback_node_ip():
+        # Token authentication stays on (Ray's default); only its "is enabled ... opt out" notice is not shown.
+        with _loopback_node_ip(), _logger_level("ray._private.authentication.authentication_token_setup",
+                                                logging.ERROR):
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                      _system_config={"enable_metrics_collection": False}, **kwargs)
     try:
-        _quiet_data_context()
+        _quiet_data_context(private=not addr)
         yield
     finally:
         ray.shutdown()
         if marker:
             with contextlib.suppress(OSError):
                 os.remove(marker)
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """``logging.getLogger(name)`` at ``level`` for the duration of the block (a private Ray's start)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 @contextlib.contextmanager

@@ -42,10 +42,10 @@ from .data import ROW, SHARD
 from .lock import output_lock
 from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, check_compatible,  # noqa: F401
                         delete_dir, list_files, open_model_for, prob_column, reason_counts, write_atomic)
+from .pieces import ERROR
 
 JOB_FILE = "_job.json"
 SCORE_MANIFEST = "_manifest.json"
-ERROR = "_error"
 ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason, in the result file's footer
 PROGRESS_EVERY_S = 2.0  # the coordinator streams the count of rows accounted for this often
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
@@ -277,17 +277,13 @@ def commit_shard(out: str, name: str, expected: int) -> dict:
         raise RuntimeError(msg)
     table = table.take(pa.array(keep)) if expected else pa.table({st.ID: pa.array([], pa.string())})
     counts: dict[str, int] = {}
-    e_path = st.join(out, st.ERRORS_DIR, name)
     if expected:
         failed = table.column(ERROR).is_valid()
         errors = table.filter(failed)
-        if errors.num_rows:
-            counts = reason_counts(errors.column(ERROR).to_pylist())
-            err = pa.table({"stamp_id": errors.column(st.ID), "source": pa.array([name] * errors.num_rows),
-                            "row": errors.column(ROW), "reason": errors.column(ERROR)}, schema=st.ERROR_SCHEMA)
-            write_atomic(err, e_path, out)
-        elif st.exists(e_path):  # left by an earlier attempt at this shard
-            fs.delete_file(st.resolve(e_path)[1])
+        # Written (or, with none, an earlier attempt's removed) before the result file that marks the shard done.
+        counts = st.write_errors(out, name, {"stamp_id": errors.column(st.ID), "row": errors.column(ROW),
+                                             "source": pa.array([name] * errors.num_rows, pa.string()),
+                                             "reason": errors.column(ERROR)}, tmp_root=out)
         table = table.filter(pc.invert(failed)).drop_columns([ROW, ERROR])
     # The result file is written last: its presence marks the shard as done.
     write_atomic(table, st.join(out, name), out, metadata={ERRORS_META: json.dumps(counts).encode()})
@@ -460,6 +456,9 @@ def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, 
         print(f"score: warning: {settings.data} holds no stamps; wrote an empty result", file=sys.stderr)
     nodes: dict[str, int] = {}
     coordinator_cpu = 0.0
+    if todo and done and settings.progress:  # a table that grew since (an append): only its new shards
+        print(f"score: {len(todo)} new shards ({sum(expected[n] for n in todo)} stamps), {len(done)} already "
+              f"scored", file=sys.stderr)
     if todo:
         nodes, coordinator_cpu = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest)
     delete_dir(st.join(out, PARTS_DIR))
@@ -523,9 +522,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
     import ray
     import ray.data
 
-    from .capacity import cluster_capacity
-    from .data import read_stamps, work_items
-    from .inference import alive_node_cpus, plan_pool
+    from .data import work_items
+    from .inference import run_pool
     from .runtime import _quiet_data_context
 
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -536,30 +534,24 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
     duplicates = find_duplicates(settings.data, list(check_ids)) if check_ids else {}
     duplicates = {k: v for k, v in duplicates.items() if k in todo}
     items = work_items(settings.data, list(todo))
-    plan = plan_pool(settings.use_gpu, settings.max_actors, cluster_capacity(), alive_node_cpus(), len(items))
-    strategy = plan.strategy() if not settings.actors else ray.data.ActorPoolStrategy(size=int(settings.actors))
     columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in columns_present else [])
-    # Quarter-CPU read tasks, kept apart from the actors: fused into the actor operator, Ray Data
-    # 2.60 ran the whole pool on a single replica.
-    ds = read_stamps(settings.data, list(todo), columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
     # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
     compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)
-    # 1. One model replica per actor, loaded once from the object store; each block is one batch.
-    ds = ds.map_batches(
-        Scorer, batch_format="pyarrow", batch_size=None, compute=strategy, num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus, zero_copy_batch=True,
-        fn_constructor_kwargs={"model_bytes": model_box[0], "out": settings.out, "keep": list(settings.keep),
-                               "fractions": tuple(settings.fractions), "model_tag": tag, "threads": plan.threads,
-                               "use_gpu": settings.use_gpu, "compile": compile_model,
-                               "chunk": int(settings.batch_size or plan.batch_size),
-                               "duplicates": ray.put(duplicates) if duplicates else None})
+    # 1. The pool (each block is one batch) and what each Scorer needs besides the model.
+    stream = run_pool(Scorer, model_box[0], settings.data, list(todo), columns, items, use_gpu=settings.use_gpu,
+                      max_actors=settings.max_actors, actors=settings.actors, batch_size=None,
+                      chunk=settings.batch_size,
+                      replica_kwargs={"out": settings.out, "keep": list(settings.keep),
+                                      "fractions": tuple(settings.fractions), "model_tag": tag,
+                                      "compile": compile_model,
+                                      "duplicates": ray.put(duplicates) if duplicates else None})
     # 2. The books, and a commit task for every shard whose rows are all in.
     books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
     commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
     for shard in todo:
         if todo[shard] == 0:
             commits[shard] = commit.remote(settings.out, shard, 0)
-    for records in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for records in stream:
         for r in records.to_pylist():
             unsaid += books.add(r["shard"], r["row0"], r["rows"])
             nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]

@@ -127,3 +127,19 @@ def non_negative(settings, *names: str) -> None:
         if value is not None and float(value) < 0:
             msg = f"{flag(name)} must be zero or more, got {value!r}"
             raise ValueError(msg)
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field's description from the ``Args:`` section of a settings class's docstring (Google style:
+    ``name: text`` indented 8 spaces, continuation lines indented further), for ``--help``: the settings
+    are documented once, where they are declared."""
+    out: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        text = line.strip()
+        head, sep, rest = text.partition(": ")
+        if sep and len(line) - len(line.lstrip()) == 8 and head.isidentifier():
+            name, out[head] = head, rest
+        elif name and text:
+            out[name] += " " + text
+    return out

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from . import table as st
 from .lock import output_lock
+from .progress import Progress
 
 BLOCK = 1000
 KINDS = ("tno", "radio")
@@ -62,6 +63,8 @@ class SynthSettings:
     max_offset: float = MAX_OFFSET
     trail: float = 0.0
     address: str | None = None
+    progress: bool = True  # the progress line on stderr
+    append: bool = False  # add the stamps to the synthetic table at --out (another --seed gives new ids)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -299,11 +302,23 @@ def synth(settings: SynthSettings) -> st.Manifest:
     Returns the dataset's :class:`~stampray.table.Manifest`.
     """
     with output_lock(settings.out, "synth"):
-        return _synth(settings)
+        if not settings.append:
+            return _synth(settings)
+        from .append import AppendError, discard_stage, existing_table, merge, stage_dir
+
+        existing_table(settings.out)
+        _synth(replace(settings, out=stage_dir(settings.out), append=False))
+        try:
+            return merge(settings.out, "synth", asdict(settings))[0]
+        except AppendError:
+            discard_stage(settings.out)
+            raise
+
+
+SYNTH_WAIT_S = 1800.0  # the longest a shard task may take (one shard: seconds of work)
 
 
 def _synth(settings: SynthSettings) -> st.Manifest:
-    t0 = time.time()
     spec = spec_for(settings.kind)
     writer = st.StampWriter(settings.out, spec, settings.shard_rows, settings={"synth": asdict(settings)})
     n, rows = int(settings.n), int(settings.shard_rows)
@@ -311,8 +326,12 @@ def _synth(settings: SynthSettings) -> st.Manifest:
     args = (settings.kind, int(settings.seed))
     options = {"positive_fraction": float(settings.positive_fraction), "max_offset": float(settings.max_offset),
                "trail": float(settings.trail)}
+    progress = Progress("synth", n, settings.progress)
+    results = []
     if n <= LOCAL_LIMIT:
-        results = [_write_shard(settings.out, i, *args, a, z, options) for i, a, z in jobs]
+        for i, a, z in jobs:
+            results.append(_write_shard(settings.out, i, *args, a, z, options))
+            progress.update(z - a)
     else:
         import ray
 
@@ -321,10 +340,21 @@ def _synth(settings: SynthSettings) -> st.Manifest:
         with ray_session(settings.address):
             # One task per shard: memory per task is one shard, and the tasks spread over the cluster.
             task = ray.remote(num_cpus=1, max_retries=3)(_write_shard)
-            refs = [task.remote(settings.out, i, *args, a, z, options) for i, a, z in jobs]
-            results = ray.get(refs)
+            refs = {task.remote(settings.out, i, *args, a, z, options): i for i, a, z in jobs}
+            by_index, pending, deadline = {}, list(refs), time.time() + SYNTH_WAIT_S
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=10.0)
+                for ref in ready:
+                    by_index[refs[ref]] = ray.get(ref, timeout=60)
+                    progress.update(by_index[refs[ref]][1])
+                if ready:
+                    deadline = time.time() + SYNTH_WAIT_S
+                elif time.time() > deadline:
+                    msg = (f"synth: no shard finished in {SYNTH_WAIT_S:.0f} s ({len(pending)} waiting); check "
+                           f"that the Ray cluster has free CPUs ('ray status')")
+                    raise RuntimeError(msg)
+            results = [by_index[i] for i in range(len(jobs))]
+    progress.close()
     for name, count, labels, sch in results:
         writer.add_shard(name, count, labels, sch)
-    manifest = writer.close()
-    manifest.settings["seconds"] = round(time.time() - t0, 2)
-    return manifest
+    return writer.close()

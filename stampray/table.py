@@ -62,6 +62,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .provenance import provenance
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
 ERRORS_DIR = "_errors"
@@ -75,6 +77,14 @@ SPLIT = "split"
 CORE_COLUMNS = (ID, IMAGE, LABEL)
 SPLIT_NAMES = ("train", "val", "test")
 
+# The ``_errors/`` table: one schema for every verb that sets rows aside (ingest, cutout, train, score,
+# occlude), written only through :func:`write_errors`.
+#
+#   stamp_id  string  the row's id (null when the row had none)
+#   source    string  where the row came from: the input file (ingest, cutout), the stamp shard (score,
+#                     occlude), or the table and split (train)
+#   row       int64   the row's index in ``source`` (null when unknown)
+#   reason    string  ``"<kind>: <detail>"``, e.g. ``"nonfinite: 3 non-finite pixels"``; manifests count by kind
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("stamp_id", pa.string()),
@@ -471,6 +481,59 @@ def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
         raise ValueError(damaged(path, e)) from None
 
 
+def reason_counts(reasons) -> dict[str, int]:
+    """``{"nonfinite": 3, "shape": 1}`` from reasons such as ``"nonfinite: 12 non-finite pixels"``."""
+    counts: dict[str, int] = {}
+    for r in reasons:
+        kind = str(r).split(":", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def errors_table(rows) -> pa.Table:
+    """The ``_errors`` table (:data:`ERROR_SCHEMA`) of ``rows``: dicts, or a table or columns mapping
+    with the schema's column names; a missing ``source`` or ``row`` is null."""
+    if isinstance(rows, list):
+        return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+    n = len(rows[ID]) if not isinstance(rows, pa.Table) else rows.num_rows
+    cols = {}
+    for f in ERROR_SCHEMA:
+        have = f.name in (rows.column_names if isinstance(rows, pa.Table) else rows)
+        col = rows[f.name] if have else pa.nulls(n, f.type)
+        cols[f.name] = col.cast(f.type) if isinstance(col, (pa.Array, pa.ChunkedArray)) else pa.array(col, f.type)
+    return pa.table(cols, schema=ERROR_SCHEMA)
+
+
+def write_errors(out: str, name: str, rows, tmp_root: str | None = None) -> dict[str, int]:
+    """Write the rows set aside to ``OUT/_errors/<name>`` (:data:`ERROR_SCHEMA`; see :func:`errors_table`
+    for ``rows``) and return their counts by reason kind. With no rows, nothing is written and an earlier
+    ``OUT/_errors/<name>`` is removed.
+
+    ``tmp_root``: write atomically (workers whose file a rerun may find half-written): on a local
+    filesystem the file is written under ``tmp_root/_tmp/`` and moved into place; on an object store one
+    PUT already is atomic. Without it the file is written in place (a writer whose manifest, written last,
+    marks the output complete).
+    """
+    table = errors_table(rows)
+    path = join(out, ERRORS_DIR, name)
+    fs, p = resolve(path)
+    if not table.num_rows:
+        if fs.get_file_info(p).type == pafs.FileType.File:
+            fs.delete_file(p)
+        return {}
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    if tmp_root is None or not isinstance(fs, pafs.LocalFileSystem):
+        write_shard(path, table)
+    else:
+        import uuid
+
+        tmp = posixpath.join(resolve(tmp_root)[1], "_tmp", f"{name}.{uuid.uuid4().hex[:12]}")
+        fs.create_dir(posixpath.dirname(tmp), recursive=True)
+        write_shard(tmp, table)
+        fs.move(tmp, p)
+    return reason_counts(table.column("reason").to_pylist())
+
+
 def read_errors(path: str) -> pa.Table:
     """The rows set aside at ingest (empty table when there were none)."""
     epath = join(path, ERRORS_DIR)
@@ -508,7 +571,7 @@ def clear_dataset(path: str) -> None:
                 fs.delete_file(item.path)
             elif name == MANIFEST_NAME:
                 fs.delete_file(item.path)
-            elif name in (ERRORS_DIR, INGEST_DIR):
+            elif name in (ERRORS_DIR, INGEST_DIR, "_append"):  # _append: an unfinished append's staging area
                 fs.delete_dir(item.path)
     fs.create_dir(p, recursive=True)
 
@@ -644,14 +707,7 @@ class StampWriter:
     def close(self) -> Manifest:
         if self._pending_rows:
             self._flush(self._pending_rows)
-        if self.errors:
-            err = pa.Table.from_pylist(self.errors, schema=ERROR_SCHEMA)
-            make_dirs(join(self.out, ERRORS_DIR))
-            write_shard(join(self.out, ERRORS_DIR, shard_name(0)), err)
-        counts: dict[str, int] = {}
-        for e in self.errors:
-            kind = e["reason"].split(":", 1)[0]
-            counts[kind] = counts.get(kind, 0) + 1
+        counts = write_errors(self.out, shard_name(0), self.errors) if self.errors else {}
         for kind, n in self._error_counts.items():
             counts[kind] = counts.get(kind, 0) + n
         if self._schema is None and self._columns is not None:
@@ -665,7 +721,7 @@ class StampWriter:
             errors=counts,
             columns=columns,
             label_counts=dict(sorted(self.label_counts.items(), key=lambda kv: int(kv[0]))),
-            settings=self.settings,
+            settings={**self.settings, "provenance": provenance()},
         )
         # The manifest is written last: a dataset without one is incomplete and readers refuse it.
         write_text(join(self.out, MANIFEST_NAME), manifest.to_json())

@@ -21,10 +21,13 @@ shard still holds the same number of rows and DDP's steps stay in step. They are
 listed in ``OUT/NAME/_errors/``. The last batch of an epoch is left out (and counted, ``train_dropped``) when
 it holds one stamp: BatchNorm cannot train on one.
 
-A run lives in ``OUT/NAME/``: Ray's per-epoch checkpoints (``epoch-0001/model.pt``, the most recent
-``keep_checkpoints`` kept), ``best.pt`` (the best epoch by the monitored validation metric), ``last.pt``,
-``metrics.jsonl``, ``tensorboard/``, ``settings.json`` and ``summary.json``. Rerunning with the same name
-continues from the latest checkpoint; with ``max_failures`` a worker that dies is restarted from it.
+A run lives in ``OUT/NAME/``: Ray's per-epoch checkpoints (``epoch-0001/model.pt``, each with its own
+epoch's weights; Ray keeps the latest and the ``keep_checkpoints`` most recent epochs that were a new best,
+so the best epoch's checkpoint is always there), ``best.pt`` (the best epoch by the monitored validation
+metric), ``last.pt``, ``metrics.jsonl``, ``tensorboard/``, ``settings.json`` and ``summary.json``. Rerunning
+with the same name continues from the latest checkpoint; with ``max_failures`` a worker that dies is
+restarted from it. The final numbers (test split with the best weights) ride on the last checkpoint's
+report and reach the driver as Ray's ``Result.metrics``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -98,6 +102,8 @@ class TrainSettings:
     address: str | None = None
 
     def __post_init__(self):
+        # A tuple however the settings arrived (a JSON config, a dict rebuilt on a worker give lists).
+        object.__setattr__(self, "fractions", tuple(self.fractions))
         if self.batch_size is None:  # a batch that keeps a CPU busy leaves a GPU mostly idle
             object.__setattr__(self, "batch_size", BATCH_GPU if self.use_gpu else BATCH_CPU)
         if self.model not in list_models():
@@ -250,12 +256,12 @@ class Augment(nn.Module):
         x = torch.where((r[:, 0] < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
         x = torch.where((r[:, 1] < 0.5).to(x.device)[:, None, None, None], x.flip(-2), x)
         if h == w:
-            k = torch.randint(0, 4, (n,), generator=g)
+            turns = torch.randint(0, 4, (n,), generator=g)
             out = x.clone()
-            for kk in (1, 2, 3):
-                sel = (k == kk).to(x.device)
+            for quarter in (1, 2, 3):
+                sel = (turns == quarter).to(x.device)
                 if sel.any():
-                    out[sel] = torch.rot90(x[sel], kk, dims=(-2, -1))
+                    out[sel] = torch.rot90(x[sel], quarter, dims=(-2, -1))
             x = out
         if self.shift == 0 and self.zoom == 0:
             return x
@@ -280,37 +286,62 @@ def class_weights_from_counts(label_counts: dict, num_classes: int) -> list[floa
     return [float(total / (num_classes * c)) if c > 0 else 0.0 for c in counts]
 
 
-def lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmup_epochs: float) -> float:
-    """Learning-rate multiplier at optimiser step ``step`` (linear warm-up, then cosine to zero)."""
-    if schedule == "constant":
-        return 1.0
-    total = max(1, steps_per_epoch * epochs)
-    warm = int(round(warmup_epochs * steps_per_epoch))
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, steps_per_epoch: int,
+                   start_step: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped once per optimiser step: constant, or a linear warm-up over
+    ``warmup_epochs`` (``(step + 1) / warm`` of the rate) then a cosine to zero at the end of the last epoch.
+
+    Built from torch's schedulers (``LinearLR`` then ``CosineAnnealingLR``, joined by ``SequentialLR``) and
+    advanced to ``start_step`` when a run resumes. The schedule is rebuilt from the current settings rather
+    than loaded from torch's state dict, which carries the cosine's old length: a run resumed with more
+    ``--epochs`` stretches its cosine over the new total instead of climbing back up after the old one.
+    """
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    if settings.schedule == "constant":
+        scheduler = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        total = max(1, steps_per_epoch * int(settings.epochs))
+        warm = int(round(float(settings.warmup_epochs) * steps_per_epoch))
+        cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=0.0)
+        if warm == 0:
+            scheduler = cosine
+        else:
+            warmup = LinearLR(optimizer, start_factor=1.0 / warm, end_factor=1.0, total_iters=max(1, warm - 1))
+            scheduler = SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
+    with warnings.catch_warnings():
+        # Fast-forwarding steps no optimiser: torch's reminder to step the optimiser first does not apply.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for _ in range(int(start_step)):
+            scheduler.step()
+    return scheduler
+
+
+PROB_FLOOR = 1e-12  # the least probability the log loss takes for the true class (log(1e-12) = -27.6)
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Loss, accuracy, ROC AUC (one-vs-rest for more than two classes) and the confusion matrix."""
-    from sklearn.metrics import confusion_matrix, roc_auc_score
+    """Log loss, accuracy, ROC AUC (one-vs-rest macro average beyond two classes; NaN when a class is absent
+    from the split) and the confusion matrix, from scikit-learn.
 
+    The log loss is the mean of ``-log(max(p_true, 1e-12))``: the probabilities are taken in float64, each
+    row renormalised (float32 softmax rows miss 1 by ~1e-7, which scikit-learn warns about at float64) and
+    floored at ``PROB_FLOOR``, so scikit-learn's own clip (at float64's eps) never binds."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, roc_auc_score
+
+    classes = list(range(num_classes))
     if len(labels) == 0:
         return {"loss": float("nan"), "acc": float("nan"), "auc": float("nan"), "n": 0,
                 "confusion": [[0] * num_classes for _ in range(num_classes)]}
-    p = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    pred = probs.argmax(axis=1)
-    try:
-        if num_classes == 2:
-            auc = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(num_classes))))
-    except ValueError:  # one class only in this split
-        auc = float("nan")
-    cm = confusion_matrix(labels, pred, labels=list(range(num_classes)))
-    return {"loss": float(-np.log(p).mean()), "acc": float((pred == labels).mean()), "auc": auc,
-            "n": int(len(labels)), "confusion": cm.tolist()}
+    p = np.asarray(probs, dtype=np.float64)
+    p = np.clip(p / p.sum(axis=1, keepdims=True), PROB_FLOOR, 1.0)
+    auc = float("nan")  # undefined unless every class is in the split (one-vs-rest needs each class's positives)
+    if len(np.unique(labels)) == num_classes:
+        auc = float(roc_auc_score(labels, p[:, 1]) if num_classes == 2 else
+                    roc_auc_score(labels, p, multi_class="ovr", average="macro", labels=classes))
+    pred = p.argmax(axis=1)
+    return {"loss": float(log_loss(labels, p, labels=classes)), "acc": float(accuracy_score(labels, pred)),
+            "auc": auc, "n": int(len(labels)), "confusion": confusion_matrix(labels, pred, labels=classes).tolist()}
 
 
 def predict_dataset(model: nn.Module, it, device, batch_size: int = 1024, prep=None) -> tuple[np.ndarray, np.ndarray]:
@@ -394,9 +425,9 @@ class _RunLog:
                 group = key.split("_", 1)
                 self.writer.add_scalar(f"{group[0]}/{group[1]}" if len(group) == 2 else key, metrics[key], e)
         if len(val_labels):
-            k = val_probs.shape[1]
-            for c in range(1, k) if k == 2 else range(k):
-                tag = "val/pr_curve" if k == 2 else f"val/pr_curve_{self.class_names[c]}"
+            n_classes = val_probs.shape[1]
+            for c in range(1, n_classes) if n_classes == 2 else range(n_classes):
+                tag = "val/pr_curve" if n_classes == 2 else f"val/pr_curve_{self.class_names[c]}"
                 self.writer.add_pr_curve(tag, val_labels == c, val_probs[:, c], e)
             self.writer.add_figure("val/confusion_matrix",
                                    _confusion_figure(confusion, self.class_names, f"validation, epoch {e}"), e)
@@ -407,8 +438,8 @@ class _RunLog:
         self.sync()
 
     def hparams(self, hparams: dict, final: dict) -> None:
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final.items()
+        clean = {name: (v if isinstance(v, (int, float, str, bool)) else str(v)) for name, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{name}": v for name, v in final.items()
                                         if isinstance(v, (int, float)) and v == v}, run_name="hparams")
         self.sync()
 
@@ -448,211 +479,358 @@ def to_cpu(obj):
     return obj
 
 
-def train_loop(cfg: dict) -> None:
-    """The per-worker training function handed to ``TorchTrainer`` (settings arrive as a plain dict)."""
+# --------------------------------------------------------------------------------------------------
+# The training loop on each worker: build or restore, then per epoch train, validate, track the best
+# epoch, checkpoint and report; the test split once, on the last epoch.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """Where a run stands, carried in every checkpoint as plain values (``to_dict``), so a checkpoint
+    still loads with ``torch.load(weights_only=True)`` and a restarted worker continues from it.
+
+    Args:
+        epoch: epochs done.
+        step: optimiser steps done (the learning-rate schedule's position).
+        history: each epoch's metrics, in order.
+        best_value: the monitored metric at the best epoch (None before any finite value).
+        best_epoch: the best epoch so far (0: none yet); its checkpoint is kept by Ray (see ``_trainer``).
+        best_metrics: that epoch's metrics.
+        since_best: epochs since the best one (early stopping's count).
+        stopped_early: early stopping ended the run.
+        resumes: the epochs that restarts (a resumed run, a restarted worker) began from.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    since_best: int = 0
+    stopped_early: bool = False
+    resumes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunState:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The directory of epoch ``epoch``'s checkpoint in the run directory (``epoch-0001``)."""
+    return f"epoch-{int(epoch):04d}"
+
+
+@dataclass
+class _Worker:
+    """What one Train worker holds for the run: who it is, its model and optimiser, its data preparation."""
+
+    settings: TrainSettings
+    cfg: dict
+    rank: int
+    world: int
+    device: torch.device
+    node_ids: list
+    pids: list
+    model: nn.Module  # as prepared by Ray Train (DDP across workers)
+    core: nn.Module  # the model itself, unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    loss_fn: nn.Module
+    augment: Augment | None
+    prep: object  # None, or the device normalisation of raw pixels from the read tasks
+    log: _RunLog | None  # rank 0 only
+
+    @property
+    def class_names(self) -> list:
+        return self.cfg["class_names"]
+
+
+def _where_workers(world: int) -> tuple[list, list]:
+    """Every rank's node id and process id: recorded per epoch, so a person (or a fault test) can tell which
+    node and process holds which rank."""
     import ray
-    import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
-    # Ray Train logs every report at INFO through a logger outside its own filter; keep the worker's
-    # console to stampray's one line per epoch.
-    logging.getLogger().setLevel(logging.WARNING)
+    here = (ray.get_runtime_context().get_node_id(), os.getpid())
+    where = [here]
+    if world > 1:
+        where = [None] * world
+        dist.all_gather_object(where, here)
+    return [w[0] for w in where], [int(w[1]) for w in where]
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                               momentum=settings.momentum)
+    return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def build_worker(cfg: dict) -> tuple[_Worker, RunState]:
+    """1. Build the model, optimiser, schedule and AMP scaler; restore them and the run state from the
+    latest checkpoint when there is one (a resumed run, a restarted worker)."""
+    import ray.train
+    import ray.train.torch
+
+    settings = TrainSettings(**cfg["settings"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Where every worker runs (node, process): recorded per epoch, so a person (or a fault test) can tell
-    # which node and process holds which rank.
-    where = [(ray.get_runtime_context().get_node_id(), os.getpid())]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, where[0])
-        where = gathered
-    nodes, pids = [w[0] for w in where], [int(w[1]) for w in where]
-    s = cfg["settings"]
+    node_ids, pids = _where_workers(world)
     torch.set_num_threads(int(cfg["threads"]))
-    torch.manual_seed(int(s["seed"]))
+    torch.manual_seed(settings.seed)
     device = ray.train.torch.get_device()
-    use_amp = bool(s["amp"]) and device.type == "cuda"
-    shape, class_names = tuple(cfg["shape"]), cfg["class_names"]
-    k = len(class_names)
-
-    # 1. Build the model and optimiser; restore the latest checkpoint if there is one.
-    model = create_model(s["model"], shape[0], shape[1:], k)
-    opt_cls = torch.optim.AdamW if s["optimizer"] == "adamw" else torch.optim.SGD
-    opt_kwargs = {"lr": s["lr"], "weight_decay": s["weight_decay"]}
-    if s["optimizer"] == "sgd":
-        opt_kwargs["momentum"] = s["momentum"]
-    optimizer = opt_cls(model.parameters(), **opt_kwargs)
-    steps_per_epoch = int(cfg["steps_per_epoch"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, int(s["epochs"]), s["schedule"], s["warmup_epochs"]))
-    state = {"epoch": 0, "history": [], "best_value": None, "best_epoch": 0, "since_best": 0,
-             "best_state_dict": None, "best_metrics": {}, "stopped_early": False, "resumes": []}
+    use_amp = settings.amp and device.type == "cuda"
+    shape = tuple(cfg["shape"])
+    model = create_model(settings.model, shape[0], shape[1:], len(cfg["class_names"]))
+    optimizer = _optimizer(model, settings)
+    bundle, state = None, RunState()
     restored = ray.train.get_checkpoint()
-    bundle = None
     if restored:
         with restored.as_directory() as d:
             bundle = ck.load_bundle(os.path.join(d, ck.FILE_NAME))  # weights_only, every tensor on the CPU
         model.load_state_dict(bundle["state_dict"])
     model = ray.train.torch.prepare_model(model)  # DDP across workers (and the device move)
-    core = model.module if hasattr(model, "module") else model
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if bundle is not None:
         # After the device move: load_state_dict puts the optimizer's moments where the parameters now are
         # (restored before the move, AdamW's state stayed on the CPU and the first GPU step failed).
         optimizer.load_state_dict(bundle["optimizer"])
-        scheduler.load_state_dict(bundle["scheduler"])
         if bundle.get("scaler") and use_amp:
             scaler.load_state_dict(bundle["scaler"])
-        state.update(bundle["train_state"])
-        state["resumes"] = list(state.get("resumes", [])) + [state["epoch"]]  # epochs a restart began from
+        state = RunState.from_dict(bundle["train_state"])
+        state.resumes.append(state.epoch)
         if rank == 0:
-            print(f"[stampray] resuming {s['model']} from epoch {state['epoch']}", flush=True)
+            print(f"[stampray] resuming {settings.model} from epoch {state.epoch}", flush=True)
+    weights = cfg["class_weights"]
+    return _Worker(
+        settings=settings, cfg=cfg, rank=rank, world=world, device=device, node_ids=node_ids, pids=pids,
+        model=model, core=model.module if hasattr(model, "module") else model, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, settings, int(cfg["steps_per_epoch"]), start_step=state.step),
+        scaler=scaler, use_amp=use_amp,
+        loss_fn=nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device)
+                                    if weights else None),
+        augment=Augment(seed=settings.seed * 1000 + rank + 7919 * state.epoch) if settings.augment else None,
+        # Raw pixels from the read tasks are normalised here, on the device (see TrainSettings.device_preprocess).
+        prep=pp.get_torch(settings.preprocess) if cfg["device_preprocess"] else None,
+        log=_RunLog(cfg["run_dir"], cfg["class_names"], state.history) if rank == 0 else None,
+    ), state
 
-    weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    augment = Augment(seed=int(s["seed"]) * 1000 + rank + 7919 * state["epoch"]) if s["augment"] else None
-    per_worker = max(1, int(s["batch_size"]) // world)
+
+def train_epoch(w: _Worker, shard, epoch: int) -> tuple[dict, int]:
+    """2. One pass over this worker's train shard; returns the epoch's training numbers, summed over the
+    workers, and the optimiser steps taken."""
+    import torch.distributed as dist
+
+    s = w.settings
+    w.model.train()
+    if w.augment is not None:
+        w.augment.train()
+    per_worker = max(1, s.batch_size // w.world)
+    t0, steps = time.time(), 0
+    sums = epoch_sums(w.device)  # loss x stamps, correct, stamps, stamps left out: on the device (NCCL)
+    for batch in shard.iter_torch_batches(
+            batch_size=per_worker, dtypes={"x": torch.float32, "y": torch.int64}, device=w.device,
+            local_shuffle_buffer_size=min(10_000, 20 * per_worker),
+            local_shuffle_seed=s.seed * 100_003 + epoch * 101 + w.rank,
+            pin_memory=w.device.type == "cuda", prefetch_batches=2):
+        x, y = batch["x"], batch["y"]
+        if w.prep is not None:
+            x = w.prep(x)
+        if len(y) < 2:
+            # An epoch's last batch can hold one stamp, on which BatchNorm cannot train: leave it out.
+            # Every worker's shard has the same rows (streaming_split(equal=True)), so all leave it out
+            # together and DDP's collectives stay in step.
+            sums[3] += len(y)
+            continue
+        if w.augment is not None:
+            x = w.augment(x)
+        with torch.autocast(w.device.type, dtype=torch.float16, enabled=w.use_amp):
+            logits = w.model(x)
+            loss = w.loss_fn(logits.float(), y)
+        w.optimizer.zero_grad(set_to_none=True)
+        w.scaler.scale(loss).backward()
+        w.scaler.step(w.optimizer)
+        w.scaler.update()
+        w.scheduler.step()
+        steps += 1
+        # Accumulated on the device: no host sync per step, and all_reduce under NCCL needs CUDA tensors.
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+    if w.world > 1:
+        dist.all_reduce(sums)
+    seconds = time.time() - t0
+    n_train = max(1.0, float(sums[2]))
+    return {"train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
+            "lr": float(w.optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
+            "train_n": int(sums[2]), "train_dropped": int(sums[3]), "seconds": seconds}, steps
+
+
+def _predict_split(w: _Worker, model: nn.Module, source) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels of a split shared out by id: this worker predicts its own part (so the time
+    falls as workers are added) and every worker receives all the parts, joined (they are disjoint)."""
+    import torch.distributed as dist
+
+    probs, labels = predict_dataset(model, source, w.device, prep=w.prep)
+    if w.world == 1:
+        return probs, labels
+    parts = [None] * w.world
+    dist.all_gather_object(parts, (probs, labels))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def validate(w: _Worker, source) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """3. The validation metrics (rank 0 computes them and shares them, so every worker takes the same
+    decisions), the counts set aside so far, and the joined probabilities and labels."""
+    import ray
+    import torch.distributed as dist
+
+    if w.world > 1:  # each worker updated BatchNorm's running stats on its own last batch: use rank 0's
+        with torch.no_grad():
+            for buf in w.core.buffers():
+                dist.broadcast(buf, src=0)
+    probs, labels = _predict_split(w, w.core, source)
+    payload = [None]
+    if w.rank == 0:
+        # Every worker has read its train shard (train_epoch's all_reduce) and its validation part (the
+        # gather), so the set-aside rows of both splits are all in the ledger.
+        payload = [(classification_metrics(probs, labels, len(w.class_names)),
+                    ray.get(w.cfg["ledger"].counts.remote()))]
+    if w.world > 1:
+        dist.broadcast_object_list(payload, src=0)
+    val, aside = payload[0]
+    return val, aside, probs, labels
+
+
+def epoch_metrics(w: _Worker, epoch: int, train: dict, val: dict, aside: dict) -> dict:
+    """The row of ``metrics.jsonl`` (and of the run's history) for one epoch."""
+    return {
+        "epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+        "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
+        "lr": train["lr"], "stamps_per_s": train["stamps_per_s"], "train_n": train["train_n"],
+        "train_dropped": train["train_dropped"], "train_set_aside": aside["train"], "val_set_aside": aside["val"],
+        "seconds": train["seconds"], "node_ids": list(w.node_ids), "worker_pids": list(w.pids),
+    }
+
+
+def track_best(state: RunState, metrics: dict, settings: TrainSettings) -> tuple[bool, bool]:
+    """4. Record the epoch in ``state``: is it the best so far by ``settings.monitor`` (a NaN never is), and
+    does early stopping end the run now? The same on every worker (they share the metrics)."""
+    value = metrics[settings.monitor]
+    best = state.best_value
+    if MONITORS[settings.monitor] == "min":
+        better = value == value and (best is None or value < best)
+    else:
+        better = value == value and (best is None or value > best)
+    if better:
+        state.best_value, state.best_epoch, state.best_metrics = value, metrics["epoch"], dict(metrics)
+        state.since_best = 0
+    else:
+        state.since_best += 1
+    patience = settings.early_stopping
+    state.stopped_early = patience is not None and state.since_best >= int(patience)
+    state.epoch = metrics["epoch"]
+    state.history = state.history + [metrics]
+    return better, state.stopped_early
+
+
+def final_metrics(w: _Worker, state: RunState) -> dict | None:
+    """6. The test split with the best epoch's weights (each worker its part, as validation); rank 0
+    returns the run's final numbers, the other ranks None."""
+    model = w.core
+    if state.best_epoch not in (0, state.epoch):  # an earlier epoch: its checkpoint, which Ray keeps
+        path = st.join(w.cfg["run_dir"], checkpoint_dir_name(state.best_epoch), ck.FILE_NAME)
+        model = ck.build_model(ck.load_bundle(path)).to(w.device)
+    import ray.train
+
+    probs, labels = _predict_split(w, model, ray.train.get_dataset_shard(f"test_{w.rank}"))
+    if w.rank != 0:
+        return None
+    test = classification_metrics(probs, labels, len(w.class_names))
+    return {"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"], "test_n": test["n"],
+            "test_confusion": test["confusion"], "best_epoch": state.best_epoch, "epochs_done": state.epoch,
+            "stopped_early": state.stopped_early, "workers": w.world, "nodes": len(set(w.node_ids)),
+            "resumed_from": list(state.resumes)}
+
+
+def checkpoint_and_report(w: _Worker, state: RunState, metrics: dict, better: bool, final: dict | None) -> None:
+    """5. Rank 0 writes the epoch's checkpoint (this epoch's weights only) and reports it with the epoch's
+    metrics, plus the run's final numbers on the last epoch (``final``): Train V2's ``Result.metrics`` holds
+    the metrics of the last *checkpoint* reported, so the final numbers ride on the last checkpoint rather
+    than on a report of their own. ``new_best_epoch`` is the score by which Ray keeps checkpoints."""
+    import ray.train
+
+    report = {**metrics, "new_best_epoch": metrics["epoch"] if better else 0}
+    if final is not None:
+        report["final"] = final
+    if w.rank != 0:
+        ray.train.report(report)  # every worker reports (a barrier); Ray keeps rank 0's
+        return
+    s = w.settings
+    bundle = ck.make_bundle(w.core, class_names=w.class_names, preprocess=s.preprocess, config=asdict(s),
+                            metrics=metrics, epoch=metrics["epoch"], extra={
+                                "optimizer": to_cpu(w.optimizer.state_dict()), "scaler": w.scaler.state_dict(),
+                                "train_state": state.to_dict(), "data": w.cfg["data_info"], "split": w.cfg["split"]})
+    with tempfile.TemporaryDirectory(prefix="stampray-ckpt-") as tmp:
+        torch.save(bundle, os.path.join(tmp, ck.FILE_NAME))
+        # Persisted to the run directory before report returns (Ray's default, synchronous upload).
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]))
+
+
+def _log_epoch(w: _Worker, metrics: dict, val: dict, probs: np.ndarray, labels: np.ndarray, better: bool) -> None:
+    """Rank 0's TensorBoard and metrics.jsonl rows and its one console line per epoch."""
+    w.log.epoch(metrics, probs, labels, val["confusion"])
+    print(f"[stampray] epoch {metrics['epoch']}/{w.settings.epochs}  train loss {metrics['train_loss']:.4f} "
+          f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} "
+          f"auc {metrics['val_auc']:.4f} | {metrics['stamps_per_s']:,.0f} stamps/s" + (" *" if better else ""),
+          flush=True)
+
+
+def train_loop(cfg: dict) -> None:
+    """The per-worker training function handed to ``TorchTrainer`` (settings arrive as a plain dict)."""
+    import ray.train
+
+    # Ray Train logs every report at INFO through a logger outside its own filter; keep the worker's
+    # console to stampray's one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
+    w, state = build_worker(cfg)
+    s = w.settings
     train_shard = ray.train.get_dataset_shard("train")
-    log = _RunLog(cfg["run_dir"], class_names, state["history"]) if rank == 0 else None
-    direction = MONITORS[s["monitor"]]
-    val_cache = None
-    # Raw pixels from the read tasks are normalised here, on the device (see TrainSettings.device_preprocess).
-    prep = pp.get_torch(s["preprocess"]) if cfg["device_preprocess"] else None
-
-    def gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every worker's part of a split, joined on each worker (the parts are disjoint)."""
-        if world == 1:
-            return probs, labels
-        parts = [None] * world
-        dist.all_gather_object(parts, (probs, labels))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    # 2. Epochs.
-    for epoch in range(state["epoch"], int(s["epochs"])):
-        model.train()
-        if augment is not None:
-            augment.train()
-        t0 = time.time()
-        sums = epoch_sums(device)  # loss x stamps, correct, stamps, stamps left out: on the device (NCCL)
-        for batch in train_shard.iter_torch_batches(
-                batch_size=per_worker, dtypes={"x": torch.float32, "y": torch.int64}, device=device,
-                local_shuffle_buffer_size=min(10_000, 20 * per_worker),
-                local_shuffle_seed=int(s["seed"]) * 100_003 + epoch * 101 + rank,
-                pin_memory=device.type == "cuda", prefetch_batches=2):
-            x, y = batch["x"], batch["y"]
-            if prep is not None:
-                x = prep(x)
-            if len(y) < 2:
-                # An epoch's last batch can hold one stamp, on which BatchNorm cannot train: leave it out.
-                # Every worker's shard has the same rows (streaming_split(equal=True)), so all leave it out
-                # together and DDP's collectives stay in step.
-                sums[3] += len(y)
-                continue
-            if augment is not None:
-                x = augment(x)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            # Accumulated on the device: no host sync per step, and all_reduce under NCCL needs CUDA tensors.
-            sums[0] += loss.detach().double() * len(y)
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += len(y)
-        if world > 1:
-            dist.all_reduce(sums)
-        seconds = time.time() - t0
-        n_train = max(1.0, float(sums[2]))
-
-        # 3. Validation: each worker predicts its own part of the split (so validation time falls as
-        # workers are added); rank 0 joins the parts, computes the metrics and shares them.
-        if world > 1:  # each worker updated BatchNorm's running stats on its own last batch: use rank 0's
-            with torch.no_grad():
-                for buf in core.buffers():
-                    dist.broadcast(buf, src=0)
-        if val_cache is None:
-            val_cache = _Cached.collect(ray.train.get_dataset_shard(f"val_{rank}"), cfg["val_cache_rows"])
-        probs, labels = gather(*predict_dataset(core, val_cache, device, prep=prep))
-        payload = [None]
-        if rank == 0:
-            # Every worker has read its train shard (the all_reduce above) and its validation part (the
-            # gather), so the set-aside rows of both splits are all in the ledger.
-            payload = [(classification_metrics(probs, labels, k), probs, labels,
-                        ray.get(cfg["ledger"].counts.remote()))]
-        if world > 1:
-            dist.broadcast_object_list(payload, src=0)
-        val, val_probs, val_labels, aside = payload[0]
-        metrics = {
-            "epoch": epoch + 1, "train_loss": float(sums[0]) / n_train, "train_acc": float(sums[1]) / n_train,
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
-            "lr": float(optimizer.param_groups[0]["lr"]), "stamps_per_s": float(sums[2]) / max(seconds, 1e-9),
-            "train_n": int(sums[2]), "train_dropped": int(sums[3]), "train_set_aside": aside["train"],
-            "val_set_aside": aside["val"], "seconds": seconds, "node_ids": list(nodes), "worker_pids": pids,
-        }
-
-        # 4. Best epoch and early stopping (identical decision on every worker).
-        value = metrics[s["monitor"]]
-        better = value == value and (state["best_value"] is None or
-                                     (value < state["best_value"] if direction == "min" else value > state["best_value"]))
-        if better:
-            state.update(best_value=value, best_epoch=epoch + 1, since_best=0, best_metrics=dict(metrics),
-                         best_state_dict={kk: v.detach().cpu().clone() for kk, v in core.state_dict().items()})
-        else:
-            state["since_best"] += 1
-        patience = s["early_stopping"]
-        stop = patience is not None and state["since_best"] >= int(patience)
-        state.update(epoch=epoch + 1, stopped_early=stop)
-        state["history"] = state["history"] + [metrics]
-
-        # 5. Checkpoint (rank 0 writes it; Ray persists it to the run directory) and report.
-        if rank == 0:
-            log.epoch(metrics, val_probs, val_labels, val["confusion"])
-            print(f"[stampray] epoch {epoch + 1}/{s['epochs']}  train loss {metrics['train_loss']:.4f} "
-                  f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} "
-                  f"auc {metrics['val_auc']:.4f} | {metrics['stamps_per_s']:,.0f} stamps/s"
-                  + (" *" if better else ""), flush=True)
-            tmp = tempfile.mkdtemp(prefix="stampray-ckpt-")
-            bundle = ck.make_bundle(core, class_names=class_names, preprocess=s["preprocess"], config=s,
-                                    metrics=metrics, epoch=epoch + 1, extra={
-                                        "optimizer": to_cpu(optimizer.state_dict()),
-                                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                        "train_state": state, "data": cfg["data_info"], "split": cfg["split"]})
-            torch.save(bundle, os.path.join(tmp, ck.FILE_NAME))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
+    val_source = None
+    final = None
+    for epoch in range(state.epoch, state.epoch if state.stopped_early else s.epochs):
+        train, steps = train_epoch(w, train_shard, epoch)
+        state.step += steps
+        if val_source is None:
+            val_source = _Cached.collect(ray.train.get_dataset_shard(f"val_{w.rank}"), cfg["val_cache_rows"])
+        val, aside, probs, labels = validate(w, val_source)
+        metrics = epoch_metrics(w, epoch + 1, train, val, aside)
+        better, stop = track_best(state, metrics, s)
+        if stop or state.epoch == s.epochs:
+            final = final_metrics(w, state)
+        if w.rank == 0:
+            _log_epoch(w, metrics, val, probs, labels, better)
+        checkpoint_and_report(w, state, metrics, better, final)
         if stop:
-            if rank == 0:
-                print(f"[stampray] early stopping: {s['monitor']} has not improved for {patience} epochs "
-                      f"(best {state['best_value']:.4f} at epoch {state['best_epoch']})", flush=True)
+            if w.rank == 0:
+                print(f"[stampray] early stopping: {s.monitor} has not improved for {s.early_stopping} epochs "
+                      f"(best {state.best_value:.4f} at epoch {state.best_epoch})", flush=True)
             break
-
-    # 6. Test split with the best weights (each worker its part, as validation); every worker reports the
-    # final numbers.
-    final = [None]
-    if state["best_state_dict"] is not None:
-        core.load_state_dict(state["best_state_dict"])
-    probs, labels = gather(*predict_dataset(core, ray.train.get_dataset_shard(f"test_{rank}"), device, prep=prep))
-    if rank == 0:
-        test = classification_metrics(probs, labels, k)
-        final = [{"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"], "test_n": test["n"],
-                  "test_confusion": test["confusion"], "best_epoch": state["best_epoch"],
-                  "epochs_done": state["epoch"], "stopped_early": state["stopped_early"],
-                  "workers": world, "nodes": len(set(nodes)), "resumed_from": state["resumes"]}]
-        log.hparams({k2: s[k2] for k2 in ("model", "epochs", "batch_size", "lr", "optimizer", "schedule",
-                                           "weight_decay", "augment", "workers", "seed")},
-                    {"test_acc": test["acc"], "test_auc": test["auc"], "best_val": state["best_value"] or 0.0})
-        log.close()
-        st.write_text(st.join(cfg["run_dir"], "final.json"), json.dumps(final[0]))
-    if world > 1:
-        dist.broadcast_object_list(final, src=0)
-    ray.train.report({"final": True, **final[0]})
+    if w.log is not None:
+        if final is not None:
+            w.log.hparams({name: getattr(s, name) for name in ("model", "epochs", "batch_size", "lr", "optimizer",
+                                                               "schedule", "weight_decay", "augment", "workers",
+                                                               "seed")},
+                          {"test_acc": final["test_acc"], "test_auc": final["test_auc"],
+                           "best_val": state.best_value or 0.0})
+        w.log.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -826,7 +1004,16 @@ def _trainer(settings: TrainSettings, cfg: dict, res: dict, out: str, datasets: 
                                                resources_per_worker=res, placement_strategy=settings.placement),
         run_config=ray.train.RunConfig(
             name=settings.run_name, storage_path=out,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            # The best epoch's weights live in its own checkpoint, which Ray keeps: checkpoints are scored by
+            # new_best_epoch (the epoch's number when it is a new best, else 0), so Ray keeps the
+            # keep_checkpoints most recent new bests, the latest of them the best epoch, and always the
+            # latest checkpoint (resumes start there). One copy of the weights per checkpoint, and a
+            # resumed or restarted run still finds the best weights: the checkpoint names best_epoch.
+            # (Rank 0 writing best.pt itself could not tell whether the checkpoint naming it was
+            # registered before a failure: a restart from the one before would find best.pt ahead of it.)
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints,
+                                                         checkpoint_score_attribute="new_best_epoch",
+                                                         checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             # One console line per epoch from rank 0, not Ray Train's per-report logging; print() is
             # left alone so each line appears once.
@@ -840,31 +1027,48 @@ def _trainer(settings: TrainSettings, cfg: dict, res: dict, out: str, datasets: 
 
 
 def _write_set_aside(run_dir: str, data: str, rows: list[dict]) -> dict:
-    """List the stamps the read tasks set aside in ``RUNDIR/NAME/_errors/`` (``score``'s errors table
-    layout; ``source`` names the split) and return their counts for the metrics."""
-    from .inference import reason_counts
-
-    errors = st.join(run_dir, st.ERRORS_DIR)
-    if rows:
-        st.make_dirs(errors)
-        table = pa.Table.from_pylist([{"stamp_id": r["stamp_id"], "source": f"{data} ({r['split']} split)",
-                                       "row": None, "reason": r["reason"]} for r in rows], schema=st.ERROR_SCHEMA)
-        st.write_shard(st.join(errors, st.shard_name(0)), table)
+    """List the stamps the read tasks set aside in ``RUNDIR/NAME/_errors/`` (the one ``_errors`` schema;
+    ``source`` names the table and split) and return their counts for the metrics."""
+    counts = st.write_errors(run_dir, st.shard_name(0), [
+        {"stamp_id": r["stamp_id"], "source": f"{data} ({r['split']} split)", "row": None, "reason": r["reason"]}
+        for r in rows])
     by_split = dict.fromkeys(st.SPLIT_NAMES, 0)
     for r in rows:
         by_split[r["split"]] += 1
-    return {"set_aside": by_split, "set_aside_reasons": reason_counts(r["reason"] for r in rows)}
+    return {"set_aside": by_split, "set_aside_reasons": counts}
 
 
-def fit(settings: TrainSettings) -> TrainResult:
-    """Train ``settings.model`` on ``settings.data`` with Ray Train; returns where the run lives and its
-    final metrics (test accuracy of the best epoch among them)."""
-    import ray
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "train_state")  # bundle keys that best.pt and last.pt leave out
 
-    from .inference import check_gpu_nodes
-    from .runtime import ensure_gpus, ray_session
 
-    t0 = time.time()
+def _write_best_and_last(result, run_dir: str) -> tuple[str, list]:
+    """Write ``best.pt`` (the best epoch's checkpoint, kept by Ray: see ``_trainer``) and ``last.pt`` (the
+    latest) without their training state; return best.pt's path and the run's history."""
+    def load(checkpoint) -> dict:
+        with checkpoint.as_directory() as d:
+            return ck.load_bundle(os.path.join(d, ck.FILE_NAME))
+
+    latest = load(result.checkpoint)
+    state = RunState.from_dict(latest["train_state"])
+    last = {k: v for k, v in latest.items() if k not in TRAINING_ONLY}
+    ck.save(last, st.join(run_dir, "last.pt"))
+    if state.best_epoch == 0:  # no epoch had a finite monitored value: the last weights stand in
+        best = dict(last, epoch=0, metrics={})
+    else:
+        found = [c for c, m in result.best_checkpoints if int(m["epoch"]) == state.best_epoch]
+        if not found:
+            msg = (f"the checkpoint of the best epoch ({state.best_epoch}) is missing from {run_dir}; "
+                   f"Ray kept: {sorted(int(m['epoch']) for _, m in result.best_checkpoints)}")
+            raise RuntimeError(msg)
+        best = {k: v for k, v in load(found[0]).items() if k not in TRAINING_ONLY}
+    best_path = st.join(run_dir, "best.pt")
+    ck.save(best, best_path)
+    return best_path, state.history
+
+
+def _check_inputs(settings: TrainSettings) -> tuple[st.Manifest, int]:
+    """Refuse, before Ray starts, what cannot train: an --out that is a file, data without two classes or
+    labels, a model too large for the stamps, damaged shards. Returns the manifest and its labelled rows."""
     st.check_separate(settings.out, {"--data": settings.data})
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
@@ -883,6 +1087,20 @@ def fit(settings: TrainSettings) -> TrainResult:
     if labelled == 0:
         msg = f"{settings.data} holds no labelled stamps; training needs labels"
         raise ValueError(msg)
+    return manifest, labelled
+
+
+def fit(settings: TrainSettings) -> TrainResult:
+    """Train ``settings.model`` on ``settings.data`` with Ray Train; returns where the run lives and its
+    final metrics (test accuracy of the best epoch among them)."""
+    import ray
+
+    from .inference import check_gpu_nodes
+    from .runtime import ensure_gpus, ray_session
+
+    t0 = time.time()
+    manifest, labelled = _check_inputs(settings)
+    spec = manifest.spec
     out = settings.out if "://" in settings.out else os.path.abspath(settings.out)
     run_dir = st.join(out, settings.run_name)
     _check_resume(run_dir, settings)
@@ -936,19 +1154,14 @@ def fit(settings: TrainSettings) -> TrainResult:
         finally:
             ray.kill(ledger)
 
-        # The latest checkpoint carries the best epoch's weights: write best.pt and last.pt beside it.
-        with result.checkpoint.as_directory() as d:
-            latest = ck.load_bundle(os.path.join(d, ck.FILE_NAME))
-        last = {k: v for k, v in latest.items() if k not in ("optimizer", "scheduler", "scaler", "train_state")}
-        ck.save(last, st.join(run_dir, "last.pt"))
-        tstate = latest["train_state"]
-        best = dict(last, state_dict=tstate["best_state_dict"] or latest["state_dict"],
-                    epoch=tstate["best_epoch"], metrics=tstate["best_metrics"])
-        best_path = st.join(run_dir, "best.pt")
-        ck.save(best, best_path)
-        metrics = json.loads(st.read_text(st.join(run_dir, "final.json")))
+        # 7. best.pt and last.pt beside Ray's checkpoints; the final numbers from the last checkpoint's report.
+        if not result.metrics or "final" not in result.metrics:
+            msg = (f"the last checkpoint of {run_dir} carries no final metrics (a run begun by an older stampray?); "
+                   f"train it under another --name")
+            raise RuntimeError(msg)
+        best_path, history = _write_best_and_last(result, run_dir)
+        metrics = dict(result.metrics["final"])
         metrics["wall_seconds"] = round(time.time() - t0, 1)
-        history = tstate["history"]
         metrics["stamps_per_s"] = float(np.mean([h["stamps_per_s"] for h in history])) if history else 0.0
         metrics.update(aside)
         st.write_text(summary_path, json.dumps({"best": best_path, "metrics": metrics, "history": history}, indent=2))

@@ -1,7 +1,14 @@
-"""Shared fixtures: one Ray instance per test session, small data, progress bars off."""
+"""Shared fixtures: one Ray instance per test session, small data, progress bars off.
 
+Test modules share helpers only through the fixtures here, never by importing one another.
+"""
+
+import json
 import os
+import time
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("STAMPRAY_PROGRESS", "0")
@@ -25,7 +32,7 @@ def ray_shared():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    _quiet_data_context()
+    _quiet_data_context(private=True)  # the session Ray is private: no deprecation noise
     yield ray
     ray.shutdown()
 
@@ -62,6 +69,12 @@ def _run_scenario(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:
 
 
 @pytest.fixture
+def scenario_env():
+    """The environment of a scenario's fresh process (a copy: add to it freely): no inherited RAY_ADDRESS."""
+    return dict(SCENARIO_ENV)
+
+
+@pytest.fixture
 def run_scenario():
     """``run_scenario(code, timeout=420, env=None)``: see :func:`_run_scenario`."""
     return _run_scenario
@@ -82,7 +95,6 @@ def s3_env():
     import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
     pytest.importorskip("moto")
@@ -90,13 +102,13 @@ def s3_env():
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.monotonic() + 60
     while True:
         try:
             urllib.request.urlopen(endpoint, timeout=2)
             break
         except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline or server.poll() is not None:
+            if time.monotonic() > deadline or server.poll() is not None:
                 os.killpg(server.pid, signal.SIGTERM)
                 raise RuntimeError("the loopback S3 server did not start") from None
             time.sleep(0.2)
@@ -107,3 +119,164 @@ def s3_env():
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy (returned); fail naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def wait_until():
+    """``wait_until(condition, timeout, what, interval=0.05)``: every polling wait in the tests is bounded."""
+    return _wait_until
+
+
+# ------------------------------------------------------------------------------------------ score tables
+SPLIT_RECORD = {"fractions": [0.7, 0.1, 0.2], "source": "checkpoint", "column": False, "trained_with_column": False}
+
+
+def _write_scores(path, labels, probs, class_names, extra=None, split=None, split_record=SPLIT_RECORD, ids=None):
+    """A score directory as 'stampray score' writes it, from literal values (``split_record=None``: as
+    score wrote it before it recorded the split it used; ``ids``: stamp ids, default ``id0``, ``id1``...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(path, exist_ok=True)
+    probs = np.asarray(probs, np.float32)
+    n = len(labels)
+    cols = {"stamp_id": list(ids) if ids is not None else [f"id{i}" for i in range(n)],
+            "label": pa.array(labels, pa.int64()), "split": split or ["test"] * n, "pred": probs.argmax(1),
+            "pred_name": [class_names[i] for i in probs.argmax(1)]}
+    for j, c in enumerate(class_names):
+        cols[f"p_{c}"] = probs[:, j]
+    cols["model"] = ["m@000000000000"] * n
+    cols.update(extra or {})
+    pq.write_table(pa.table(cols), os.path.join(path, "part-00000.parquet"))
+    doc = {"model": "m.pt", "model_tag": "m@000000000000", "data": "d", "keep": [], "preprocess": "course",
+           "class_names": list(class_names), "num_rows": n, "set_aside": 0, "errors": {},
+           "shards": [{"path": "part-00000.parquet", "rows": n, "errors": 0}]}
+    if split_record is not None:
+        doc["split"] = split_record
+    with open(os.path.join(path, "_manifest.json"), "w") as f:
+        json.dump(doc, f)
+    return str(path)
+
+
+@pytest.fixture
+def score_table():
+    """``score_table(path, labels, probs, class_names, extra=None, split=None, split_record=..., ids=None)``:
+    writes a score directory from literal values and returns its path (see :func:`_write_scores`)."""
+    return _write_scores
+
+
+@dataclass(frozen=True)
+class EightStamps:
+    """8 hand-checked binary scores: ``labels`` (0 noise, 1 source) and ``p_source``, p(source).
+
+    At threshold 0.5 the predictions are [0,0,1,0,1,1,0,1]: TN=3 FP=1 FN=1 TP=3. Of the 16 (source, noise)
+    pairs the source scores higher in 15 (0.4 < 0.6 is the one lost): AUC 15/16.
+    """
+
+    labels: tuple = (0, 0, 0, 0, 1, 1, 1, 1)
+    p_source: tuple = (0.005, 0.2, 0.6, 0.3, 0.995, 0.7, 0.4, 0.9)
+    class_names: tuple = ("noise", "source")
+
+    @property
+    def probs(self) -> np.ndarray:
+        """The (8, 2) probabilities, p(noise) = 1 - p(source)."""
+        p = np.array(self.p_source)
+        return np.stack([1 - p, p], axis=1)
+
+
+@pytest.fixture
+def eight_stamps():
+    """The 8 hand-checked binary scores of :class:`EightStamps`."""
+    return EightStamps()
+
+
+# ------------------------------------------------------------------------------ checkpoints and stamps
+def _make_checkpoint(path, name="cnn", channels=1, size=21, classes=("noise", "source"), preprocess="course"):
+    """An untrained, seeded model saved as a stampray checkpoint at ``path``; returns the path."""
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, channels, size, len(classes))
+    ck.save(ck.make_bundle(model, class_names=classes, preprocess=preprocess), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint():
+    """``make_checkpoint(path, name="cnn", channels=1, size=21, classes=(...), preprocess="course")``."""
+    return _make_checkpoint
+
+
+def _write_stamps(path, images, ids=None, labels=None, spec=None, shard_rows=1000):
+    """A stamp table at ``path`` from literal images (N, C, H, W); returns the path."""
+    from stampray import table as st
+
+    spec = spec or st.StampSpec(images.shape[1:], ("noise", "source"))
+    w = st.StampWriter(str(path), spec, shard_rows)
+    ids = ids or [f"s{i}" for i in range(len(images))]
+    if len(images):
+        w.write(st.make_table(spec, ids, images, labels))
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_stamps():
+    """``write_stamps(path, images, ids=None, labels=None, spec=None, shard_rows=1000)``."""
+    return _write_stamps
+
+
+# ------------------------------------------------------------------------------ HTML pages in Chromium
+def _chromium():
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture
+def images_in_chromium(tmp_path):
+    """``images_in_chromium(html_text) -> (images, broken)``: the page opened in headless Chromium, its
+    <img> elements counted once loaded, and those that did not decode. Skipped without Debian's chromium
+    (never in CI, which installs it)."""
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI")
+        pytest.skip("Debian's chromium is not installed")
+
+    def render(page: str) -> tuple[int, int]:
+        probe = tmp_path / "probe.html"
+        probe.write_text(page.replace("</body>", "<script>window.addEventListener('load',()=>{const b=[...document"
+                                      ".images].filter(i=>!i.complete||i.naturalWidth===0).length;document.title="
+                                      "'images:'+document.images.length+' broken:'+b;});</script></body>"))
+        out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+                              "--dump-dom", f"file://{probe}"], capture_output=True, text=True, timeout=120)
+        title = out.stdout.split("<title>")[1].split("</title>")[0]
+        images, broken = title.split()
+        return int(images.split(":")[1]), int(broken.split(":")[1])
+
+    return render
+

@@ -195,11 +195,11 @@ def test_score_on_an_autoscaling_cluster_uses_the_nodes_it_brings(tmp_path):
                                preprocess="course_scaled"), model)
 
         # The head is up and stampray sees what the autoscaler can bring.
-        deadline, cap, err = time.time() + 120, None, ""
-        while time.time() < deadline and cap is None:
+        deadline, cap, err = time.monotonic() + 120, None, ""
+        while time.monotonic() < deadline and cap is None:
             assert head.poll() is None, open(tmp_path / "head.log").read()[-3000:]
             try:
-                cap = driver(address, CAPACITY, env, timeout=max(10.0, deadline - time.time()))
+                cap = driver(address, CAPACITY, env, timeout=max(10.0, deadline - time.monotonic()))
             except (AssertionError, subprocess.TimeoutExpired) as e:
                 err = str(e)
                 time.sleep(2)

@@ -111,7 +111,7 @@ def fake_monitor(tmp_path):
         p.wait(timeout=30)
 
 
-def test_the_config_of_this_clusters_monitor_is_read(ray_shared, fake_monitor):
+def test_the_config_of_this_clusters_monitor_is_read(ray_shared, fake_monitor, wait_until):
     gcs = ray_shared.get_runtime_context().gcs_address
     host, port = gcs.rsplit(":", 1)
     config = {"max_workers": 3, "head_node_type": "ray.head.default",
@@ -120,15 +120,14 @@ def test_the_config_of_this_clusters_monitor_is_read(ray_shared, fake_monitor):
     # Monitors of other clusters: another port, or the same port on another machine.
     fake_monitor(f"{host}:{int(port) + 1 if int(port) < 65535 else 1}", {**config, "max_workers": 9})
     fake_monitor(f"203.0.113.9:{port}", {**config, "max_workers": 9})
-    deadline = time.time() + 30
-    while time.time() < deadline and capacity.find_monitor_config(f"203.0.113.9:{port}") is None:
-        time.sleep(0.1)  # the fake monitors are up
+    wait_until(lambda: capacity.find_monitor_config(f"203.0.113.9:{port}") is not None, 30,
+               "the fake monitors of other clusters to show in the process table", interval=0.1)
     cap = cluster_capacity()
     assert not cap.autoscaling and cap.cpus_max == cap.cpus_now  # neither is this cluster's
 
     fake_monitor(gcs, config)
-    while time.time() < deadline and capacity.find_monitor_config(gcs) is None:
-        time.sleep(0.1)
+    wait_until(lambda: capacity.find_monitor_config(gcs) is not None, 30,
+               "this cluster's fake monitor to show in the process table", interval=0.1)
     t0 = time.time()
     cap = cluster_capacity()
     assert time.time() - t0 < 1.0

@@ -154,16 +154,17 @@ def test_job_submitted_to_a_local_ray_head(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline, up = time.time() + 120, None
-        while time.time() < deadline:
-            up = subprocess.run([ray_cli, "job", "list", "--address", url], capture_output=True, text=True, env=env)
+        deadline, up = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            up = subprocess.run([ray_cli, "job", "list", "--address", url], capture_output=True, text=True, env=env,
+                                timeout=60)
             if up.returncode == 0:
                 break
             time.sleep(1)
         assert up is not None and up.returncode == 0, "the local Ray head did not come up: " + up.stderr[-2000:]
         no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
         refused = subprocess.run([ray_cli, "job", "list", "--address", url], capture_output=True, text=True,
-                                 env={**no_token, "HOME": str(tmp_path)})
+                                 env={**no_token, "HOME": str(tmp_path)}, timeout=60)
         assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
         out = str(tmp_path / "survey")
         for _ in range(30):  # the head's job agent may come up after its API server
@@ -184,14 +185,75 @@ def test_job_submitted_to_a_local_ray_head(tmp_path):
         head.wait(timeout=60)
 
 
-def test_private_local_ray_is_localhost_only_and_keeps_token_auth(monkeypatch):
-    import inspect
+@pytest.fixture
+def ray_init_calls(monkeypatch):
+    """``ray_session`` with Ray's API replaced at the boundary: ``ray.init`` records its keyword arguments and
+    what it would see of the environment (``RAY_AUTH_MODE``, Ray's loopback-rewrite flag), and starts nothing.
+    The test session's own Ray, if up, is neither used nor shut down."""
+    import tempfile
+
+    import ray
+    from ray._private import ray_constants
 
     from stampray import runtime
 
-    src = inspect.getsource(runtime)
-    assert 'dashboard_host="127.0.0.1"' in src
-    assert "RAY_AUTH_MODE" not in src  # stampray never turns Ray's token authentication off
+    calls = []
+
+    def init(**kwargs):
+        calls.append({"kwargs": kwargs, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE"),
+                      "ENABLE_RAY_CLUSTER": getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runtime, "_quiet_data_context", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "reap_orphans", lambda *args, **kwargs: [])
+    root = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: the private temp dir must fit Ray's socket paths
+    monkeypatch.setenv("RAY_TMPDIR", root)
+    monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "WARNING")  # ray_session sets a default; restored afterwards
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    yield calls
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls, monkeypatch):
+    """A private Ray starts on 127.0.0.1 (node IP and dashboard), without the per-node metrics export, and
+    leaves Ray's token authentication as the user has it; a cluster given by address gets none of this."""
+    from ray._private import ray_constants
+
+    from stampray import runtime
+
+    with runtime.ray_session():
+        pass
+    [call] = ray_init_calls
+    kwargs = call["kwargs"]
+    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is True
+    assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["_node_ip_address"] == "127.0.0.1"
+    assert kwargs["_system_config"] == {"enable_metrics_collection": False}
+    assert kwargs["_temp_dir"] == runtime.private_temp_dir()
+    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # Linux: Ray keeps 127.0.0.1 only with this off
+        assert call["ENABLE_RAY_CLUSTER"] is False
+    assert call["RAY_AUTH_MODE"] is None  # stampray never turns Ray's token authentication off
+    assert not [k for k in [*kwargs, *kwargs["_system_config"]] if "auth" in k.lower()]
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the user's choice reaches Ray unchanged
+    with runtime.ray_session(num_cpus=1):
+        pass
+    assert ray_init_calls[1]["RAY_AUTH_MODE"] == "token" and ray_init_calls[1]["kwargs"]["num_cpus"] == 1
+
+    with runtime.ray_session(address="10.0.0.1:6379"):  # a cluster: connect, nothing of the private settings
+        pass
+    kwargs = ray_init_calls[2]["kwargs"]
+    assert kwargs["address"] == "10.0.0.1:6379"
+    assert not {"dashboard_host", "_node_ip_address", "_system_config", "_temp_dir", "num_cpus"} & set(kwargs)
+
+
+def test_the_cluster_asked_for_is_address_then_ray_address(monkeypatch):
+    from stampray import runtime
+
     monkeypatch.setenv("RAY_ADDRESS", "ray://example:10001")
     assert runtime.target_address(None) == "ray://example:10001"
     assert runtime.target_address("10.0.0.1:6379") == "10.0.0.1:6379"
@@ -199,16 +261,57 @@ def test_private_local_ray_is_localhost_only_and_keeps_token_auth(monkeypatch):
     assert runtime.target_address(None) is None
 
 
-def test_nothing_in_stampray_unpickles_without_opt_in():
-    hits = []
-    for dirpath, _, files in os.walk(os.path.join(ROOT, "stampray")):
-        for name in files:
-            if name.endswith(".py"):
-                for line in open(os.path.join(dirpath, name)):
-                    if re.search(r"pickle\.loads?\(|torch\.load\(", line):
-                        hits.append((name, line.strip()))
-    unpickling = [h for h in hits if re.search(r"pickle\.loads?\(", h[1])]
-    # only ingest's --allow-pickle path unpickles (from a local file, or the bytes of a URI), each marked
-    assert unpickling and all(name == "ingest.py" and "explicit opt-in" in line for name, line in unpickling), unpickling
-    for name, line in hits:
-        assert re.search(r"pickle\.loads?\(", line) or "weights_only=True" in line, (name, line)
+class _Payload:
+    """Unpickling this creates ``path``: a harmless stand-in for code a file can run when it is unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_nothing_in_stampray_unpickles_without_opt_in(tmp_path, write_stamps):
+    """Checkpoints (loaded on the driver, in a replica, or by a verb) and ingest's array files: a file whose
+    unpickling would run code is refused and the code never runs; with --allow-pickle, ingest does run it."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray.inference import ModelActor
+    from stampray.ingest import IngestError, IngestSettings, ingest
+    from stampray.score import ScoreSettings, score
+
+    ran = tmp_path / "ran"
+    bundle = {"format": ck.FORMAT, "version": ck.VERSION, "payload": _Payload(ran)}
+    torch.save(bundle, tmp_path / "evil.pt")
+    evil_bytes = (tmp_path / "evil.pt").read_bytes()
+    with pytest.raises(ValueError, match="is not a stampray checkpoint"):
+        ck.load_bundle(str(tmp_path / "evil.pt"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match="is not a stampray checkpoint"):
+            ModelActor(evil_bytes)  # a scoring or occlusion replica
+    finally:
+        torch.set_num_threads(threads)
+    data = write_stamps(tmp_path / "stamps", np.zeros((2, 1, 21, 21), np.float32))
+    with pytest.raises(ValueError, match="is not a stampray checkpoint"):
+        score(ScoreSettings(model=str(tmp_path / "evil.pt"), data=data, out=str(tmp_path / "scores")))
+    assert not ran.exists()
+
+    images = np.array([np.zeros((21, 21)), _Payload(ran)], dtype=object)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(images, f)
+    np.save(tmp_path / "evil.npy", images, allow_pickle=True)
+    np.savez(tmp_path / "evil.npz", images=images)
+    for source in (dict(pickle=str(tmp_path / "evil.pkl")), dict(pickle=f"file://{tmp_path / 'evil.pkl'}"),
+                   dict(images=str(tmp_path / "evil.npy")), dict(images=str(tmp_path / "evil.npz"))):
+        with pytest.raises(IngestError, match="refusing to unpickle"):
+            ingest(IngestSettings(out=str(tmp_path / "out"), **source))
+        assert not ran.exists(), source
+
+    with pytest.raises(Exception):  # noqa: B017 - what the payload returns is no image; only its side effect counts
+        ingest(IngestSettings(out=str(tmp_path / "opted-in"), pickle=str(tmp_path / "evil.pkl"), allow_pickle=True))
+    assert ran.exists()  # the opt-in does unpickle: the refusals above are not for want of a working payload

@@ -1,51 +1,15 @@
 import json
 import os
-import shutil
-import subprocess
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from stampray.evaluate import EvaluateSettings, accuracy_by, evaluate, roc
+from stampray.evaluate import EvaluateSettings, completeness_by, evaluate, roc, wilson
 
 
-SPLIT_RECORD = {"fractions": [0.7, 0.1, 0.2], "source": "checkpoint", "column": False, "trained_with_column": False}
-
-
-def write_scores(path, labels, probs, class_names, extra=None, split=None, split_record=SPLIT_RECORD):
-    """A score directory as 'stampray score' writes it, from literal values (``split_record=None``: as
-    score wrote it before it recorded the split it used)."""
-    os.makedirs(path, exist_ok=True)
-    probs = np.asarray(probs, np.float32)
-    n = len(labels)
-    cols = {"stamp_id": [f"id{i}" for i in range(n)], "label": pa.array(labels, pa.int64()),
-            "split": split or ["test"] * n, "pred": probs.argmax(1), "pred_name": [class_names[i] for i in probs.argmax(1)]}
-    for j, c in enumerate(class_names):
-        cols[f"p_{c}"] = probs[:, j]
-    cols["model"] = ["m@000000000000"] * n
-    cols.update(extra or {})
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(cols), os.path.join(path, "part-00000.parquet"))
-    doc = {"model": "m.pt", "model_tag": "m@000000000000", "data": "d", "keep": [], "preprocess": "course",
-           "class_names": list(class_names), "num_rows": n, "set_aside": 0, "errors": {},
-           "shards": [{"path": "part-00000.parquet", "rows": n, "errors": 0}]}
-    if split_record is not None:
-        doc["split"] = split_record
-    with open(os.path.join(path, "_manifest.json"), "w") as f:
-        json.dump(doc, f)
-    return str(path)
-
-
-# 8 stamps, hand-checked: labels and p(source)
-LABELS = [0, 0, 0, 0, 1, 1, 1, 1]
-P1 = [0.005, 0.2, 0.6, 0.3, 0.995, 0.7, 0.4, 0.9]
-
-
-def test_binary_metrics_against_hand_computed_values(tmp_path):
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    s = write_scores(tmp_path / "s", LABELS, probs, ["noise", "source"], extra={"snr": [0, 0, 0, 0, 5, 10, 3, 50]})
+def test_binary_metrics_against_hand_computed_values(tmp_path, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                    extra={"snr": [0, 0, 0, 0, 5, 10, 3, 50]})
     r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), by=("snr",), tpr=0.9, fpr=0.1))
     res = r.report["results"]["s"]
     # predictions: [0,0,1,0,1,1,0,1] -> TN=3 FP=1 FN=1 TP=3
@@ -68,17 +32,23 @@ def test_binary_metrics_against_hand_computed_values(tmp_path):
     sweep = {round(x["threshold"], 2): x for x in res["threshold_sweep"]}
     assert sweep[0.5]["tpr"] == 0.75 and sweep[0.5]["fpr"] == 0.25 and sweep[0.5]["accuracy"] == 0.75
     assert sum(res["histograms"]["noise"]) == 4 and sum(res["histograms"]["source"]) == 4
+    # completeness: sources at snr 5, 10, 3, 50 predicted 1, 1, 0, 1; false positives: the four noise stamps
+    # (all at snr 0) predicted 0, 0, 1, 0; four stamps a population: one bin each
     by = res["by"]["snr"]
-    assert sum(b["n"] for b in by) == 8
+    assert by["negative_class"] == "noise" and by["missing"] == 0
+    assert by["completeness"]["source"] == [{"lo": 3.0, "hi": 50.0, "median": 7.5, "n": 4, "k": 3, "rate": 0.75,
+                                             "ci": pytest.approx(wilson_formula(3, 4))}]
+    assert by["false_positive_rate"] == [{"lo": 0.0, "hi": 0.0, "median": 0.0, "n": 4, "k": 1, "rate": 0.25,
+                                          "ci": pytest.approx(wilson_formula(1, 4))}]
     on_disk = json.loads(open(tmp_path / "rep" / "report.json").read())
     assert on_disk["results"]["s"]["accuracy"] == 0.75
     for name in ("roc.png", "confusion_s.png", "histograms_s.png", "accuracy_by_snr.png", "report.html"):
         assert os.path.exists(tmp_path / "rep" / name), name
 
 
-def test_split_selection_and_unlabelled_rows(tmp_path):
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    s = write_scores(tmp_path / "s", LABELS, probs, ["noise", "source"], split=["train"] * 4 + ["test"] * 4)
+def test_split_selection_and_unlabelled_rows(tmp_path, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                    split=["train"] * 4 + ["test"] * 4)
     r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep")))
     assert r.report["results"]["s"]["n"] == 4  # the test split only, by default
     r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep2"), split="all"))
@@ -87,13 +57,13 @@ def test_split_selection_and_unlabelled_rows(tmp_path):
         evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep3"), split="val"))
 
 
-def test_four_classes_one_vs_rest(tmp_path):
+def test_four_classes_one_vs_rest(tmp_path, score_table):
     labels = [0, 1, 2, 3, 0, 1, 2, 3]
     probs = np.full((8, 4), 0.1)
     for i, l in enumerate(labels):
         probs[i, l] = 0.7
     probs[7] = [0.1, 0.1, 0.7, 0.1]  # a triple taken for a double
-    s = write_scores(tmp_path / "s", labels, probs, ["extended", "point", "double", "triple"])
+    s = score_table(tmp_path / "s", labels, probs, ["extended", "point", "double", "triple"])
     res = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"))).report["results"]["s"]
     assert sorted(res["roc"]) == ["double", "extended", "point", "triple"]
     assert res["roc"]["extended"]["auc"] == 1.0
@@ -104,10 +74,9 @@ def test_four_classes_one_vs_rest(tmp_path):
     assert res["confident"]["rule"] == "max p > 0.99" and res["confident"]["n"] == 0
 
 
-def test_two_tables_side_by_side_and_tensorboard(tmp_path):
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    a = write_scores(tmp_path / "cnn", LABELS, probs, ["noise", "source"])
-    b = write_scores(tmp_path / "dense", LABELS, np.full((8, 2), 0.5), ["noise", "source"])
+def test_two_tables_side_by_side_and_tensorboard(tmp_path, score_table, eight_stamps):
+    a = score_table(tmp_path / "cnn", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
+    b = score_table(tmp_path / "dense", eight_stamps.labels, np.full((8, 2), 0.5), eight_stamps.class_names)
     r = evaluate(EvaluateSettings(scores=(a, b), out=str(tmp_path / "rep"), tensorboard=str(tmp_path / "tb")))
     assert list(r.report["results"]) == ["cnn", "dense"]
     assert r.report["results"]["dense"]["auc"] == 0.5
@@ -116,53 +85,81 @@ def test_two_tables_side_by_side_and_tensorboard(tmp_path):
 
 def test_helpers():
     assert roc(np.array([True, True]), np.array([0.2, 0.3]), 0.9, 0.1)["auc"] is None
-    rows = accuracy_by(np.array([1.0, 2, 3, 4]), np.array([True, False, True, True]), bins=2)
-    assert [(r["n"], r["accuracy"]) for r in rows] == [(2, 0.5), (2, 1.0)]
 
 
-def chromium():
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
+def wilson_formula(k, n, z=1.959963984540054):
+    """The Wilson score interval written out: (p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
 
 
-@pytest.mark.skipif(chromium() is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
-def test_html_report_renders_with_every_image(tno_small, tmp_path, ray_shared):
-    """The report opens in headless Chromium and every <img> decodes."""
-    from test_score import make_checkpoint
+def test_wilson_interval_matches_the_formula():
+    assert wilson(3, 4) == pytest.approx(wilson_formula(3, 4), abs=1e-12)
+    assert wilson(3, 4) == pytest.approx([0.3006418, 0.9544127], abs=1e-6)
+    assert wilson(0, 10) == pytest.approx([0.0, 0.2775328], abs=1e-6)  # stays inside [0, 1] at 0/n
+    assert wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 0) is None
 
-    from stampray.score import ScoreSettings, score
 
-    ckpt = make_checkpoint(tmp_path / "m.pt")
-    score(ScoreSettings(model=ckpt, data=tno_small, out=str(tmp_path / "s"), keep=("snr",)))
-    r = evaluate(EvaluateSettings(scores=(str(tmp_path / "s"),), out=str(tmp_path / "rep"), data=tno_small,
-                                  by=("snr",), split="all"))
+def test_completeness_and_false_positives_in_equal_count_bins():
+    # sources at snr 1..8, found at 2 and 5..8; noise at snr 10..15, called a source at 14 and 15; one NaN snr
+    values = np.array([1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, np.nan])
+    labels = np.array([1] * 8 + [0] * 6 + [1])
+    pred = np.array([0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1])
+    by = completeness_by(values, labels, pred, ["noise", "source"], bins=2)
+    assert by["missing"] == 1
+    comp = by["completeness"]["source"]
+    assert [(b["lo"], b["hi"], b["n"], b["k"], b["rate"]) for b in comp] == [(1, 4.5, 4, 1, 0.25), (4.5, 8, 4, 4, 1.0)]
+    fpr = by["false_positive_rate"]
+    assert [(b["lo"], b["hi"], b["n"], b["k"]) for b in fpr] == [(10, 12.5, 3, 0), (12.5, 15, 3, 2)]
+    assert [b["rate"] for b in fpr] == pytest.approx([0, 2 / 3])
+    assert comp[0]["ci"] == pytest.approx(wilson_formula(1, 4)) and fpr[1]["ci"] == pytest.approx(wilson_formula(2, 3))
+    assert [b["median"] for b in comp] == [2.5, 6.5]
+
+
+def test_completeness_per_positive_class_and_any_positive_call_as_false_positive():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 2, 0, 1, 2, 2, 2])  # noise called 'real' once, 'variable' once: both false positives
+    by = completeness_by(np.arange(8.0), labels, pred, ["bogus", "real", "variable"])
+    assert sorted(by["completeness"]) == ["real", "variable"]
+    assert [(b["n"], b["k"]) for b in by["completeness"]["real"]] == [(2, 1)]
+    assert [(b["n"], b["k"]) for b in by["completeness"]["variable"]] == [(2, 2)]
+    assert [(b["n"], b["k"], b["rate"]) for b in by["false_positive_rate"]] == [(4, 2, 0.5)]
+    many = completeness_by(np.arange(1.0, 26), np.ones(25, int), np.ones(25, int), ["n", "p"])
+    assert [b["n"] for b in many["completeness"]["p"]] == [12, 13]  # 25 stamps: two bins of about 10 or more
+
+
+def test_html_report_renders_with_every_image(tno_small, tmp_path, score_table, images_in_chromium):
+    """The report, with every kind of plot (the misclassified stamps' images read from the survey among them),
+    opens in headless Chromium and every <img> decodes."""
+    from stampray import table as st
+
+    # Scores for the survey's stamps as 'stampray score' would write them: no model or Ray needed for a report.
+    survey = st.read_table(tno_small, columns=["stamp_id", "label", "snr"])
+    labels = survey.column("label").to_numpy()
+    p_source = np.clip(0.2 + 0.6 * labels + np.random.default_rng(0).normal(0, 0.25, len(labels)), 0, 1)
+    s = score_table(tmp_path / "s", labels.tolist(), np.stack([1 - p_source, p_source], axis=1), ["noise", "source"],
+                    extra={"snr": survey.column("snr")}, ids=survey.column("stamp_id").to_pylist())
+    r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), data=tno_small, by=("snr",), split="all"))
+    assert "misclassified_s.png" in {os.path.basename(p) for p in r.plots}
     page = open(r.html).read()
     assert page.count("<img") >= 6 and "src=\"data:image/png;base64," in page
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load',()=>{const b=[...document"
-                                  ".images].filter(i=>!i.complete||i.naturalWidth===0).length;document.title="
-                                  "'images:'+document.images.length+' broken:'+b;});</script></body>"))
-    out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-                          "--dump-dom", f"file://{probe}"], capture_output=True, text=True, timeout=120)
-    title = out.stdout.split("<title>")[1].split("</title>")[0]
+    images, broken = images_in_chromium(page)
     n = page.count("<img")
-    assert title == f"images:{n} broken:0", title
+    assert (images, broken) == (n, 0)
 
 
-def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, capsys):
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    old = write_scores(tmp_path / "old", LABELS, probs, ["noise", "source"], split_record=None)
+def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, capsys, score_table,
+                                                                                   eight_stamps):
+    labels, probs, names = eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names
+    old = score_table(tmp_path / "old", labels, probs, names, split_record=None)
     evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r1")))
     assert "was scored before stampray recorded splits" in capsys.readouterr().err
-    assumed = write_scores(tmp_path / "assumed", LABELS, probs, ["noise", "source"],
-                           split_record={"fractions": [0.7, 0.1, 0.2], "source": "assumed", "column": False})
+    assumed = score_table(tmp_path / "assumed", labels, probs, names,
+                          split_record={"fractions": [0.7, 0.1, 0.2], "source": "assumed", "column": False})
     evaluate(EvaluateSettings(scores=(assumed,), out=str(tmp_path / "r2")))
     assert "does not record its training split" in capsys.readouterr().err
-    known = write_scores(tmp_path / "known", LABELS, probs, ["noise", "source"])
+    known = score_table(tmp_path / "known", labels, probs, names)
     evaluate(EvaluateSettings(scores=(known,), out=str(tmp_path / "r3")))
     evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r4"), split="all"))
     assert capsys.readouterr().err == ""

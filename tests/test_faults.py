@@ -4,31 +4,23 @@ Each test runs its scenario in a fresh Python process: the simulated cluster (or
 the Ray workers inherit) must not mix with the test session's own Ray instance.
 """
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 
-
-def run_script(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=timeout, env=env or ENV)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-4000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][7:]), out.stdout + out.stderr
+def result_parts(out: str) -> list[str]:
+    """The result shards a scoring run has committed to ``out`` so far."""
+    return [f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []
 
 
 @pytest.mark.slow
-def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
-    result, _ = run_script(f"""
+def test_scoring_survives_the_loss_of_a_worker_node(tmp_path, run_scenario):
+    result, _ = run_scenario(f"""
         import json, os, threading, time, ray, torch
         from ray.cluster_utils import Cluster
         from stampray import checkpoint as ck, table as st
@@ -43,9 +35,13 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
         victim = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, logging_level="ERROR")
-        killed = []
+        killed, errors = [], []
         def killer():
+            deadline = time.monotonic() + 300
             while len([f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []) < 5:
+                if time.monotonic() > deadline:
+                    errors.append("score committed fewer than 5 shards in 300 s: no node was removed")
+                    return
                 time.sleep(0.05)
             cluster.remove_node(victim)  # a worker node dies mid-job
             killed.append(time.time())
@@ -55,17 +51,18 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path):
         ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
         src = st.read_table(data, columns=["stamp_id"]).column("stamp_id").to_pylist()
         print("RESULT", json.dumps({{"killed": bool(killed), "n": len(ids), "unique": len(set(ids)),
-                                     "same": set(ids) == set(src), "scored": r.scored}}), flush=True)
+                                     "same": set(ids) == set(src), "scored": r.scored, "errors": errors}}),
+              flush=True)
         os._exit(0)
     """)
-    assert result == {"killed": True, "n": 30000, "unique": 30000, "same": True, "scored": 30000}
+    assert result == {"killed": True, "n": 30000, "unique": 30000, "same": True, "scored": 30000, "errors": []}
 
 
 @pytest.mark.slow
-def test_training_survives_the_loss_of_a_node(tmp_path):
+def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_env):
     # Ray Train's default 2 s poll: the run must still be going when the node's death is noticed.
-    env = {**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
-    result, log = run_script(f"""
+    env = {**scenario_env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+    result, log = run_scenario(f"""
         import json, os, threading, time, ray
         from ray.cluster_utils import Cluster
         from stampray.synth import SynthSettings, synth
@@ -80,7 +77,11 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
             hosts = None
             metrics = os.path.join(runs, "cnn", "metrics.jsonl")
             # Epoch 3 logged: epoch 1's checkpoint is registered (see test_train's worker-kill test).
+            deadline = time.monotonic() + 300
             while not os.path.exists(metrics) or len(open(metrics).read().splitlines()) < 3:
+                if time.monotonic() > deadline:
+                    errors.append("fewer than 3 epochs logged in 300 s: no node was removed")
+                    return
                 time.sleep(0.05)
             try:
                 hosts = set(json.loads(open(metrics).readline())["node_ids"])  # where the Train workers run
@@ -104,103 +105,92 @@ def test_training_survives_the_loss_of_a_node(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_driver_rerun_completes_scoring_on_a_cluster(tmp_path):
+def test_killed_driver_rerun_completes_scoring_on_a_cluster(tmp_path, make_checkpoint, scenario_env, wait_until):
     from stampray.score import read_scores
     from stampray.synth import SynthSettings, synth
 
     data, out = str(tmp_path / "survey"), str(tmp_path / "scores")
     synth(SynthSettings(out=data, n=30000, seed=5, shard_rows=1000))
-    from stampray import checkpoint as ck
-    from stampray.models import create_model
-
-    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=["noise", "source"],
-                           preprocess="course_scaled"), str(tmp_path / "m.pt"))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-        import sys, ray
-        from ray.cluster_utils import Cluster
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        cluster.add_node(num_cpus=1)
-        cluster.add_node(num_cpus=1)
-        print("ADDRESS", cluster.address, flush=True)
-        sys.stdin.read()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
-    try:
-        line = ""
-        while not line.startswith("ADDRESS"):
-            line = holder.stdout.readline()
-            assert line, "the cluster did not start"
-        address = line.split()[1]
-        cmd = [sys.executable, "-m", "stampray", "score", "--model", str(tmp_path / "m.pt"), "--data", data,
-               "--out", out, "--address", address, "--batch-size", "500", "--compile", "off", "--no-progress"]
-        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    model = make_checkpoint(tmp_path / "m.pt", preprocess="course_scaled")
+    address_file = tmp_path / "address"
+    # The simulated cluster lives in a process of its own, until its stdin closes.
+    with open(tmp_path / "cluster.log", "w") as log:
+        holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import os, sys, ray
+            from ray.cluster_utils import Cluster
+            cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1)
+            with open({str(address_file)!r} + ".tmp", "w") as f:
+                f.write(cluster.address)
+            os.replace({str(address_file)!r} + ".tmp", {str(address_file)!r})
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=scenario_env,
                                   start_new_session=True)
-        deadline = time.time() + 200
-        while time.time() < deadline and len([f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []) < 5:
-            time.sleep(0.05)
+    driver = None
+    try:
+        def cluster_address():
+            assert holder.poll() is None, "the simulated cluster's process ended:\n" + \
+                (tmp_path / "cluster.log").read_text()[-3000:]
+            return address_file.exists() and address_file.read_text()
+
+        address = wait_until(cluster_address, 180, "the simulated cluster to start")
+        cmd = [sys.executable, "-m", "stampray", "score", "--model", model, "--data", data, "--out", out,
+               "--address", address, "--batch-size", "500", "--compile", "off", "--no-progress"]
+        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=scenario_env,
+                                  start_new_session=True)
+
+        def five_shards():
+            assert driver.poll() is None, "the scoring driver ended before it committed 5 result shards"
+            return len(result_parts(out)) >= 5
+
+        wait_until(five_shards, 200, "the scoring driver to commit 5 result shards")
         os.killpg(driver.pid, signal.SIGKILL)  # only the driver: the cluster lives on
         driver.wait()
-        before = len([f for f in os.listdir(out) if f.startswith("part-")])
+        before = len(result_parts(out))
         assert 0 < before < 30
-        rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=scenario_env, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
         assert len(ids) == 30000 and len(set(ids)) == 30000
     finally:
+        if driver is not None and driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
         os.killpg(holder.pid, signal.SIGTERM)
         holder.wait(timeout=60)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_ingest_train_score_through_a_loopback_s3_server(tmp_path):
-    pytest.importorskip("moto")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {**ENV, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    try:
-        result, _ = run_script(f"""
-            import json, time, numpy as np, boto3, ray
-            for _ in range(100):
-                try:
-                    boto3.client("s3").create_bucket(Bucket="survey")
-                    break
-                except Exception:
-                    time.sleep(0.2)
-            from stampray import table as st
-            from stampray.ingest import IngestSettings, ingest
-            from stampray.synth import SynthSettings, synth
-            from stampray.train import TrainSettings, fit
-            from stampray.score import ScoreSettings, score, read_scores
-            from stampray.runtime import ray_session
-            local = {str(tmp_path / 'local')!r}
-            synth(SynthSettings(out=local, n=1500, seed=3, shard_rows=500))
-            t = st.read_table(local)
-            img = st.decode_images(t.column("image"), (1, 21, 21))[:, 0]
-            lab = t.column("label").to_numpy()
-            np.save({str(tmp_path / 'noise.npy')!r}, img[lab == 0])
-            np.save({str(tmp_path / 'source.npy')!r}, img[lab == 1])
-            r = ingest(IngestSettings(out="s3://survey/stamps", shard_rows=400, class_files=(
-                ("noise", {str(tmp_path / 'noise.npy')!r}), ("source", {str(tmp_path / 'source.npy')!r}))))
-            with ray_session():
-                tr = fit(TrainSettings(model="cnn", data="s3://survey/stamps", out="s3://survey/runs", epochs=1,
-                                       batch_size=64))
-                sc = score(ScoreSettings(model="s3://survey/runs/cnn", data="s3://survey/stamps",
-                                         out="s3://survey/scores", progress=False))
-            ids = read_scores("s3://survey/scores", columns=["stamp_id"]).column("stamp_id").to_pylist()
-            keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="survey")["Contents"]]
-            print("RESULT", json.dumps({{"ingested": r.ingested, "best": tr.best, "scored": sc.scored,
-                                         "ids": len(set(ids)), "tb": any("tensorboard/events" in k for k in keys),
-                                         "manifest": "stamps/_manifest.json" in keys}}))
-        """, env=env)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+def test_ingest_train_score_through_a_loopback_s3_server(tmp_path, s3_env, run_scenario):
+    result, _ = run_scenario(f"""
+        import json, numpy as np, boto3, ray
+        boto3.client("s3").create_bucket(Bucket="survey")  # the server answers: s3_env waited for it
+        from stampray import table as st
+        from stampray.ingest import IngestSettings, ingest
+        from stampray.synth import SynthSettings, synth
+        from stampray.train import TrainSettings, fit
+        from stampray.score import ScoreSettings, score, read_scores
+        from stampray.runtime import ray_session
+        local = {str(tmp_path / 'local')!r}
+        synth(SynthSettings(out=local, n=1500, seed=3, shard_rows=500))
+        t = st.read_table(local)
+        img = st.decode_images(t.column("image"), (1, 21, 21))[:, 0]
+        lab = t.column("label").to_numpy()
+        np.save({str(tmp_path / 'noise.npy')!r}, img[lab == 0])
+        np.save({str(tmp_path / 'source.npy')!r}, img[lab == 1])
+        r = ingest(IngestSettings(out="s3://survey/stamps", shard_rows=400, class_files=(
+            ("noise", {str(tmp_path / 'noise.npy')!r}), ("source", {str(tmp_path / 'source.npy')!r}))))
+        with ray_session():
+            tr = fit(TrainSettings(model="cnn", data="s3://survey/stamps", out="s3://survey/runs", epochs=1,
+                                   batch_size=64))
+            sc = score(ScoreSettings(model="s3://survey/runs/cnn", data="s3://survey/stamps",
+                                     out="s3://survey/scores", progress=False))
+        ids = read_scores("s3://survey/scores", columns=["stamp_id"]).column("stamp_id").to_pylist()
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="survey")["Contents"]]
+        print("RESULT", json.dumps({{"ingested": r.ingested, "best": tr.best, "scored": sc.scored,
+                                     "ids": len(set(ids)), "tb": any("tensorboard/events" in k for k in keys),
+                                     "manifest": "stamps/_manifest.json" in keys}}))
+    """, env=s3_env)
     assert result == {"ingested": 1500, "best": "s3://survey/runs/cnn/best.pt", "scored": 1500, "ids": 1500,
                       "tb": True, "manifest": True}

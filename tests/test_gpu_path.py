@@ -43,6 +43,7 @@ def test_use_gpu_on_a_node_whose_torch_has_no_cuda_stops_with_one_line(tmp_path,
         assert not any(f.startswith("part-") for f in files or [])
 
 
+@pytest.mark.slow
 def test_compile_warm_up_takes_the_path_real_batches_take(monkeypatch):
     """The compiled model is warmed up through ``_run`` (device copy, autocast, channels-last), the one
     place real batches call the model, so the first real batch does not recompile."""
@@ -161,6 +162,7 @@ def test_validation_parts_are_disjoint_and_cover_the_split():
     assert part_mask(ids, (0, 1)).all() and part_mask(ids, None).all()
 
 
+@pytest.mark.slow
 def test_raw_batches_set_aside_the_same_rows_as_normalised_ones(ray_shared):
     """With normalisation on the device, the read tasks pass raw pixels but set aside exactly the stamps
     that are non-finite before or after normalisation, with the same reasons; the device's normalisation of

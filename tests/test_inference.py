@@ -131,3 +131,14 @@ def test_use_gpu_is_refused_at_once_where_no_gpu_can_come(tmp_path, ray_shared):
 
     with pytest.raises(ValueError, match="0 GPUs and no autoscaler node type that can add one"):
         ensure_gpus("score", 1, wait_s=600)
+
+
+def test_dropped_stderr_lines_drops_only_the_named_lines(capfd):
+    from stampray.inference import RAY_POOL_NOISE, dropped_stderr_lines
+
+    with dropped_stderr_lines(RAY_POOL_NOISE):
+        os.write(2, b"kept 1\n[E core_worker.cc] Actor ... has constructor arguments in the object store and "
+                    b"max_restarts > 0. If ...\nkept 2\n")
+        os.write(2, b"\rscore: 10/20 stamps")  # a progress line redrawn in place: no newline
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "kept 1\nkept 2\n\rscore: 10/20 stamps" + "after\n"

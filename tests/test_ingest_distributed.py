@@ -122,12 +122,12 @@ def _kill_session(proc):
     workers make their own groups), by pid; wait until none is left."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    deadline = time.time() + 60
+    deadline = time.monotonic() + 60
     while True:
         left = _session_pids(proc.pid)
         if not left:
             return
-        assert time.time() < deadline, f"processes of the killed ingest still running: {left}"
+        assert time.monotonic() < deadline, f"processes of the killed ingest still running: {left}"
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -146,13 +146,13 @@ def _start_and_kill(settings, log_path) -> bool:
         proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 300
+            deadline = time.monotonic() + 300
             while not glob.glob(os.path.join(out, "_ingest", "unit-*.json")):
                 if proc.poll() is not None:
                     text = open(log_path).read()
                     assert "timed out during startup" in text, "the ingest ended early:\n" + text[-3000:]
                     return False
-                assert time.time() < deadline, "no unit finished within 300 s"
+                assert time.monotonic() < deadline, "no unit finished within 300 s"
                 time.sleep(0.02)
         finally:
             _kill_session(proc)

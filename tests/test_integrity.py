@@ -91,6 +91,7 @@ def test_shard_names_that_escape_the_table_are_refused(survey, tmp_path, capsys)
     assert not os.path.exists(tmp_path / "s" / "part-00000.parquet") and not os.path.exists(tmp_path.parent / "x")
 
 
+@pytest.mark.slow
 def test_a_shard_the_manifest_does_not_list_is_named_in_a_warning(survey, tmp_path, ray_shared, capsys):
     data, model = survey
     copy = str(tmp_path / "t")
@@ -136,6 +137,7 @@ def test_scores_of_a_table_that_changed_are_refused_as_stale_and_overwrite_start
     assert not os.path.exists(os.path.join(out, "_lock.json"))
 
 
+@pytest.mark.slow
 def test_a_damaged_page_sets_its_rows_aside_naming_the_shard(survey, tmp_path, ray_shared, capsys):
     data, model = survey
     copy = copy_table(data, tmp_path / "t")

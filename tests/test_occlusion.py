@@ -109,9 +109,7 @@ def test_kernel_larger_than_the_stamp_is_refused():
 
 
 @pytest.mark.slow
-def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
-    from test_score import make_checkpoint
-
+def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "m.pt")
     r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps"), limit=4,
                                 png=str(tmp_path / "png")))
@@ -129,19 +127,24 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared):
 
 
 @pytest.mark.slow
-def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, capsys):
+def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, capsys, make_checkpoint,
+                                                                   write_stamps):
     import pyarrow.parquet as pq
-    from test_score import make_checkpoint, write_dataset
+
+    from stampray import table as st
 
     images = np.random.default_rng(1).normal(size=(6, 1, 21, 21)).astype(np.float32)
     images[1, 0, 5, 5] = np.nan
     images[4, 0, 0, 0] = -np.inf
-    data = write_dataset(tmp_path / "d", images, labels=[0, 1] * 3, shard_rows=4)
+    data = write_stamps(tmp_path / "d", images, labels=[0, 1] * 3, shard_rows=4)
     r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps")))
     assert r.rows == 4 and r.set_aside == 2
     assert sorted(read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist()) == ["s0", "s2", "s3", "s5"]
-    errors = {e["stamp_id"]: e["reason"] for e in pq.read_table(str(tmp_path / "maps" / "_errors")).to_pylist()}
-    assert errors == {"s1": "nonfinite: 1 non-finite pixels", "s4": "nonfinite: 1 non-finite pixels"}
+    errors = sorted(pq.read_table(str(tmp_path / "maps" / "_errors")).to_pylist(), key=lambda e: e["stamp_id"])
+    assert pq.read_schema(str(tmp_path / "maps" / "_errors" / "part-00000.parquet")) == st.ERROR_SCHEMA
+    assert errors == [  # the same table as score's and ingest's: where each stamp is, and why
+        {"stamp_id": "s1", "source": "part-00000.parquet", "row": 1, "reason": "nonfinite: 1 non-finite pixels"},
+        {"stamp_id": "s4", "source": "part-00001.parquet", "row": 0, "reason": "nonfinite: 1 non-finite pixels"}]
     assert "2 stamps could not be occluded" in capsys.readouterr().err
     # with --limit, set-aside rows do not count towards the maps asked for
     r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
@@ -159,9 +162,10 @@ def test_png_names_are_unique_per_id_and_indexed(tmp_path):
     n = len(ids)
     flat = np.zeros((n, 21, 21), np.float32)
     table = pa.table({"stamp_id": ids, "label": pa.array([0, 1, None, 0], pa.int64()),
-                      "pred": pa.array([0, 0, 1, 1], pa.int64()), "base_prob": pa.array([0.5] * n, pa.float32()),
+                      "pred": pa.array([0, 0, 1, 1], pa.int64()), "target": pa.array([0, 1, 1, 0], pa.int64()),
+                      "base_prob": pa.array([0.5] * n, pa.float32()),
                       "heatmap": _tensor(flat), "stamp": _tensor(flat)})
-    paths = write_pngs(table, str(tmp_path / "png"), ["noise", "source"])
+    paths = write_pngs(table, str(tmp_path / "png"), ["noise", "source"], kernel=5)
     assert len(paths) == 5 and sorted(os.listdir(tmp_path / "png")) == sorted(names + ["occlusion_grid.png", "index.csv"])
     rows = (tmp_path / "png" / "index.csv").read_text().splitlines()
     assert rows[0] == "stamp_id,file" and len(rows) == 5

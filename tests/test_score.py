@@ -12,30 +12,12 @@ import torch
 
 from stampray import checkpoint as ck
 from stampray import table as st
-from stampray.models import create_model
 from stampray.score import ScoreSettings, read_scores, score
 
 
-def make_checkpoint(path, name="cnn", channels=1, size=21, classes=("noise", "source"), preprocess="course"):
-    torch.manual_seed(0)
-    model = create_model(name, channels, size, len(classes))
-    ck.save(ck.make_bundle(model, class_names=classes, preprocess=preprocess), str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def cnn_ckpt(tmp_path_factory):
+def cnn_ckpt(tmp_path_factory, make_checkpoint):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
-
-
-def write_dataset(path, images, ids=None, labels=None, spec=None, shard_rows=1000):
-    spec = spec or st.StampSpec(images.shape[1:], ("noise", "source"))
-    w = st.StampWriter(str(path), spec, shard_rows)
-    ids = ids or [f"s{i}" for i in range(len(images))]
-    if len(images):
-        w.write(st.make_table(spec, ids, images, labels))
-    w.close()
-    return str(path)
 
 
 def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_path, ray_shared):
@@ -71,11 +53,11 @@ def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_pat
     assert again.nothing_to_do and again.scored == 600
 
 
-def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared):
+def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared, write_stamps):
     images = np.random.default_rng(0).normal(size=(10, 1, 21, 21)).astype(np.float32)
     images[2, 0, 3, 3] = np.nan
     images[7, 0, 0, 0] = np.inf
-    data = write_dataset(tmp_path / "d", images, labels=[0, 1] * 5, shard_rows=4)
+    data = write_stamps(tmp_path / "d", images, labels=[0, 1] * 5, shard_rows=4)
     # a foreign shard whose images are 20x20: its rows cannot be scored
     spec20 = st.StampSpec((1, 20, 20), ("noise", "source"))
     st.write_shard(str(tmp_path / "d" / "part-00003.parquet"),
@@ -87,6 +69,10 @@ def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared):
     r = score(ScoreSettings(model=cnn_ckpt, data=data, out=out))
     assert r.scored == 8 and r.set_aside == 4 and r.errors == {"nonfinite": 2, "shape": 2}
     errors = pq.read_table(str(tmp_path / "scores" / "_errors")).to_pylist()
+    assert pq.read_schema(str(tmp_path / "scores" / "_errors" / "part-00000.parquet")) == st.ERROR_SCHEMA
+    assert {(e["stamp_id"], e["source"], e["row"]) for e in errors} == {
+        ("s2", "part-00000.parquet", 2), ("s7", "part-00001.parquet", 3),
+        ("w0", "part-00003.parquet", 0), ("w1", "part-00003.parquet", 1)}
     reasons = {e["stamp_id"]: e["reason"] for e in errors}
     assert reasons["s2"] == "nonfinite: 1 non-finite pixels" and reasons["s7"] == "nonfinite: 1 non-finite pixels"
     assert reasons["w0"] == "shape: image of 400 float32 values, the model takes (1, 21, 21) = 441"
@@ -95,13 +81,13 @@ def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared):
     assert doc["num_rows"] == 8 and doc["set_aside"] == 4
 
 
-def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, capsys):
-    empty = write_dataset(tmp_path / "empty", np.zeros((0, 1, 21, 21), np.float32))
+def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, capsys, write_stamps):
+    empty = write_stamps(tmp_path / "empty", np.zeros((0, 1, 21, 21), np.float32))
     r = score(ScoreSettings(model=cnn_ckpt, data=empty, out=str(tmp_path / "s0")))
     assert r.scored == 0 and r.set_aside == 0
     assert "holds no stamps" in capsys.readouterr().err
     assert read_scores(str(tmp_path / "s0")).num_rows == 0
-    one = write_dataset(tmp_path / "one", np.ones((1, 1, 21, 21), np.float32), ids=["only"])
+    one = write_stamps(tmp_path / "one", np.ones((1, 1, 21, 21), np.float32), ids=["only"])
     r = score(ScoreSettings(model=cnn_ckpt, data=one, out=str(tmp_path / "s1")))
     assert r.scored == 1
     t = read_scores(str(tmp_path / "s1"))
@@ -109,18 +95,18 @@ def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, capsys):
     assert t.column("p_noise")[0].as_py() + t.column("p_source")[0].as_py() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path):
-    three = write_dataset(tmp_path / "c3", np.zeros((2, 3, 21, 21), np.float32))
+def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path, write_stamps):
+    three = write_stamps(tmp_path / "c3", np.zeros((2, 3, 21, 21), np.float32))
     with pytest.raises(ValueError, match="the model takes 1-channel stamps, .* holds 3-channel stamps"):
         score(ScoreSettings(model=cnn_ckpt, data=three, out=str(tmp_path / "o1")))
-    small = write_dataset(tmp_path / "s20", np.zeros((2, 1, 20, 20), np.float32))
+    small = write_stamps(tmp_path / "s20", np.zeros((2, 1, 20, 20), np.float32))
     with pytest.raises(ValueError, match="trained on 21x21 stamps, .* holds 20x20 stamps"):
         score(ScoreSettings(model=cnn_ckpt, data=small, out=str(tmp_path / "o2")))
-    four = write_dataset(tmp_path / "k4", np.zeros((4, 1, 21, 21), np.float32), labels=[0, 1, 2, 3],
+    four = write_stamps(tmp_path / "k4", np.zeros((4, 1, 21, 21), np.float32), labels=[0, 1, 2, 3],
                          spec=st.StampSpec((1, 21, 21), ("a", "b", "c", "d")))
     with pytest.raises(ValueError, match="has labels up to 3 .* but the model predicts 2 classes"):
         score(ScoreSettings(model=cnn_ckpt, data=four, out=str(tmp_path / "o3")))
-    ok = write_dataset(tmp_path / "ok", np.zeros((2, 1, 21, 21), np.float32))
+    ok = write_stamps(tmp_path / "ok", np.zeros((2, 1, 21, 21), np.float32))
     with pytest.raises(ValueError, match="--keep names columns \\['ra'\\] that .* does not have; it has: none"):
         score(ScoreSettings(model=cnn_ckpt, data=ok, out=str(tmp_path / "o4"), keep=("ra",)))
     for name in ("o1", "o2", "o3", "o4"):
@@ -128,7 +114,7 @@ def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, ray_shared):
+def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, ray_shared, make_checkpoint):
     out = str(tmp_path / "scores")
     score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out))
     other = make_checkpoint(tmp_path / "other.pt", name="dense")
@@ -171,3 +157,28 @@ def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path)
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
     assert len(ids) == 40_000 and len(set(ids)) == 40_000
     assert set(ids) == set(st.read_table(data, columns=["stamp_id"]).column("stamp_id").to_pylist())
+
+
+NOISE = ("has constructor arguments in the object store", "Token authentication is enabled",
+         "DeprecationWarning", "Progress bars disabled")
+
+
+@pytest.mark.slow
+def test_a_run_on_the_private_ray_prints_none_of_rays_notices(cnn_ckpt, tmp_path, run_scenario, write_stamps):
+    """``stampray score`` and ``occlude`` on their private local Ray: no line of Ray's that a user cannot act
+    on (the actor-restart notice every Ray Data pool gets, the token-authentication notice, DataContext
+    DeprecationWarnings, shown here since the driver runs with ``-W default``), and their own lines kept."""
+    data = write_stamps(tmp_path / "d", np.random.default_rng(1).normal(size=(40, 1, 21, 21)).astype(np.float32),
+                         labels=[0, 1] * 20, shard_rows=20)
+    result, output = run_scenario(f"""
+        import json, sys, warnings
+        warnings.simplefilter("default")  # as python -W default: DeprecationWarnings shown
+        from stampray.cli import main
+        codes = [main(["score", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "s")!r}]),
+                 main(["occlude", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "m")!r},
+                       "--limit", "2", "--kernel", "9", "--stride", "4"])]
+        print("RESULT", json.dumps(codes))
+    """)
+    assert result == [0, 0], output
+    assert "40 stamps scored" in output and "occlude" in output
+    assert [line for line in output.splitlines() if any(n in line for n in NOISE)] == []

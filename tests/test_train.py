@@ -13,7 +13,7 @@ import torch
 
 from stampray import checkpoint as ck
 from stampray.models import create_model
-from stampray.train import Augment, TrainSettings, class_weights_from_counts, fit, lr_factor, resources
+from stampray.train import Augment, TrainSettings, class_weights_from_counts, fit, resources
 
 
 def history_epochs(run_dir):
@@ -78,6 +78,53 @@ def test_early_stopping_stops(tno_small, tmp_path, ray_shared):
     assert history_epochs(r.run_dir) == [1, 2]
 
 
+def keys_anywhere(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from keys_anywhere(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from keys_anywhere(v)
+
+
+@pytest.mark.slow
+def test_best_pt_is_the_best_epoch_kept_by_ray_and_checkpoints_hold_one_copy(tno_small, tmp_path, ray_shared):
+    """Epoch 1 is the best, by construction: with an LR of 1e-12 the cnn's float32 weights cannot move, so
+    epoch 2's validation loss equals epoch 1's and is not an improvement. With --keep-checkpoints 1, Ray
+    keeps both: the best epoch's checkpoint and the latest (the old policy kept the latest only). best.pt is
+    epoch 1's checkpoint (its weights and its own metrics), last.pt epoch 2's, each checkpoint holds only
+    its own epoch's weights, and the test split was scored with the best weights."""
+    from stampray import preprocess as pp
+    from stampray import splits
+    from stampray import table as st
+    from stampray.train import classification_metrics
+
+    r = fit(small(tno_small, tmp_path, epochs=2, lr=1e-12, early_stopping=1, keep_checkpoints=1, name="best"))
+    assert r.metrics["best_epoch"] == 1 and r.metrics["epochs_done"] == 2 and r.metrics["stopped_early"] is True
+    run = tmp_path / "best"
+    epochs = {name: torch.load(run / name / "model.pt", weights_only=True) for name in ("epoch-0001", "epoch-0002")}
+    for bundle in epochs.values():
+        keys = list(keys_anywhere(bundle))
+        assert "best_state_dict" not in keys and keys.count("state_dict") == 1
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == 1 and last["epoch"] == 2 and "train_state" not in best and "optimizer" not in best
+    for got, want in ((best, epochs["epoch-0001"]), (last, epochs["epoch-0002"])):
+        assert got["metrics"] == want["metrics"] and got["metrics"]["epoch"] == got["epoch"]
+        assert got["state_dict"].keys() == want["state_dict"].keys()
+        assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
+    assert best["metrics"] == r.history[0] and last["metrics"] == r.history[1]
+    # the final test numbers are those of the best weights
+    tbl = st.read_table(tno_small)
+    m = splits.mask(tbl, "test") & tbl.column(st.LABEL).is_valid().to_numpy(zero_copy_only=False)
+    images = pp.get("course_scaled")(st.decode_images(tbl.column(st.IMAGE), (1, 21, 21))[m])
+    model = ck.build_model(best)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(images)), 1).numpy()
+    want = classification_metrics(probs, tbl.column(st.LABEL).to_numpy(zero_copy_only=False)[m].astype(np.int64), 2)
+    assert r.metrics["test_n"] == want["n"] and abs(r.metrics["test_loss"] - want["loss"]) < 1e-5
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path, ray_shared):
     import psutil
@@ -139,10 +186,13 @@ def test_killed_driver_rerun_resumes(tno_small, tmp_path):
            "--epochs", "3", "--batch-size", "64"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # Kill once Ray has registered epoch 1's checkpoint (its checkpoint manager's snapshot names it): a
+    # checkpoint directory alone may still be uploading, and the rerun could not resume from it.
+    snapshot = tmp_path / "cnn" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
-    while time.time() < deadline and not os.path.exists(tmp_path / "cnn" / "epoch-0001" / "model.pt"):
-        time.sleep(0.2)
-    time.sleep(0.5)
+    while time.time() < deadline and not (snapshot.exists() and "epoch-0001" in snapshot.read_text()):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before epoch 1's checkpoint was registered"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the private Ray it started
     proc.wait()
     assert not os.path.exists(tmp_path / "cnn" / "summary.json")
@@ -204,11 +254,7 @@ def test_augmentation_keeps_shape_and_is_off_in_eval():
         assert torch.equal(torch.sort(z[i].flatten()).values, torch.sort(x[i].flatten()).values)
 
 
-def test_cosine_schedule_and_resource_rule():
-    assert lr_factor(0, 10, 5, "constant", 1) == 1.0
-    assert lr_factor(0, 10, 5, "cosine", 1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 5, "cosine", 1) == pytest.approx(1.0)
-    assert lr_factor(49, 10, 5, "cosine", 1) == pytest.approx(0.5 * (1 + np.cos(np.pi * 39 / 40)))
+def test_resource_rule():  # the LR schedule is tested in test_train_parts.py
     assert resources(2, False, 2.0) == {"CPU": 0.5}  # a 2-CPU laptop keeps a CPU for reading
     assert resources(1, False, 2.0) == {"CPU": 1.0}
     assert resources(4, False, 16.0) == {"CPU": 3.0}

@@ -5,11 +5,9 @@ import os
 import re
 import tempfile
 
-import numpy as np
 import pytest
 
 from stampray.evaluate import EvaluateSettings, evaluate
-from test_evaluate import LABELS, P1, write_scores
 
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
@@ -42,16 +40,15 @@ def numbers(report):
     return {k: v for k, v in report.items() if k not in ("seconds", "settings", "tables")}
 
 
-def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3):
+def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3, score_table, eight_stamps):
     """--out, --scores, --run and --tensorboard as s3:// URIs; the same numbers as a local run."""
     import pyarrow.fs as pafs
 
     from stampray import table as st
 
     bucket = s3("evalbucket")
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    local_scores = write_scores(tmp_path / "scores", LABELS, probs, ["noise", "source"],
-                                extra={"snr": [0, 0, 0, 0, 5, 10, 3, 50]})
+    local_scores = score_table(tmp_path / "scores", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                               extra={"snr": [0, 0, 0, 0, 5, 10, 3, 50]})
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(
@@ -83,12 +80,11 @@ def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3):
     assert after <= before  # the local staging directories are gone
 
 
-def test_evaluate_to_a_missing_bucket_is_one_clear_line(tmp_path, s3, capsys):
+def test_evaluate_to_a_missing_bucket_is_one_clear_line(tmp_path, s3, capsys, score_table, eight_stamps):
     from stampray.cli import main
 
     s3("present")
-    probs = np.stack([1 - np.array(P1), P1], axis=1)
-    s = write_scores(tmp_path / "s", LABELS, probs, ["noise", "source"])
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
     assert main(["evaluate", "--scores", s, "--out", "s3://no-such-bucket/report"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("stampray evaluate: error: --out s3://no-such-bucket/report")
@@ -118,12 +114,7 @@ def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
         import json, os, time, boto3
         os.chdir({str(tmp_path)!r})  # anything written to a local path by mistake lands here
         s3 = boto3.client("s3")
-        for _ in range(100):
-            try:
-                s3.create_bucket(Bucket="demo")
-                break
-            except Exception:
-                time.sleep(0.2)
+        s3.create_bucket(Bucket="demo")  # the server answers: s3_env waited for it
         s3.put_object(Bucket="demo", Key="d/report/stale.png", Body=b"old")  # an earlier run's report
         s3.put_object(Bucket="demo", Key="d/notes.txt", Body=b"mine")      # not the demo's: kept
         from stampray.cli import main

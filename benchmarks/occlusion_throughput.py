@@ -1,0 +1,73 @@
+"""Occluded variants per second against the machine's forward limit, measured in one run.
+
+    python benchmarks/occlusion_throughput.py            # 200 tno stamps of 21x21, kernel 5, stride 1
+
+* The limit: as in ``score_throughput.py``, two single-thread processes running the checkpoint's
+  preprocessing and the ``torch.compile``d model on in-memory batches of decoded stamps, rates summed.
+* The job: ``stampray occlude`` in a fresh process (its own private Ray, as a user runs it), every stamp of
+  the table mapped; the rate is the occluded variants (stamps x window positions) over its wall time, and
+  the steady rate excludes the start-up (from the progress lines). Goal (issue #14): 0.8 of the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from stampray import checkpoint as ck
+from stampray.models import create_model
+from stampray.synth import SynthSettings, synth
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from score_throughput import forward_limit  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=200, help="stamps to map")
+    ap.add_argument("--kernel", type=int, default=5)
+    ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--work", default="/tmp/stampray-occl-throughput")
+    args = ap.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    data, maps, model = (os.path.join(args.work, x) for x in ("data", "maps", "cnn.pt"))
+    synth(SynthSettings(out=data, n=args.n, seed=0, progress=False))
+    torch.manual_seed(0)
+    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=["noise", "source"],
+                           preprocess="course_scaled"), model)
+    positions = len(range(0, 21 - args.kernel + 1, args.stride)) ** 2
+    variants = args.n * positions
+    rates = forward_limit(model)
+    limit = sum(rates)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "stampray", "occlude", "--model", model, "--data", data,
+                             "--out", maps, "--kernel", str(args.kernel), "--stride", str(args.stride)],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
+    marks = []
+    for line in proc.stderr:
+        m = re.match(r"occlude: ([\d,]+)/[\d,]+ maps", line.strip())
+        if m:
+            marks.append((time.time(), int(m.group(1).replace(",", ""))))
+    if proc.wait(timeout=3600) != 0:
+        raise SystemExit("stampray occlude failed")
+    wall = time.time() - t0
+    rate = variants / wall
+    steady = ((marks[-1][1] - marks[0][1]) * positions / (marks[-1][0] - marks[0][0])
+              if len(marks) > 2 else float("nan"))
+    print(f"{args.n} stamps of 21x21, kernel {args.kernel}, stride {args.stride}: {positions} windows each, "
+          f"{variants:,} occluded variants")
+    print(f"forward limit (2 processes x 1 thread, preprocessing + compiled model): {limit:,.0f} stamps/s")
+    print(f"stampray occlude: {wall:.1f} s = {rate:,.0f} variants/s; fraction of the forward limit: "
+          f"{rate / limit:.2f} end to end, steady {steady / limit:.2f} (goal 0.8)")
+
+
+if __name__ == "__main__":
+    main()

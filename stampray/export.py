@@ -1,0 +1,148 @@
+"""``stampray export --model CKPT --onnx FILE``: the model outside PyTorch.
+
+The ONNX graph takes preprocessed stamps ``input`` (N, C, H, W) float32 — N is a dynamic axis — and gives
+the class probabilities ``probabilities`` (N, K) (softmax of the logits). The preprocessing is not in the
+graph: its name (``stampray.preprocess``; :mod:`stampray.preprocess` documents each step), the class names
+(``stampray.class_names``, JSON), the input shape and the model name are in the model's metadata. After
+writing, the export runs a test batch through onnxruntime (when installed) and refuses a graph whose
+probabilities differ from PyTorch's by more than ``TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from . import preprocess as pp
+from . import table as st
+
+TOLERANCE = 1e-5
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Settings of ``stampray export``.
+
+    Args:
+        model: checkpoint: model.pt, a checkpoint directory, or a run directory (its best.pt).
+        onnx: the ONNX file to write (local path or URI); an existing file is replaced only once the new
+            one is complete and checked.
+    """
+
+    model: str
+    onnx: str
+
+
+class _WithSoftmax(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x), dim=1)
+
+
+@dataclass
+class ExportResult:
+    path: str
+    max_abs_diff: float | None  # onnxruntime against PyTorch on the test batch; None without onnxruntime
+    metadata: dict
+
+
+def export(settings: ExportSettings) -> ExportResult:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - torch's exporter needs it
+    except ImportError as e:
+        msg = f"export needs the onnx extras ({e.name} is missing): pip install 'stampray[onnx]'"
+        raise ValueError(msg) from None
+
+    bundle = ck.load_bundle(ck.resolve_path(settings.model))
+    net = _WithSoftmax(ck.build_model(bundle)).eval()
+    shape = (int(bundle["in_channels"]), *(int(s) for s in bundle["image_size"]))
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(8, *shape)).astype(np.float32)
+    raw[:, :, shape[1] // 2, shape[2] // 2] += 20.0  # a bright centre, as a source
+    x = pp.get(bundle["preprocess"])(raw)
+    with torch.inference_mode():
+        want = net(torch.from_numpy(x)).numpy()
+    with tempfile.TemporaryDirectory(prefix="stampray-export-") as tmp:
+        local = os.path.join(tmp, "model.onnx")
+        batch = torch.export.Dim("batch", min=1)
+        # The exporter logs a line per torchvision op it cannot register and warns about its own internals:
+        # nothing a user can act on.
+        quiet = logging.getLogger("torch.onnx")
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                program = torch.onnx.export(net, (torch.from_numpy(x),), dynamo=True, input_names=["input"],
+                                            output_names=["probabilities"], dynamic_shapes=({0: batch},),
+                                            opset_version=OPSET, verbose=False)
+        finally:
+            quiet.setLevel(level)
+        program.save(local)
+        model = onnx.load(local)
+        meta = {"stampray.model": str(bundle["model"]), "stampray.preprocess": str(bundle["preprocess"]),
+                "stampray.class_names": json.dumps(list(bundle["class_names"])),
+                "stampray.input_shape": json.dumps(list(shape)), "stampray.checkpoint": str(settings.model)}
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.checker.check_model(model)
+        onnx.save(model, local)
+        diff = _check(local, x, want)
+        with open(local, "rb") as f:
+            data = f.read()
+    tmp_path = settings.onnx + ".tmp"
+    fs, p = st.resolve(tmp_path)
+    fs.create_dir(os.path.dirname(p) or ".", recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+    fs.move(p, st.resolve(settings.onnx)[1])
+    return ExportResult(settings.onnx, diff, meta)
+
+
+def _check(path: str, x: np.ndarray, want: np.ndarray) -> float | None:
+    """Largest |onnxruntime - PyTorch| on the test batch, at two batch sizes (the batch axis is dynamic);
+    refused beyond TOLERANCE. None when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    diffs = []
+    for n in (len(x), 3):
+        got = sess.run(["probabilities"], {"input": x[:n]})[0]
+        diffs.append(float(np.abs(got - want[:n]).max()))
+    diff = max(diffs)
+    if not diff <= TOLERANCE:
+        msg = f"the ONNX graph's probabilities differ from PyTorch's by {diff:.2e} (> {TOLERANCE:g}); not written"
+        raise RuntimeError(msg)
+    return diff
+
+
+def main(ns) -> int:
+    from .cli import _settings
+
+    settings = _settings(ExportSettings, ns)
+    r = export(settings)
+    check = f"onnxruntime matches PyTorch within {r.max_abs_diff:.1e}" if r.max_abs_diff is not None else \
+        "onnxruntime not installed: not checked"
+    c, h, w = json.loads(r.metadata["stampray.input_shape"])
+    print(f"export: wrote {r.path} (input (N, {c}, {h}, {w}) after preprocessing "
+          f"{r.metadata['stampray.preprocess']}; output probabilities of {r.metadata['stampray.class_names']}); "
+          f"{check}")
+    return 0
