@@ -64,8 +64,12 @@ class OccludeSettings:
     progress: bool = True
     address: str | None = None
     rename_classes: bool = False  # the table names its classes otherwise: take the model's names by position
+    compile: str = "auto"  # torch.compile the replicas: on, off, auto (jobs of COMPILE_VARIANTS or more)
 
     def __post_init__(self):
+        if self.compile not in ("auto", "on", "off"):
+            msg = f"--compile must be auto, on or off, got {self.compile!r}"
+            raise ValueError(msg)
         if int(self.kernel) < 1 or int(self.stride) < 1:
             msg = f"--kernel and --stride must be positive integers, got {self.kernel!r} and {self.stride!r}"
             raise ValueError(msg)
@@ -89,6 +93,7 @@ def occlusion_grid(shape, kernel: int, stride: int) -> tuple[np.ndarray, np.ndar
     return ys, xs
 
 
+COMPILE_VARIANTS = 2_000_000  # --compile auto: torch.compile for jobs of this many occluded variants or more
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
 
 
@@ -114,9 +119,12 @@ def occlusion_maps(raw: np.ndarray, target: np.ndarray, kernel: int, stride: int
     for k in range(0, n * positions, chunk):
         pair = np.arange(k, min(k + chunk, n * positions))
         stamp, pos = pair // positions, pair % positions
-        variants = base[stamp]  # a copy: fancy indexing
-        for j, (y, x) in enumerate(zip(ys[pos // gx], xs[pos % gx])):
-            variants[j, :, y:y + kernel, x:x + kernel] = 0.0
+        # Every pair's window at once (no Python loop over the pairs): rows and columns inside the window.
+        top, left = ys[pos // gx][:, None], xs[pos % gx][:, None]
+        rows, cols = np.arange(h)[None, :], np.arange(w)[None, :]
+        inside = (((rows >= top) & (rows < top + kernel))[:, :, None]
+                  & ((cols >= left) & (cols < left + kernel))[:, None, :])
+        variants = np.where(inside[:, None], np.float32(0.0), base[stamp])
         probs = predict(preprocess(variants))
         grid[pair] = probs[np.arange(len(pair)), target[stamp]]
     grid = grid.reshape(n, gy, gx)
@@ -143,8 +151,8 @@ class Occluder(ModelActor):
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
                  threads: int = 1, use_gpu: bool = False, limit: int | None = None, occlude_chunk: int | None = None,
-                 chunk: int = 4096):
-        super().__init__(model_bytes, threads, use_gpu, chunk=chunk)
+                 chunk: int = 4096, compile: bool = False):
+        super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
         self.occlude_chunk = int(occlude_chunk) if occlude_chunk else None  # (stamp, window) pairs per forward
@@ -308,13 +316,20 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         items = work_items(settings.data, shards, rows=batch_size)
         # One block at a time per replica (tasks_in_flight=1): a block is seconds to minutes of work, and
         # blocks queued at a busy replica would leave the others idle.
+        # The (stamp, window) pairs of one forward; compiled, the model's one shape is that chunk too, so
+        # no forward is padded beyond it (an occlusion job is many forwards of exactly this size).
+        pairs = int(settings.chunk or max(1, OCCLUDE_PIXELS // int(np.prod(manifest.spec.shape))))
+        windows = len(occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)[0]) * \
+            len(occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)[1])
+        variants = int(settings.limit or len(settings.ids) or manifest.num_rows) * windows
+        compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
         stream = run_pool(Occluder, model_bytes, settings.data, shards, [st.ID, st.IMAGE, st.LABEL], items,
                           use_gpu=settings.use_gpu, max_actors=settings.max_actors, actors=settings.actors,
-                          batch_size=batch_size, tasks_in_flight=1,
+                          batch_size=batch_size, tasks_in_flight=1, chunk=pairs if compile_model else None,
                           replica_kwargs={"out": settings.out, "kernel": settings.kernel,
                                           "stride": settings.stride, "ids": list(settings.ids),
                                           "where": settings.where, "limit": settings.limit,
-                                          "occlude_chunk": settings.chunk})
+                                          "occlude_chunk": pairs, "compile": compile_model})
         limit = int(settings.limit) if settings.limit else None
         accepted, total, nodes = [], 0, {}
         for records in stream:

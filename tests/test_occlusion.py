@@ -176,3 +176,18 @@ def _tensor(arr):
     from stampray.occlusion import _tensor_column
 
     return _tensor_column(arr)
+
+
+@pytest.mark.slow
+def test_compiled_replicas_give_the_eager_maps(tno_small, tmp_path, ray_shared, make_checkpoint):
+    """--compile on (one compiled shape: the occlusion chunk, tails padded) draws the maps eager draws."""
+    ckpt = make_checkpoint(tmp_path / "m.pt", preprocess="course_scaled")
+    maps = {}
+    for mode in ("off", "on"):
+        occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / mode), limit=3, compile=mode,
+                                progress=False))
+        t = read_maps(str(tmp_path / mode))
+        maps[mode] = dict(zip(t.column("stamp_id").to_pylist(), t.column("heatmap").combine_chunks().to_numpy_ndarray()))
+    assert sorted(maps["on"]) == sorted(maps["off"]) and len(maps["on"]) == 3
+    for k in maps["off"]:
+        np.testing.assert_allclose(maps["on"][k], maps["off"][k], atol=1e-4)
