@@ -7,6 +7,10 @@ agree:
   ``+`` and ``-`` become ``plus`` and ``minus`` (``e+`` -> ``p_e_plus``, ``e-`` -> ``p_e_minus``: particle
   labels stay apart and readable) except a hyphen inside a word (``high-z`` -> ``p_high_z``); any other
   character becomes ``_``. Plain word names keep their columns (``noise`` -> ``p_noise``).
+* :func:`std_column` derives the ``p_<class>_std`` column of the spread of a class's probability over K
+  passes (``score --tta K`` / ``--mc-dropout K``).
+* :func:`positive_classes` and :data:`NEGATIVE` state which classes are positive: class 1 of two, every
+  class one-vs-rest beyond two; class 0 is the negative class wherever a negative is needed.
 * :func:`check_class_names` refuses a class list with an empty name, a name given twice, or two names that
   give the same column, naming both.
 * :func:`match_classes` decides how a model's classes meet a table's: the same names in the same order
@@ -19,10 +23,16 @@ This module imports nothing heavy: ingest and its Ray tasks use it without loadi
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
 PROB_PREFIX = "p_"
+STD_SUFFIX = "_std"
+NEGATIVE = 0
+"""The negative class (noise, bogus, no detection): label 0, by stampray's convention at ingest and synth.
+It is the class a false positive is drawn from (``evaluate --by``: completeness of every other class, and
+the share of class-0 stamps called any other class). See :func:`positive_classes`."""
 _SIGNS = {"+": "plus", "-": "minus"}
 
 
@@ -42,6 +52,42 @@ def prob_column(name: str) -> str:
     ['p_noise', 'p_e_plus', 'p_e_minus', 'p_high_z', 'p_pi0__decay_']
     """
     return PROB_PREFIX + re.sub(r"\W", _column_char, str(name))
+
+
+def std_column(name: str) -> str:
+    """Column of the standard deviation of a class's probability over K passes (``score --tta K`` or
+    ``--mc-dropout K``): :func:`prob_column` plus ``_std``.
+
+    >>> std_column("e+")
+    'p_e_plus_std'
+    """
+    return prob_column(name) + STD_SUFFIX
+
+
+def positive_classes(k: int) -> list[int]:
+    """The classes scored as positives, one curve each (ROC, AUC, PR curves, threshold sweeps, the class to
+    rank by): the one rule every verb follows.
+
+    Two classes are a detection problem, negative :data:`NEGATIVE` (class 0) against positive class 1:
+    ``[1]``, and a binary score is ``p`` of class 1. With more classes (or one) no class is singled out:
+    every class is a positive in turn, one-vs-rest, ``[0, 1, ..., k-1]``, and a single figure is the
+    unweighted mean over them (scikit-learn's ``multi_class="ovr", average="macro"``). Where a verb needs
+    one class of several (``vet``'s default ``--class``), it takes the last of these, which for two classes
+    is class 1.
+
+    >>> positive_classes(2), positive_classes(4)
+    ([1], [0, 1, 2, 3])
+
+    Raises
+    ------
+    ValueError
+        ``k`` is not a positive integer.
+    """
+    n = operator.index(k) if hasattr(k, "__index__") and not isinstance(k, bool) else 0  # NumPy ints too
+    if n < 1:
+        msg = f"the number of classes must be a positive integer, got {k!r}"
+        raise ValueError(msg)
+    return [1] if n == 2 else list(range(n))
 
 
 def check_class_names(names, what: str, fix: str = "give each class a distinct, non-empty name") -> None:

@@ -45,15 +45,13 @@ import io
 import logging
 import os
 import posixpath
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from .classes import check_class_names
 from .progress import Progress
-from .settings import field_help
 
 if TYPE_CHECKING:  # numpy, pyarrow and astropy load when a cutout runs, not when the CLI builds its parser
     import numpy as np
@@ -99,16 +97,16 @@ class CutoutSettings:
         address: Ray cluster to connect to (default: RAY_ADDRESS, else a private local Ray).
     """
 
-    images: str
-    catalog: str
+    images: str = field(metadata={"metavar": "MOSAIC.fits|DIR"})
+    catalog: str = field(metadata={"metavar": "CSV"})
     out: str
-    size: int
-    hdu: str | int | None = None
-    partial: str = "set-aside"
-    pad_value: float | None = None
-    nonfinite: str = "set-aside"
-    classes: tuple[str, ...] = ()
-    shard_rows: int = 50_000
+    size: int = field(metadata={"metavar": "N"})
+    hdu: str | int | None = field(default=None, metadata={"metavar": "N|NAME"})
+    partial: str = field(default="set-aside", metadata={"choices": PARTIAL})
+    pad_value: float | None = field(default=None, metadata={"metavar": "V"})
+    nonfinite: str = field(default="set-aside", metadata={"choices": NONFINITE})
+    classes: tuple[str, ...] = field(default=(), metadata={"metavar": "NAME,NAME"})
+    shard_rows: int = field(default=50_000, metadata={"metavar": "R"})
     overwrite: bool = False
     progress: bool = True
     address: str | None = None
@@ -773,38 +771,6 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def add_parser(sub, common):
-    """Add the ``cutout`` verb to the CLI's subparsers; ``common(p)`` adds ``--address`` and ``--config``.
-    Help texts, choices and defaults come from :class:`CutoutSettings`."""
-    import argparse
-
-    doc = field_help(CutoutSettings)
-    defaults = {f.name: f.default for f in fields(CutoutSettings)}
-
-    def helped(name: str) -> str:
-        d = defaults.get(name)
-        if isinstance(d, (int, str)) and not isinstance(d, bool):
-            return f"{doc[name].rstrip('.')} (default {d})."
-        return doc[name]
-
-    S = argparse.SUPPRESS
-    p = sub.add_parser("cutout", help="cut stamps from FITS mosaics at catalogue positions into a stamp table")
-    p.add_argument("--images", required=True, metavar="MOSAIC.fits|DIR", help=helped("images"))
-    p.add_argument("--catalog", required=True, metavar="CSV", help=helped("catalog"))
-    p.add_argument("--out", required=True, help=helped("out"))
-    p.add_argument("--size", type=int, required=True, metavar="N", help=helped("size"))
-    p.add_argument("--hdu", default=S, metavar="N|NAME", help=helped("hdu"))
-    p.add_argument("--partial", choices=PARTIAL, default=S, help=helped("partial"))
-    p.add_argument("--pad-value", dest="pad_value", type=float, default=S, metavar="V", help=helped("pad_value"))
-    p.add_argument("--nonfinite", choices=NONFINITE, default=S, help=helped("nonfinite"))
-    p.add_argument("--classes", default=S, metavar="NAME,NAME", help=helped("classes"))
-    p.add_argument("--shard-rows", dest="shard_rows", type=int, default=S, metavar="R", help=helped("shard_rows"))
-    p.add_argument("--overwrite", action="store_true", default=S, help=helped("overwrite"))
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress line")
-    common(p)
-    return p
-
-
 def summary(settings: CutoutSettings, r: CutoutResult) -> str:
     """The verb's closing line: what was written where, the counts, the time."""
     aside = sum(r.set_aside.values())
@@ -814,11 +780,3 @@ def summary(settings: CutoutSettings, r: CutoutResult) -> str:
             f"{settings.out}; set aside {aside} ({detail})" + (f", listed in {settings.out}/_errors" if aside else "")
             + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
 
-
-def main(ns) -> int:
-    """The CLI's ``cutout`` command: settings from the config file and flags, run, print the summary."""
-    from .cli import _settings
-
-    settings = _settings(CutoutSettings, ns)
-    print(summary(settings, cutout(settings)))
-    return 0

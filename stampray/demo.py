@@ -9,9 +9,10 @@ over (the run, scores, maps and report are replaced). ``--out`` may be a local d
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
@@ -23,11 +24,24 @@ from .score import ScoreSettings, score
 from .synth import SynthSettings, synth
 from .train import TrainSettings, fit
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """Settings of ``stampray demo``.
+
+    Args:
+        out: working directory; a demo's own earlier outputs in it are replaced, nothing else.
+        n: number of stamps.
+        seed: random seed.
+        epochs: training epochs.
+        workers: Ray Train workers.
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+    """
+
     out: str = "stampray-demo"
-    n: int = 20_000
+    n: int = field(default=20_000, metadata={"flag": "-n"})
     seed: int = 0
     epochs: int = 4
     workers: int = 2
@@ -43,29 +57,29 @@ def demo(settings: DemoSettings) -> dict:
     with ray_session(settings.address):
         m = synth(SynthSettings(out=paths["survey"], n=settings.n, seed=settings.seed, shard_rows=5000,
                                 address=settings.address))
-        print(f"[1/5] synthesised {m.num_rows:,} tno stamps (21x21, {m.label_counts.get('1', 0):,} with a source) "
-              f"at {paths['survey']}", flush=True)
+        log.info(f"[1/5] synthesised {m.num_rows:,} tno stamps (21x21, {m.label_counts.get('1', 0):,} with a source) "
+              f"at {paths['survey']}")
         t = time.time()
         tr = fit(TrainSettings(model="cnn", data=paths["survey"], out=paths["runs"], workers=settings.workers,
                                epochs=settings.epochs, batch_size=128, seed=settings.seed, address=settings.address))
-        print(f"[2/5] trained cnn on {settings.workers} Ray Train workers in {time.time() - t:.0f} s: "
+        log.info(f"[2/5] trained cnn on {settings.workers} Ray Train workers in {time.time() - t:.0f} s: "
               f"test accuracy {tr.metrics['test_acc']:.4f}, AUC {tr.metrics['test_auc']:.4f} "
-              f"(best epoch {tr.metrics['best_epoch']})", flush=True)
+              f"(best epoch {tr.metrics['best_epoch']})")
         sc = score(ScoreSettings(model=tr.best, data=paths["survey"], out=paths["scores"], keep=("snr", "artifact"),
                                  progress=False, address=settings.address))
-        print(f"[3/5] scored {sc.scored:,} stamps with Ray Data in {sc.seconds:.1f} s "
-              f"({sc.rows_per_s:,.0f} stamps/s) into {paths['scores']}", flush=True)
+        log.info(f"[3/5] scored {sc.scored:,} stamps with Ray Data in {sc.seconds:.1f} s "
+              f"({sc.rows_per_s:,.0f} stamps/s) into {paths['scores']}")
         oc = occlude(OccludeSettings(model=tr.best, data=paths["survey"], out=paths["maps"], where="misclassified",
                                      limit=10, png=st.join(paths["maps"], "png"), address=settings.address))
-        print(f"[4/5] occlusion maps of {oc.rows} misclassified stamps in {paths['maps']}", flush=True)
+        log.info(f"[4/5] occlusion maps of {oc.rows} misclassified stamps in {paths['maps']}")
     ev = evaluate(EvaluateSettings(scores=(paths["scores"],), out=paths["report"], data=paths["survey"],
                                    run=tr.run_dir, by=("snr",), tensorboard=st.join(tr.run_dir, "tensorboard"),
                                    names=("cnn",)))
     res = ev.report["results"]["cnn"]
-    print(f"[5/5] evaluated {res['n']:,} held-out test stamps: accuracy {res['accuracy']:.4f}, "
-          f"AUC {res['auc']:.4f}", flush=True)
+    log.info(f"[5/5] evaluated {res['n']:,} held-out test stamps: accuracy {res['accuracy']:.4f}, "
+          f"AUC {res['auc']:.4f}")
     seconds = time.time() - t0
-    print(f"\ndemo finished in {seconds:.0f} s\n"
+    log.info(f"\ndemo finished in {seconds:.0f} s\n"
           f"  report:       {ev.html}\n"
           f"  TensorBoard:  tensorboard --logdir {st.join(tr.run_dir, 'tensorboard')}\n"
           f"  checkpoint:   {tr.best}\n"

@@ -4,11 +4,16 @@ For every score table (with labels): confusion matrix (counts and row-normalised
 recall and F1, accuracy; ROC curves and AUC (one-vs-rest beyond two classes); the false-positive rate at a
 fixed true-positive rate and the false-negative rate at a fixed false-positive rate (the figures ZTF's
 real/bogus papers quote); a threshold sweep; the notebooks' "confident subset" (p < 0.01 or p > 0.99);
-probability histograms per true class; the misclassified stamps (ids, probabilities and, with the stamp
-table, a picture grid); training curves from a run directory; completeness and false-positive rate against
-numeric metadata (SNR), in equal-count bins with Wilson intervals. Several score tables are compared side by
-side. Output: ``report.json`` with every number, PNG plots and one self-contained ``report.html`` (images
-embedded), plus TensorBoard scalars when asked.
+probability histograms per true class; calibration (a reliability diagram and the top-label expected
+calibration error in 10 equal-width bins) and, for scores with ``p_<class>_std`` columns (``score --tta K``,
+``--mc-dropout K``), accuracy against that spread in equal-count bins; the misclassified stamps (ids,
+probabilities and, with the stamp table, a picture grid); training curves from a run directory;
+completeness and false-positive rate against numeric metadata (SNR), in equal-count bins with Wilson
+intervals. Several score tables are compared side by side. Which classes are positive follows
+:func:`stampray.classes.positive_classes`: class 1 of two, every class one-vs-rest beyond two; class 0 is
+the negative of the completeness curves. The metrics are scikit-learn's. Output: ``report.json`` with every
+number, PNG plots and one self-contained ``report.html`` (images embedded), plus TensorBoard scalars when
+asked.
 
 Every path may be local or a URI (``s3://bucket/prefix``). For a URI ``--out`` the report is built in a
 local temporary directory and uploaded through pyarrow's filesystem when it is complete (PNGs first,
@@ -21,9 +26,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,31 +40,55 @@ import pyarrow.fs as pafs
 
 from . import table as st
 from .lock import output_lock
-from .classes import check_class_names, prob_column
+from .classes import NEGATIVE, check_class_names, positive_classes, prob_column, std_column
 from .progress import Progress
 from .provenance import provenance
 from .score import read_scores, score_manifest
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "train", "all")
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """Settings of ``stampray evaluate``; see ``stampray evaluate --help``."""
+    """Settings of ``stampray evaluate``.
 
-    scores: tuple[str, ...]
+    Args:
+        scores: score directories written by 'stampray score' (local paths or URIs); repeat the flag to
+            compare models side by side.
+        out: report directory for report.html, report.json and the PNGs (local path or URI).
+        data: the stamp table, to draw the misclassified stamps (None: no picture grid).
+        run: training run directory, for the training curves (None: no curves).
+        by: numeric columns for completeness and false-positive-rate curves (equal-count bins, Wilson 95%
+            intervals), e.g. snr; each must be in the score table (score with --keep COLUMN).
+        tensorboard: also write the numbers to TensorBoard under this logdir, local or a URI (None: no
+            TensorBoard events).
+        split: which rows to evaluate: test (the held-out split), val, train, or all rows.
+        tpr: report the false-positive rate at this true-positive rate.
+        fpr: report the false-negative rate at this false-positive rate.
+        confident: bound of the confident subset: p < c or p > 1 - c of the positive class for two
+            classes, the top probability above 1 - c beyond two.
+        misclassified_grid: misclassified stamps drawn in the picture grid (with --data), most confident
+            first.
+        names: names of the score tables in the report, one per --scores (empty: the shortest trailing
+            part of each path that tells them apart).
+        progress: a line per stage on stderr (reading each table, drawing, writing).
+    """
+
+    scores: tuple[str, ...] = field(metadata={"append": True, "parse": str})
     out: str
     data: str | None = None
     run: str | None = None
     by: tuple[str, ...] = ()
-    tensorboard: str | None = None
-    split: str = "test"
+    tensorboard: str | None = field(default=None, metadata={"metavar": "LOGDIR"})
+    split: str = field(default="test", metadata={"choices": SPLITS})
     tpr: float = 0.95
     fpr: float = 0.01
     confident: float = 0.01
     misclassified_grid: int = 20
     names: tuple[str, ...] = ()
-    progress: bool = True  # a line per stage on stderr (reading each table, drawing, writing)
+    progress: bool = True
 
     def __post_init__(self):
         if not self.scores:
@@ -78,50 +107,61 @@ class EvaluateSettings:
         if self.names and len(self.names) != len(self.scores):
             msg = f"--names gives {len(self.names)} names for {len(self.scores)} score tables"
             raise ValueError(msg)
+        if isinstance(self.misclassified_grid, bool) or int(self.misclassified_grid) < 0:
+            msg = f"--misclassified-grid must be an integer >= 0, got {self.misclassified_grid!r}"
+            raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------------------------------
 # Metrics (plain numpy / scikit-learn; each returns JSON-ready values)
 # --------------------------------------------------------------------------------------------------
 def confusion(labels: np.ndarray, pred: np.ndarray, k: int) -> dict:
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (labels, pred), 1)
+    """Confusion matrix (rows: true class, columns: predicted), counts and row-normalised (an empty row stays
+    zeros)."""
+    from sklearn.metrics import confusion_matrix
+
+    # scikit-learn refuses empty input; an empty subset (no confident stamps) is a matrix of zeros
+    cm = confusion_matrix(labels, pred, labels=range(k)) if len(labels) else np.zeros((k, k), np.int64)
     rows = cm.sum(axis=1, keepdims=True)
     return {"counts": cm.tolist(), "normalized": np.divide(cm, np.maximum(rows, 1)).round(6).tolist()}
 
 
 def per_class(labels: np.ndarray, pred: np.ndarray, k: int, names) -> list[dict]:
-    out = []
-    for c in range(k):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out.append({"class": names[c], "precision": precision, "recall": recall, "f1": f1,
-                    "support": int((labels == c).sum())})
-    return out
+    """Precision, recall, F1 and support of each class (0 where a ratio is undefined: no stamp predicted as,
+    or none of, the class)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=range(k), zero_division=0)
+    return [{"class": names[c], "precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+             "support": int(support[c])} for c in range(k)]
 
 
 def roc(labels_bin: np.ndarray, score: np.ndarray, tpr_at: float, fpr_at: float) -> dict:
-    """ROC curve, AUC, FPR at a fixed TPR and FNR at a fixed FPR, for one positive class."""
+    """ROC curve, AUC, FPR at a fixed TPR and FNR at a fixed FPR, for one positive class.
+
+    The curve in the report is scikit-learn's, without the points that lie on a straight segment; the two
+    operating points are read off every threshold (``drop_intermediate=False``), because a dropped point is
+    still a threshold one can choose: tied scores make equal diagonal steps, and the middle ones are
+    dropped from the drawn curve."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     if labels_bin.all() or not labels_bin.any():
         return {"auc": None, "fpr": [], "tpr": [], "thresholds": [], "fpr_at_tpr": None, "fnr_at_fpr": None}
     fpr, tpr, thr = roc_curve(labels_bin, score)
     auc = float(roc_auc_score(labels_bin, score))
+    every_fpr, every_tpr, _ = roc_curve(labels_bin, score, drop_intermediate=False)
     # smallest FPR among operating points reaching the TPR; largest TPR among points within the FPR
-    fpr_at_tpr = float(fpr[np.argmax(tpr >= tpr_at)])
-    ok = fpr <= fpr_at
-    fnr_at_fpr = float(1.0 - tpr[ok].max()) if ok.any() else 1.0
+    fpr_at_tpr = float(every_fpr[np.argmax(every_tpr >= tpr_at)])
+    ok = every_fpr <= fpr_at
+    fnr_at_fpr = float(1.0 - every_tpr[ok].max()) if ok.any() else 1.0
     thr = np.where(np.isfinite(thr), thr, 1.0)
     return {"auc": auc, "fpr": fpr.round(6).tolist(), "tpr": tpr.round(6).tolist(), "thresholds": thr.round(6).tolist(),
             "fpr_at_tpr": fpr_at_tpr, "fnr_at_fpr": fnr_at_fpr}
 
 
 def threshold_sweep(labels_bin: np.ndarray, score: np.ndarray, steps: int = 99) -> list[dict]:
+    """TPR, FPR, precision and accuracy at the fixed thresholds 0.01, 0.02, ..., 0.99 (``score >= t`` is
+    positive): a table at round numbers, which scikit-learn's curves (a point per distinct score) are not."""
     out = []
     pos, neg = labels_bin.sum(), (~labels_bin).sum()
     for t in np.linspace(0.01, 0.99, steps):
@@ -176,19 +216,91 @@ def completeness_by(values: np.ndarray, labels: np.ndarray, pred: np.ndarray, cl
                     bins: int | None = None) -> dict:
     """Completeness and false-positive rate against a numeric column (``evaluate --by snr``).
 
-    Class 0 is the negative class (noise, bogus) and every other class a positive. For each positive class
-    c, *completeness* is the recall ``pred == c`` among the stamps of true class c, in equal-count bins of
-    that class's own values; the *false-positive rate* is the share of true class-0 stamps predicted as any
-    other class, in equal-count bins of the class-0 stamps' values (for two classes, the usual FPR). Each
-    curve has bins of its own population, so every point rests on the same number of stamps. Rows whose
-    value is not finite are left out and counted (``missing``)."""
+    Class 0 (:data:`stampray.classes.NEGATIVE`) is the negative class (noise, bogus) and every other class a
+    detection. For each detection class c, *completeness* is the recall ``pred == c`` among the stamps of
+    true class c, in equal-count bins of that class's own values; the *false-positive rate* is the share of
+    true class-0 stamps predicted as any other class, in equal-count bins of the class-0 stamps' values (for
+    two classes, the usual FPR). Each curve has bins of its own population, so every point rests on the same
+    number of stamps. Rows whose value is not finite are left out and counted (``missing``)."""
     ok = np.isfinite(values)
     values, labels, pred = values[ok], labels[ok], pred[ok]
-    neg = labels == 0
-    return {"negative_class": class_names[0], "missing": int((~ok).sum()),
+    neg = labels == NEGATIVE
+    return {"negative_class": class_names[NEGATIVE], "missing": int((~ok).sum()),
             "completeness": {class_names[c]: rate_by(values[labels == c], pred[labels == c] == c, bins)
-                             for c in range(1, len(class_names))},
-            "false_positive_rate": rate_by(values[neg], pred[neg] != 0, bins)}
+                             for c in range(len(class_names)) if c != NEGATIVE},
+            "false_positive_rate": rate_by(values[neg], pred[neg] != NEGATIVE, bins)}
+
+
+CALIBRATION_BINS = 10  # equal-width bins of the reliability diagram and the ECE (Guo et al. 2017 use 15)
+UNCERTAINTY_BINS = 5  # equal-count bins of the accuracy against the spread over --tta/--mc-dropout passes
+
+
+def reliability_bins(values: np.ndarray, hits: np.ndarray, bins: int = CALIBRATION_BINS) -> list[dict]:
+    """``bins`` equal-width bins of [0, 1], each ``(lo, hi]`` (the first also holds 0, as scikit-learn's
+    ``calibration_curve`` bins): ``lo``, ``hi``, ``n``, the mean of ``values`` (``mean``) and the share of
+    ``hits`` (``share``) in the bin, None for both in an empty bin. Every bin is listed, empty ones too.
+
+    scikit-learn's ``calibration_curve`` bins the same way but returns neither the counts nor empty bins,
+    and takes one class's probability, not the top label's."""
+    values = np.asarray(values, np.float64)
+    edges = np.arange(bins + 1) / bins
+    idx = np.searchsorted(edges[1:-1], values, side="left")
+    n = np.bincount(idx, minlength=bins)
+    total = np.bincount(idx, weights=values, minlength=bins)
+    hit = np.bincount(idx, weights=np.asarray(hits, np.float64), minlength=bins)
+    return [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(n[b]),
+             "mean": float(total[b] / n[b]) if n[b] else None, "share": float(hit[b] / n[b]) if n[b] else None}
+            for b in range(bins)]
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, class_names, bins: int = CALIBRATION_BINS) -> dict:
+    """Top-label calibration and the expected calibration error (ECE).
+
+    The confidence of a stamp is its top probability, the one of its predicted class; in ``bins``
+    equal-width bins of confidence (see :func:`reliability_bins`), ``confidence`` is the bin's mean
+    confidence and ``accuracy`` the share of its stamps predicted right. ECE is the sum over bins of
+    ``n_bin / N * |accuracy - confidence|``: 0 for a model whose confidence is its hit rate, up to 1.
+
+    For two classes, ``positive`` also bins p of the positive class (:func:`stampray.classes.positive_classes`)
+    against the observed frequency of that class (``mean_p``, ``frequency``): the reliability diagram
+    drawn for binary scores, the one scikit-learn's ``calibration_curve`` gives."""
+    probs = np.asarray(probs, np.float64)
+    k = len(class_names)
+    correct = probs.argmax(axis=1) == labels
+    top = reliability_bins(probs.max(axis=1), correct, bins)
+    n = len(labels)
+    out = {"rule": f"top label, {bins} equal-width bins (lo, hi]", "n": int(n),
+           "ece": float(sum(b["n"] / n * abs(b["share"] - b["mean"]) for b in top if b["n"])) if n else None,
+           "bins": [{"lo": b["lo"], "hi": b["hi"], "n": b["n"], "confidence": b["mean"], "accuracy": b["share"]}
+                    for b in top]}
+    if k == 2:
+        (pos,) = positive_classes(k)
+        out["positive"] = {"class": class_names[pos], "bins": [
+            {"lo": b["lo"], "hi": b["hi"], "n": b["n"], "mean_p": b["mean"], "frequency": b["share"]}
+            for b in reliability_bins(probs[:, pos], labels == pos, bins)]}
+    return out
+
+
+def uncertainty(std: np.ndarray, correct: np.ndarray, bins: int = UNCERTAINTY_BINS) -> dict:
+    """Accuracy against the spread of the predicted class's probability over the passes of ``score --tta K``
+    or ``--mc-dropout K`` (``std``, one per stamp): does the model know when it is wrong?
+
+    ``bins``: equal-count bins of ``std`` (:func:`rate_by`: ``lo``, ``hi``, ``median``, ``n``, ``correct``,
+    ``accuracy`` and its Wilson interval ``ci``); ``error_auc``: the ROC AUC of ``std`` as a score for
+    "this prediction is wrong" (0.5: the spread says nothing; 1: every wrong stamp spreads more than every
+    right one; None when all are right or all wrong). Stamps whose std is not finite are left out and
+    counted (``missing``)."""
+    from sklearn.metrics import roc_auc_score
+
+    ok = np.isfinite(std)
+    std, correct = np.asarray(std, np.float64)[ok], np.asarray(correct, bool)[ok]
+    rows = [{"lo": r["lo"], "hi": r["hi"], "median": r["median"], "n": r["n"], "correct": r["k"],
+             "accuracy": r["rate"], "ci": r["ci"]} for r in rate_by(std, correct, bins)]
+    wrong = ~correct
+    return {"measure": "std of p(predicted class) over the passes", "n": int(ok.sum()), "missing": int((~ok).sum()),
+            "bins": rows, "error_auc": float(roc_auc_score(wrong, std)) if wrong.any() and correct.any() else None,
+            "mean_std_correct": float(std[correct].mean()) if correct.any() else None,
+            "mean_std_wrong": float(std[wrong].mean()) if wrong.any() else None}
 
 
 def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettings) -> dict:
@@ -198,17 +310,18 @@ def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettin
     labels = t.column(st.LABEL).to_numpy(zero_copy_only=False).astype(np.int64)
     pred = probs.argmax(axis=1)
     correct = pred == labels
+    positives = positive_classes(k)
     res: dict = {"n": int(len(labels)), "accuracy": float(correct.mean()) if len(labels) else None,
                  "confusion": confusion(labels, pred, k), "per_class": per_class(labels, pred, k, class_names)}
     res["macro_f1"] = float(np.mean([c["f1"] for c in res["per_class"]])) if k else None
-    positive = range(1, 2) if k == 2 else range(k)
-    res["roc"] = {class_names[c]: roc(labels == c, probs[:, c], settings.tpr, settings.fpr) for c in positive}
+    res["roc"] = {class_names[c]: roc(labels == c, probs[:, c], settings.tpr, settings.fpr) for c in positives}
     aucs = [r["auc"] for r in res["roc"].values() if r["auc"] is not None]
     res["auc"] = float(np.mean(aucs)) if aucs else None
     lo = settings.confident
     if k == 2:
-        res["threshold_sweep"] = threshold_sweep(labels == 1, probs[:, 1])
-        conf = (probs[:, 1] < lo) | (probs[:, 1] > 1 - lo)
+        (pos,) = positives
+        res["threshold_sweep"] = threshold_sweep(labels == pos, probs[:, pos])
+        conf = (probs[:, pos] < lo) | (probs[:, pos] > 1 - lo)
     else:
         conf = probs.max(axis=1) > 1 - lo
     res["confident"] = {"rule": f"p < {lo} or p > {1 - lo}" if k == 2 else f"max p > {1 - lo}",
@@ -222,7 +335,7 @@ def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettin
         {"stamp_id": ids[i], "label": class_names[labels[i]], "pred": class_names[pred[i]],
          "probabilities": {c: round(float(probs[i, j]), 6) for j, c in enumerate(class_names)}} for i in order]}
     res["histograms"] = {}
-    score_col = probs[:, 1] if k == 2 else probs.max(axis=1)
+    score_col = probs[:, positives[0]] if k == 2 else probs.max(axis=1)
     edges = np.linspace(0, 1, 21)
     for c in range(k):
         h, _ = np.histogram(score_col[labels == c], bins=edges)
@@ -232,6 +345,11 @@ def evaluate_table(t: pa.Table, class_names: list[str], settings: EvaluateSettin
         if col in t.column_names:
             res["by"][col] = completeness_by(t.column(col).to_numpy(zero_copy_only=False).astype(float), labels,
                                              pred, class_names)
+    res["calibration"] = calibration(probs, labels, class_names)
+    stds = [std_column(c) for c in class_names]
+    if all(c in t.column_names for c in stds):
+        spread = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in stds], axis=1)
+        res["uncertainty"] = uncertainty(spread[np.arange(len(pred)), pred], correct)
     res["_arrays"] = {"probs": probs, "labels": labels, "pred": pred, "ids": ids}
     return res
 
@@ -289,7 +407,7 @@ def plot_histograms(res: dict, names, title, path):
     for cls, h in res["histograms"].items():
         ax.step(centers, np.maximum(h, 0.8), where="mid", label=f"true {cls}")
     ax.set_yscale("log")
-    ax.set_xlabel(f"p({names[1]})" if len(names) == 2 else "max probability")
+    ax.set_xlabel(f"p({names[positive_classes(2)[0]]})" if len(names) == 2 else "max probability")
     ax.set_ylabel("stamps")
     ax.set_title(title)
     ax.legend(fontsize=7)
@@ -305,13 +423,7 @@ def plot_by(results: dict[str, dict], col: str, path):
     los = []
 
     def draw(ax, rows, label):
-        if not rows:
-            return
-        x = np.array([r["median"] for r in rows])
-        y = np.array([r["rate"] for r in rows])
-        ci = np.array([r["ci"] for r in rows])
-        ax.errorbar(x, y, xerr=[x - [r["lo"] for r in rows], [r["hi"] for r in rows] - x],
-                    yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o-", ms=3, capsize=2, lw=1, label=label)
+        _draw_binned_rates(ax, rows, "rate", label)
         los.extend(r["lo"] for r in rows)
 
     negative = None
@@ -335,6 +447,73 @@ def plot_by(results: dict[str, dict], col: str, path):
             ax.set_xscale("log")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _draw_binned_rates(ax, rows: list[dict], key: str, label: str) -> None:
+    """One point per bin at its median, the bin's extent as the horizontal bar and the Wilson interval as
+    the vertical one (rows of :func:`rate_by`, the rate under ``key``)."""
+    if not rows:
+        return
+    x = np.array([r["median"] for r in rows])
+    y = np.array([r[key] for r in rows])
+    ci = np.array([r["ci"] for r in rows])
+    ax.errorbar(x, y, xerr=[x - [r["lo"] for r in rows], [r["hi"] for r in rows] - x],
+                yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o-", ms=3, capsize=2, lw=1, label=label)
+
+
+def plot_calibration(cal: dict, title: str, path):
+    """Reliability diagram: observed frequency against predicted probability in equal-width bins (bars
+    spanning each bin, a dot at its mean prediction, the diagonal of perfect calibration), and the bin
+    counts below. Two classes: p of the positive class against how often it is the true class; more: the
+    top probability against the accuracy."""
+    plt = _plt()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.0), sharex=True, height_ratios=(3, 1),
+                                   layout="constrained")
+    if "positive" in cal:
+        cls = cal["positive"]["class"]
+        rows = [(b["lo"], b["hi"], b["n"], b["mean_p"], b["frequency"]) for b in cal["positive"]["bins"]]
+        xlabel, ylabel = f"predicted p({cls})", f"observed frequency of {cls}"
+    else:
+        rows = [(b["lo"], b["hi"], b["n"], b["confidence"], b["accuracy"]) for b in cal["bins"]]
+        xlabel, ylabel = "confidence (top probability)", "accuracy"
+    full = [r for r in rows if r[2]]
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
+    if full:
+        ax.bar([r[0] for r in full], [r[4] for r in full], width=[r[1] - r[0] for r in full], align="edge",
+               color="tab:blue", alpha=0.35, edgecolor="tab:blue", label="observed")
+        ax.plot([r[3] for r in full], [r[4] for r in full], "o-", color="tab:blue", ms=3, lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\nECE {cal['ece']:.4f} (top label, {len(cal['bins'])} bins)" if cal["ece"] is not None
+                 else title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    hist.bar([r[0] for r in rows], [r[2] for r in rows], width=[r[1] - r[0] for r in rows], align="edge",
+             color="0.6", edgecolor="0.3")
+    for lo, hi, n, _, _ in rows:
+        hist.text((lo + hi) / 2, n, str(n), ha="center", va="bottom", fontsize=6)
+    hist.set_ylim(0, 1.25 * max([r[2] for r in rows] + [1]))
+    hist.set_ylabel("stamps")
+    hist.set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+def plot_uncertainty(unc: dict, accuracy: float | None, title: str, path):
+    """Accuracy against the spread of the predicted class's probability over the passes, in equal-count
+    bins with Wilson intervals; the dashed line is the overall accuracy."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 3.4), layout="constrained")
+    _draw_binned_rates(ax, unc["bins"], "accuracy", "accuracy in the bin")
+    if accuracy is not None:
+        ax.axhline(accuracy, color="k", ls="--", lw=0.8, label=f"overall {accuracy:.3f}")
+    ax.set_xlabel("std of p(predicted class) over the passes")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    auc = unc["error_auc"]
+    ax.set_title(title + (f"\nAUC of the std in finding the wrong ones: {auc:.3f}" if auc is not None else ""), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -408,6 +587,32 @@ def _check_prob_columns(path: str, class_names: list[str], columns: list[str]) -
         raise ValueError(msg)
 
 
+def _check_std_columns(path: str, class_names: list[str], columns: list[str]) -> None:
+    """Accuracy against uncertainty needs the ``p_<class>_std`` column of every class, or of none."""
+    have = [std_column(c) for c in class_names if std_column(c) in columns]
+    if have and len(have) < len(class_names):
+        missing = [std_column(c) for c in class_names if std_column(c) not in columns]
+        logger.warning("evaluate: warning: %s has %s but not %s: no accuracy against uncertainty for it; score "
+                       "again with --tta K or --mc-dropout K", path, ", ".join(have), ", ".join(missing))
+
+
+def _check_labels(path: str, t: pa.Table, class_names: list[str]) -> None:
+    """Labels must index the classes (scikit-learn's metrics would leave other values out silently)."""
+    if st.LABEL not in t.column_names:
+        msg = f"{path} has no {st.LABEL} column: it scored unlabelled stamps; evaluate needs labelled scores"
+        raise ValueError(msg)
+    lab = t.column(st.LABEL)
+    bad = pc.or_(pc.less(lab, 0), pc.greater_equal(lab, len(class_names)))
+    n = pc.sum(bad).as_py() or 0
+    if n:
+        values = sorted(set(lab.filter(bad).to_pylist()))
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        msg = (f"{path} has {n} {'row' if n == 1 else 'rows'} labelled {shown}, outside 0..{len(class_names) - 1} "
+               f"for its {len(class_names)} classes ({', '.join(class_names)}); score a stamp table whose labels "
+               f"match the model's classes")
+        raise ValueError(msg)
+
+
 def table_labels(paths, names=()) -> list[str]:
     """One label per score table: ``--names`` when given, else the shortest trailing part of each path that
     tells them apart (``a/cnn/scores`` and ``b/cnn/scores`` become ``a/cnn/scores`` and ``b/cnn/scores``,
@@ -452,12 +657,11 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
                 shutil.rmtree(work, ignore_errors=True)
 
 
-def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult:
-    """The report, written into the local directory ``out`` (``settings.out`` itself when it is local)."""
+def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dict, dict, list[str]]:
+    """Each score table read, checked and evaluated: (results by table name, table facts, class names)."""
     labels = table_labels(settings.scores, settings.names)
     results, meta = {}, {}
     class_names = None
-    progress = Progress("evaluate", len(settings.scores), settings.progress, unit="score tables")
     for i, path in enumerate(settings.scores):
         progress.say(f"reading {path} ({i + 1}/{len(settings.scores)})")
         doc = score_manifest(path)
@@ -470,6 +674,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
         _check_split(path, doc, settings)
         t = read_scores(path)
         _check_prob_columns(path, names, t.column_names)
+        _check_std_columns(path, names, t.column_names)
         total = t.num_rows
         if st.LABEL in t.column_names:
             t = t.filter(t.column(st.LABEL).is_valid())
@@ -479,20 +684,29 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
             msg = (f"{path} has no labelled rows in split {settings.split!r} ({total} rows in all); "
                    f"try --split all, or score labelled data")
             raise ValueError(msg)
+        _check_labels(path, t, class_names)
         name = labels[i]
         results[name] = evaluate_table(t, class_names, settings)
         meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"), "split": doc.get("split"),
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
+    return results, meta, class_names
 
-    plots: dict[str, str] = {}
-    progress.say(f"drawing the plots of {len(results)} score table(s)")
-    plots["roc"] = plot_roc(results, os.path.join(out, "roc.png"))
+
+def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out: str) -> dict[str, str]:
+    """Every plot of the report, as PNGs in ``out``: {key: path}."""
+    plots: dict[str, str] = {"roc": plot_roc(results, os.path.join(out, "roc.png"))}
     for name, res in results.items():
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
         plots[f"confusion:{name}"] = plot_confusion(res["confusion"], class_names, f"{name}: confusion",
                                                     os.path.join(out, f"confusion_{safe}.png"))
         plots[f"confident:{name}"] = plot_confusion(res["confident"]["confusion"], class_names,
                                                     f"{name}: confident subset", os.path.join(out, f"confident_{safe}.png"))
+        plots[f"calibration:{name}"] = plot_calibration(res["calibration"], f"{name}: reliability",
+                                                        os.path.join(out, f"calibration_{safe}.png"))
+        if "uncertainty" in res:
+            plots[f"uncertainty:{name}"] = plot_uncertainty(res["uncertainty"], res["accuracy"],
+                                                            f"{name}: accuracy against uncertainty",
+                                                            os.path.join(out, f"uncertainty_{safe}.png"))
         plots[f"hist:{name}"] = plot_histograms(res, class_names, f"{name}: probabilities by true class",
                                                 os.path.join(out, f"histograms_{safe}.png"))
         if settings.data and res["misclassified"]["rows"]:
@@ -507,7 +721,16 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
         if any(col in res["by"] for res in results.values()):
             plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{col}.png"))
         else:
-            print(f"evaluate: warning: no score table has a column {col!r}; score with --keep {col}")
+            logger.warning("evaluate: warning: no score table has a column %r; score with --keep %s", col, col)
+    return plots
+
+
+def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult:
+    """The report, written into the local directory ``out`` (``settings.out`` itself when it is local)."""
+    progress = Progress("evaluate", len(settings.scores), settings.progress, unit="score tables")
+    results, meta, class_names = _read_and_score(settings, progress)
+    progress.say(f"drawing the plots of {len(results)} score table(s)")
+    plots = _draw(settings, results, class_names, out)
     history = []
     if settings.run:
         history = _read_history(settings.run)
@@ -614,13 +837,13 @@ def _check_split(path: str, doc: dict, settings: EvaluateSettings) -> None:
         return
     rec = doc.get("split")
     if rec is None:
-        print(f"evaluate: warning: {path} was scored before stampray recorded splits; its '{settings.split}' "
-              f"rows follow the fractions score was given then, which may differ from training's (score again "
-              f"to be sure)", file=sys.stderr)
+        logger.warning("evaluate: warning: %s was scored before stampray recorded splits; its '%s' rows follow the "
+                       "fractions score was given then, which may differ from training's (score again to be sure)",
+                       path, settings.split)
         return
     if rec.get("source") != "checkpoint":
-        print(f"evaluate: warning: the model behind {path} does not record its training split; its "
-              f"'{settings.split}' rows may include stamps it trained on", file=sys.stderr)
+        logger.warning("evaluate: warning: the model behind %s does not record its training split; its '%s' rows "
+                       "may include stamps it trained on", path, settings.split)
     if settings.run:
         run_settings = st.join(settings.run, "settings.json")
         trained = json.loads(st.read_text(run_settings)).get("fractions") if st.exists(run_settings) else None
@@ -664,6 +887,33 @@ def _fmt(v, digits=4):
     return html.escape(str(v))
 
 
+def _calibration_html(name: str, r: dict, plots: dict[str, str]) -> str:
+    """The calibration paragraph of one score table: ECE, the reliability diagram, and accuracy against
+    uncertainty when the table has ``p_<class>_std`` columns (a note when it has not)."""
+    cal = r["calibration"]
+    parts = [f"<h3>Calibration</h3><p>expected calibration error (ECE, {html.escape(cal['rule'])}): "
+             f"<b>{_fmt(cal['ece'])}</b></p>"]
+    if f"calibration:{name}" in plots:
+        parts.append(_img(plots[f"calibration:{name}"], f"reliability diagram {name}"))
+    unc = r.get("uncertainty")
+    if unc is None:
+        parts.append("<p>No accuracy against uncertainty: the scores have no p_&lt;class&gt;_std columns "
+                     "(score with --tta K or --mc-dropout K).</p>")
+        return "".join(parts)
+    parts.append(f"<h3>Accuracy against uncertainty</h3><p>AUC of the std in telling wrong predictions from right "
+                 f"ones: <b>{_fmt(unc['error_auc'])}</b> (0.5: the spread says nothing); mean std "
+                 f"{_fmt(unc['mean_std_correct'])} when right, {_fmt(unc['mean_std_wrong'])} when wrong.</p>"
+                 "<table><tr><th>std from</th><th>to</th><th>stamps</th><th>accuracy</th><th>95% interval</th></tr>")
+    for b in unc["bins"]:
+        ci = f"{b['ci'][0]:.3f} – {b['ci'][1]:.3f}" if b["ci"] else "–"
+        parts.append(f"<tr><td>{_fmt(b['lo'], 5)}</td><td>{_fmt(b['hi'], 5)}</td><td>{b['n']}</td>"
+                     f"<td>{_fmt(b['accuracy'])}</td><td>{ci}</td></tr>")
+    parts.append("</table>")
+    if f"uncertainty:{name}" in plots:
+        parts.append(_img(plots[f"uncertainty:{name}"], f"accuracy against uncertainty {name}"))
+    return "".join(parts)
+
+
 def render_html(report: dict, plots: dict[str, str]) -> str:
     """One self-contained page: every plot embedded as a data URI."""
     names = report["class_names"]
@@ -677,14 +927,14 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
              f"<p>split: <b>{html.escape(s['split'])}</b>; classes: {html.escape(', '.join(names))}</p>",
              "<h2>Summary</h2><table><tr><th>scores</th><th>model</th><th>stamps</th><th>accuracy</th><th>AUC</th>"
              f"<th>FPR at TPR={s['tpr']}</th><th>FNR at FPR={s['fpr']}</th><th>macro F1</th>"
-             "<th>confident share</th><th>confident accuracy</th></tr>"]
+             "<th>confident share</th><th>confident accuracy</th><th>ECE</th></tr>"]
     for name, r in res.items():
         first = next(iter(r["roc"].values()))
         parts.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(report['tables'][name]['model'])}</td>"
                      f"<td>{r['n']}</td><td>{_fmt(r['accuracy'])}</td><td>{_fmt(r['auc'])}</td>"
                      f"<td>{_fmt(first['fpr_at_tpr'])}</td><td>{_fmt(first['fnr_at_fpr'])}</td>"
                      f"<td>{_fmt(r['macro_f1'])}</td><td>{_fmt(r['confident']['share'])}</td>"
-                     f"<td>{_fmt(r['confident']['accuracy'])}</td></tr>")
+                     f"<td>{_fmt(r['confident']['accuracy'])}</td><td>{_fmt(r['calibration']['ece'])}</td></tr>")
     parts.append("</table>")
     if "roc" in plots:
         parts.append(_img(plots["roc"], "ROC curves"))
@@ -698,6 +948,7 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
         for key in ("confusion", "confident", "hist", "misclassified"):
             if f"{key}:{name}" in plots:
                 parts.append(_img(plots[f"{key}:{name}"], f"{key} {name}"))
+        parts.append(_calibration_html(name, r, plots))
         wrong = r["misclassified"]
         parts.append(f"<p>{wrong['n']} misclassified stamps (most confident first; all in report.json):</p>"
                      "<table><tr><th>stamp_id</th><th>true</th><th>predicted</th>"
@@ -734,7 +985,9 @@ def to_tensorboard(logdir: str, results: dict, class_names, plots: dict[str, str
             w.add_scalar("evaluate/confident_share", res["confident"]["share"], 0)
         arr = res["_arrays"]
         k = len(class_names)
-        for c in (range(1, 2) if k == 2 else range(k)):
+        if res["calibration"]["ece"] is not None:
+            w.add_scalar("evaluate/ece", res["calibration"]["ece"], 0)
+        for c in positive_classes(k):
             w.add_pr_curve(f"evaluate/pr_{class_names[c]}", arr["labels"] == c, arr["probs"][:, c], 0)
         from .train import _confusion_figure
 

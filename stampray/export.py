@@ -133,16 +133,3 @@ def _check(path: str, x: np.ndarray, want: np.ndarray) -> float | None:
         raise RuntimeError(msg)
     return diff
 
-
-def main(ns) -> int:
-    from .cli import _settings
-
-    settings = _settings(ExportSettings, ns)
-    r = export(settings)
-    check = f"onnxruntime matches PyTorch within {r.max_abs_diff:.1e}" if r.max_abs_diff is not None else \
-        "onnxruntime not installed: not checked"
-    c, h, w = json.loads(r.metadata["stampray.input_shape"])
-    print(f"export: wrote {r.path} (input (N, {c}, {h}, {w}) after preprocessing "
-          f"{r.metadata['stampray.preprocess']}; output probabilities of {r.metadata['stampray.class_names']}); "
-          f"{check}")
-    return 0

@@ -32,6 +32,7 @@ restarts a node loss needs). The refs live as long as the pool, so the restarts 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ from .pieces import PARTS_DIR, TMP_DIR, delete_dir, list_files, reason_counts, w
 logger = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # each read task; each commit task
+COMPILE = ("auto", "on", "off")  # --compile: torch.compile the replicas
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
@@ -109,7 +111,7 @@ def open_model_for(model: str, data: str, rename_classes: bool = False) -> tuple
         bundle = {**bundle, "class_names": list(match.names), "class_order": list(match.order)}
         data_bytes = ck.bundle_bytes(bundle)
     if match.note:
-        print(f"stampray: note: {match.note}", file=sys.stderr, flush=True)
+        logger.info(f"stampray: note: {match.note}")
     return manifest, model_path, bundle, data_bytes
 
 
@@ -117,13 +119,23 @@ def open_model_for(model: str, data: str, rename_classes: bool = False) -> tuple
 # The replica
 # --------------------------------------------------------------------------------------------------
 class ModelActor:
-    """Holds one model replica; loads the checkpoint once (from bytes in the object store)."""
+    """Holds one model replica; loads the checkpoint once (from bytes in the object store).
+
+    With ``tta`` or ``mc_dropout`` K every stamp goes through the model K times
+    (:func:`stampray.notebook.forward_passes`, which :func:`stampray.predict` uses too): a forward takes
+    ``chunk // K`` stamps, so its K x rows variants still fill one ``chunk``, the one shape a compiled
+    replica runs. MC dropout runs in eager mode: Inductor draws a compiled graph's dropout masks with its
+    own random kernels, not eager torch's, so seeded passes (a block redone draws the same masks) would not
+    give :func:`stampray.predict`'s numbers, and switching dropout layers between modes recompiles.
+    """
 
     def __init__(self, model_bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
-                 chunk: int = 4096):
+                 chunk: int = 4096, *, tta: int = 0, mc_dropout: int = 0, features: bool = False):
         """``model_bytes``: the checkpoint's bytes, or the ObjectRef of them :func:`run_pool` passes."""
         import ray
         import torch
+
+        from .notebook import Outputs
 
         if isinstance(model_bytes, ray.ObjectRef):  # nested in the callable's arguments: not resolved for us
             model_bytes = ray.get(model_bytes)
@@ -142,10 +154,12 @@ class ModelActor:
         self.class_order = np.asarray(order, np.int64) if order is not None else None
         self.amp = self.device.type == "cuda"
         self.chunk = int(chunk)
-        self.forward = self.model
+        self.tta, self.mc_dropout, self.features = int(tta), int(mc_dropout), bool(features)
+        self.rows = max(1, self.chunk // max(self.tta, self.mc_dropout, 1))  # stamps per forward
+        self.forward = Outputs(self.model, self.features)
         self.compiled = False
         self.node_id = ray.get_runtime_context().get_node_id()
-        if compile:
+        if compile and not self.mc_dropout:
             self._compile()
 
     def _compile(self) -> None:
@@ -155,22 +169,23 @@ class ModelActor:
         falls back to eager mode."""
         import torch
 
+        eager = self.forward
         try:
             import torch._inductor.config as inductor_config
 
             # Inference only: freeze the weights into the graph (constant folding, prepacked oneDNN
             # convolutions) and use channels-last; together about 3.5x eager on one CPU thread for cnn.
             inductor_config.freezing = True
-            model = self.model.to(memory_format=torch.channels_last)
+            model = eager.to(memory_format=torch.channels_last)
             self.forward, self.compiled = torch.compile(model, dynamic=False), True
             with torch.inference_mode():
-                self._run(np.zeros((self.chunk, *self.shape), np.float32))
+                self._run(np.zeros((self.rows, *self.shape), np.float32))
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported op: eager still works
-            self.forward, self.compiled = self.model, False
-            print(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode", flush=True)
+            self.forward, self.compiled = eager, False
+            logger.warning(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode")
 
     def _run(self, part: np.ndarray):
-        """Softmax of one chunk (at most ``self.chunk`` preprocessed stamps), as a float32 tensor on the device;
+        """The passes over one chunk (at most ``self.rows`` preprocessed stamps), as tensors on the device;
         the only place a replica calls its model, so warm-up and real batches take the same path."""
         import torch
 
@@ -180,29 +195,56 @@ class ModelActor:
         return self._run_tensor(xb)
 
     def _run_tensor(self, xb):
-        """The model on a preprocessed tensor already on the device (channels-last when compiled, autocast
-        on a GPU): the one place a replica calls its model, for warm-up and real batches alike."""
+        """The passes (:func:`stampray.notebook.forward_passes`) over a preprocessed tensor already on the
+        device: the model runs channels-last when compiled and under autocast on a GPU; the one place a
+        replica calls its model, for warm-up and real batches alike."""
         import torch
 
-        if self.compiled:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits = self.forward(xb)
-        return torch.softmax(logits.float(), dim=1)
+        from .notebook import forward_passes
 
-    def predict(self, raw: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for raw (decoded, not yet normalised) stamps (N, C, H, W).
+        def call(x):
+            if self.compiled:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                return self.forward(x)
+
+        return forward_passes(self.model, xb, tta=self.tta, mc_dropout=self.mc_dropout, features=self.features,
+                              forward=call)
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None):
+        """MC dropout draws its masks from torch's generator seeded with ``seed`` (restored after), so a block
+        redone (a rerun, a lost node) gets the same numbers; a no-op otherwise."""
+        import torch
+
+        if not self.mc_dropout or seed is None:
+            yield
+            return
+        cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            yield
+
+    def predict(self, raw: np.ndarray, seed: int | None = None):
+        """The passes over raw (decoded, not yet normalised) stamps (N, C, H, W): a
+        :class:`stampray.notebook.Passes` of arrays (``probs``; ``std`` with two passes or more; ``features``
+        when asked), in the table's class order. ``seed``: the MC-dropout seed (see :meth:`_seeded`).
 
         On the CPU: the checkpoint's numpy preprocessing, then the model. On a GPU only decoding stays on
         the CPU: raw pixels go to the device from pinned memory (``non_blocking``, the next chunk's copy on a
         stream of its own while this chunk computes) and are normalised there by the torch version of the
         same step (:func:`stampray.preprocess.get_torch`, equal within float tolerance), so one CPU core
         no longer sets the GPU's pace with per-stamp quartiles."""
-        if self.device.type != "cuda" or self.preprocess_torch is None:
-            return self.probabilities(self.preprocess(raw))
+        with self._seeded(seed):
+            if self.device.type != "cuda" or self.preprocess_torch is None:
+                return self.passes(self.preprocess(raw))
+            return self._collect(self._gpu_passes(raw))
+
+    def _gpu_passes(self, raw: np.ndarray) -> list:
+        """The passes over raw stamps on the GPU, chunk by chunk, the next chunk's upload overlapping."""
         import torch
 
-        out, chunks = [], [raw[i:i + self.chunk] for i in range(0, len(raw), self.chunk)]
+        out, chunks = [], [raw[i:i + self.rows] for i in range(0, len(raw), self.rows)]
         copy_stream = torch.cuda.Stream()
 
         def upload(part):
@@ -217,30 +259,51 @@ class ModelActor:
                 xb.record_stream(torch.cuda.current_stream())
                 nxt = upload(chunks[i + 1]) if i + 1 < len(chunks) else None
                 xb = self.preprocess_torch(xb)
-                if self.compiled and n < self.chunk:  # keep the one compiled shape
-                    xb = torch.cat([xb, xb.new_zeros((self.chunk - n, *self.shape))])
-                out.append(self._run_tensor(xb)[:n].cpu().numpy())
-        if not out:
-            return np.zeros((0, len(self.class_names)), np.float32)
-        probs = np.concatenate(out)
-        return probs[:, self.class_order] if self.class_order is not None else probs
+                if self.compiled and n < self.rows:  # keep the one compiled shape
+                    xb = torch.cat([xb, xb.new_zeros((self.rows - n, *self.shape))])
+                out.append(_host(self._run_tensor(xb), n))
+        return out
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for preprocessed stamps (N, C, H, W)."""
+        """Softmax probabilities for preprocessed stamps (N, C, H, W) (the mean of the passes)."""
+        return self.passes(x).probs
+
+    def passes(self, x: np.ndarray):
+        """The passes over preprocessed stamps (N, C, H, W), as :meth:`predict` returns them."""
         import torch
 
         out = []
         with torch.inference_mode():
-            for i in range(0, len(x), self.chunk):
-                part = np.ascontiguousarray(x[i:i + self.chunk])
+            for i in range(0, len(x), self.rows):
+                part = np.ascontiguousarray(x[i:i + self.rows])
                 n = len(part)
-                if self.compiled and n < self.chunk:  # keep the one compiled shape
-                    part = np.concatenate([part, np.zeros((self.chunk - n, *self.shape), np.float32)])
-                out.append(self._run(part)[:n].cpu().numpy())
-        if not out:
-            return np.zeros((0, len(self.class_names)), np.float32)
-        probs = np.concatenate(out)
-        return probs[:, self.class_order] if self.class_order is not None else probs
+                if self.compiled and n < self.rows:  # keep the one compiled shape
+                    part = np.concatenate([part, np.zeros((self.rows - n, *self.shape), np.float32)])
+                out.append(_host(self._run(part), n))
+        return self._collect(out)
+
+    def _collect(self, out: list):
+        """The chunks' passes as one :class:`stampray.notebook.Passes` of arrays, in the table's class order."""
+        from .notebook import Passes
+
+        k = len(self.class_names)
+        spread = max(self.tta, self.mc_dropout) > 1
+
+        def cat(i: int, width: int, reorder: bool):
+            if not out:
+                return np.zeros((0, width), np.float32)
+            a = np.concatenate([o[i] for o in out])
+            return a[:, self.class_order] if reorder and self.class_order is not None else a
+
+        return Passes(cat(0, k, True), cat(1, k, True) if spread else None,
+                      cat(2, self.feature_width, False) if self.features else None)
+
+    @functools.cached_property
+    def feature_width(self) -> int:
+        """Length of the model's forward_features vector."""
+        from .notebook import feature_width
+
+        return feature_width(self.model)
 
     def decode_valid(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list]:
         """Images of the rows that can be scored, their row indices, and (row, reason) for the others."""
@@ -282,6 +345,11 @@ class ModelActor:
         ok[list(reasons)] = False
         good = np.nonzero(ok)[0]
         return images[good], good, sorted(reasons.items())
+
+
+def _host(passes, n: int):
+    """The first ``n`` stamps of a chunk's passes (the rest pads the compiled shape), as arrays on the host."""
+    return type(passes)(*(None if a is None else a[:n].cpu().numpy() for a in passes))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,21 +476,23 @@ RAY_POOL_NOISE = (b"has constructor arguments in the object store and max_restar
 
 
 @contextlib.contextmanager
-def dropped_stderr_lines(needles: tuple[bytes, ...], flush_s: float = 0.2) -> Iterator[None]:
-    """Drop the lines holding any of ``needles`` from this process's stderr (file descriptor 2) while the
-    block runs; everything else passes through (a partial line, such as a progress line redrawn with
-    ``\r``, after ``flush_s`` seconds of quiet). Ray core's C++ logs write to the descriptor, past Python's
-    logging. Does nothing where the descriptor cannot be redirected (Windows, a closed stderr)."""
+def dropped_stderr_lines(needles: tuple[bytes, ...], flush_s: float = 0.2, fd: int = 2) -> Iterator[None]:
+    """Drop the lines holding any of ``needles`` from this process's stderr (file descriptor 2; ``fd=1``:
+    its stdout) while the block runs; everything else passes through (a partial line, such as a progress
+    line redrawn with ``\r``, after ``flush_s`` seconds of quiet). Ray core's C++ logs write to the
+    descriptor, past Python's logging, and the lines Ray forwards from its workers reach the driver's
+    descriptors too. Does nothing where the descriptor cannot be redirected (Windows, a closed stream)."""
+    stream = sys.stdout if fd == 1 else sys.stderr
     try:
         if sys.platform == "win32":
             raise OSError("no select() on pipes")
-        sys.stderr.flush()
-        saved = os.dup(2)
+        stream.flush()
+        saved = os.dup(fd)
     except (OSError, ValueError, AttributeError):
         yield
         return
     read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
+    os.dup2(write_end, fd)
     os.close(write_end)
 
     def keep(line: bytes) -> None:
@@ -446,14 +516,14 @@ def dropped_stderr_lines(needles: tuple[bytes, ...], flush_s: float = 0.2) -> It
         if pending:
             keep(pending)
 
-    thread = threading.Thread(target=pump, name="stampray-stderr", daemon=True)
+    thread = threading.Thread(target=pump, name=f"stampray-fd{fd}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os.dup2(saved, 2)  # closes this process's write end: the pump drains what is left and ends
+            stream.flush()
+        os.dup2(saved, fd)  # closes this process's write end: the pump drains what is left and ends
         thread.join(timeout=5.0)
         if not thread.is_alive():  # else a child process still holds the pipe: the pump forwards its lines
             os.close(read_end)

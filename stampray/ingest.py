@@ -49,6 +49,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -81,6 +82,21 @@ ARRAY_EXTENSION = re.compile(r"\.(?:npy|npz|h5|hdf5|hdf|he5|pkl|pickle|p)$", re.
 PARALLEL = ("auto", "on", "off")
 UNIT_FILES = 500  # FITS cutouts per unit: each file is one small read, so a unit is a few seconds of work
 UNIT_ROWS = 200_000  # array rows per unit (about 350 MB of 21x21 float32 stamps)
+log = logging.getLogger(__name__)
+SOURCE = "source (exactly one form)"  # the --help group of the source flags
+
+
+def class_file(text: str) -> tuple[str, str]:
+    """``--class NAME=FILE`` as (name, path)."""
+    import argparse
+
+    if "=" not in text:
+        msg = f"--class wants NAME=FILE (e.g. noise=stamps_noise.npy), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    name, path = text.split("=", 1)
+    return name.strip(), path.strip()
+
+
 JOB_NAME = "_job.json"
 WAIT_S = 1.0  # the longest the driver blocks on Ray at a time (progress, Ctrl-C)
 STALL_S = 600.0  # warn when no unit has finished for this long
@@ -88,38 +104,79 @@ STALL_S = 600.0  # warn when no unit has finished for this long
 
 @dataclass(frozen=True)
 class IngestSettings:
-    """Settings of ``stampray ingest``; see ``stampray ingest --help``."""
+    """Settings of ``stampray ingest``.
+
+    Args:
+        out: output stamp table directory (local path or URI).
+        class_files: one array file per class, repeated (label = order given), e.g. noise=stamps_noise.npy.
+        images: images array (.npy, or .npz with --images-key).
+        labels: labels array (.npy, or key of --images .npz).
+        hdf5: HDF5 file with --images-key and --labels-key datasets.
+        fits: directory of FITS cutouts (needs --catalog).
+        catalog: CSV: file,label[,id,metadata...]; without an id column a cutout's id is its file name less the
+            FITS extension (J123456.78+012345.6_r.fits -> J123456.78+012345.6_r).
+        size: FITS: centre-crop or pad every cutout to N x N.
+        hdu: FITS: the HDU to read, by index or EXTNAME (default: the first HDU holding an image, so an empty
+            primary HDU is skipped); a comma list such as SCI,TEMPLATE,DIFF stacks those HDUs as channels (each a
+            2-D image of one shape). A file without a named HDU is set aside.
+        header_keys: FITS: copy these header values (from the first --hdu, else the primary header) into columns
+            named by the key in lower case (EXPTIME -> exptime): numbers as float64, other values as strings,
+            null where a file lacks the key. Cutouts with a celestial WCS also get ra and dec (degrees, of the
+            stamp centre; null without a WCS) unless the catalogue or --header-keys already gives an ra or dec
+            column, which is kept instead.
+        pickle: pickled images (needs --allow-pickle).
+        images_key: array/dataset name of the images.
+        labels_key: array/dataset name of the labels (default 'labels' when the file has it, else the images
+            are unlabelled; a key given here must exist).
+        ids_key: array/dataset of stamp ids (default: FILESTEM-ROW).
+        classes: class names in label order, e.g. noise,source.
+        split: the whole input belongs to this fixed split (overrides the id hash).
+        layout: image axis order; auto refuses an array that looks like one image saved without its N axis,
+            such as (21,21) or (21,21,3).
+        nonfinite: rows with NaN/inf pixels: set aside in _errors, or fail.
+        allow_pickle: allow unpickling (runs code from the file: only for trusted sources).
+        shard_rows: rows per Parquet shard.
+        chunk_rows: rows read and converted at a time by one reader.
+        id_prefix: prefix for generated stamp ids.
+        parallel: read the inputs with Ray tasks: auto (when the input makes more than one unit), on, off; on a
+            remote cluster inputs must be URIs or on a shared filesystem.
+        unit_files: FITS cutouts per Ray task.
+        unit_rows: array rows per Ray task.
+        progress: the progress line on stderr.
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+        append: add the stamps to the table at --out (same shape, classes and columns; a repeated id is set
+            aside); the manifest is replaced in one step, so readers see the table before or after.
+    """
 
     out: str
-    class_files: tuple[tuple[str, str], ...] = ()
-    images: str | None = None
-    labels: str | None = None
+    class_files: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "flag": "--class", "metavar": "NAME=FILE", "append": True, "parse": class_file, "group": SOURCE})
+    images: str | None = field(default=None, metadata={"group": SOURCE})
+    labels: str | None = field(default=None, metadata={"group": SOURCE})
     images_key: str = "images"
-    labels_key: str | None = None  # None: the array/dataset 'labels' when the file has one (else unlabelled);
-    # a key given here must exist
+    labels_key: str | None = None
     ids_key: str | None = None
-    hdf5: str | None = None
-    fits: str | None = None
-    catalog: str | None = None
-    size: int | None = None
-    hdu: str | None = None  # FITS: HDU index or EXTNAME; a comma list (SCI,TEMPLATE,DIFF) stacks them as channels;
-    # None: the first HDU holding an image (an empty primary HDU is skipped)
-    header_keys: tuple[str, ...] = ()  # FITS: header values copied into columns named by the key in lower case
-    pickle: str | None = None
+    hdf5: str | None = field(default=None, metadata={"group": SOURCE})
+    fits: str | None = field(default=None, metadata={"metavar": "DIR", "group": SOURCE})
+    catalog: str | None = field(default=None, metadata={"metavar": "CSV", "group": SOURCE})
+    size: int | None = field(default=None, metadata={"group": SOURCE})
+    hdu: str | None = field(default=None, metadata={"metavar": "N|NAME[,NAME...]", "group": SOURCE})
+    header_keys: tuple[str, ...] = field(default=(), metadata={"metavar": "KEY,KEY", "group": SOURCE})
+    pickle: str | None = field(default=None, metadata={"group": SOURCE})
     allow_pickle: bool = False
     classes: tuple[str, ...] = ()
-    split: str | None = None
-    layout: str = "auto"
-    nonfinite: str = "set-aside"
+    split: str | None = field(default=None, metadata={"choices": st.SPLIT_NAMES})
+    layout: str = field(default="auto", metadata={"choices": LAYOUTS})
+    nonfinite: str = field(default="set-aside", metadata={"choices": NONFINITE})
     shard_rows: int = 50_000
     chunk_rows: int = 8192
     id_prefix: str | None = None
-    parallel: str = "auto"  # Ray tasks: auto (when the input makes more than one unit), on, off
-    unit_files: int = UNIT_FILES  # FITS cutouts per unit
-    unit_rows: int = UNIT_ROWS  # array rows per unit (class files)
-    progress: bool = True  # the distributed ingest's progress line on stderr
-    address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else a private local Ray)
-    append: bool = False  # add the stamps to the table at --out (see stampray/append.py)
+    parallel: str = field(default="auto", metadata={"choices": PARALLEL})
+    unit_files: int = UNIT_FILES
+    unit_rows: int = UNIT_ROWS
+    progress: bool = True
+    address: str | None = None
+    append: bool = False
 
     def __post_init__(self):
         forms = [bool(self.class_files), bool(self.images), bool(self.hdf5), bool(self.fits), bool(self.pickle)]
@@ -1601,9 +1658,10 @@ class _Progress(Progress):
     def show(self, running: int = 0, force: bool = False) -> None:
         now = time.time()
         if now - max(self.last_unit, self.stall_warned) > STALL_S:
-            print(("\n" if self.tty and self.last else "")
-                  + f"ingest: no unit finished in the last {STALL_S / 60:.0f} min ({running} running); "
-                  f"check that the Ray cluster has free CPUs ('ray status')", file=sys.stderr, flush=True)
+            if self.tty and self.last:
+                sys.stderr.write("\n")  # end the progress display's in-place line before the warning
+            log.warning(f"ingest: no unit finished in the last {STALL_S / 60:.0f} min ({running} running); "
+                        f"check that the Ray cluster has free CPUs ('ray status')")
             self.stall_warned = now
         super().show(force)
 

@@ -12,12 +12,13 @@ the eight flips and quarter turns (identity first), then integer shifts of one p
 up, then the diagonals) of the identity, then of two pixels, ...; shifted-in pixels repeat the edge. All
 variants of a batch go through the model as one batch, so the cost is K times one pass. MC dropout
 (``mc_dropout=K``): K passes with the dropout layers active (everything else in eval mode); refused for a
-model without dropout.
+model without dropout. ``stampray score --tta/--mc-dropout/--features`` scores through the same function
+(:func:`forward_passes`), so its columns equal this table's.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,7 @@ from torch import nn
 from . import checkpoint as ck
 from . import preprocess as pp
 from . import table as st
-from .classes import prob_column
+from .classes import prob_column, std_column
 
 BATCH = 1024  # stamps per forward (times K with tta or mc_dropout)
 _SHIFTS = [(0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)]
@@ -48,6 +49,88 @@ def symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def check_passes(net: nn.Module, tta: int, mc_dropout: int, *, prefix: str = "", tta_flag: str = "--tta") -> None:
+    """Refuse passes the model cannot take: MC dropout without dropout layers, TTA on stamps that are not
+    square (a quarter turn of an H x W stamp is W x H)."""
+    if mc_dropout and not has_dropout(net):
+        msg = f"{prefix}--mc-dropout needs dropout layers, and {type(net).__name__} has none; use {tta_flag} instead"
+        raise ValueError(msg)
+    h, w = (int(s) for s in net.image_size)
+    if int(tta) > 1 and h != w:
+        msg = (f"{prefix}--tta needs square stamps (a quarter turn makes an HxW stamp WxH), and the model takes "
+               f"{h}x{w} stamps; leave TTA off")
+        raise ValueError(msg)
+
+
+def feature_width(net: nn.Module) -> int:
+    """Length of the model's ``forward_features`` vector (one dry run on a zero stamp, in eval mode)."""
+    device = next(net.parameters()).device
+    was = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            x = torch.zeros(1, int(net.in_channels), *(int(s) for s in net.image_size), device=device)
+            return int(net.forward_features(x).flatten(1).shape[1])
+    finally:
+        net.train(was)
+
+
+class Outputs(nn.Module):
+    """A model's logits, and its ``forward_features`` vector when asked: ``(logits,)`` or ``(logits,
+    features)``. What every pass calls; a replica compiles it as one graph."""
+
+    def __init__(self, net: nn.Module, features: bool = False):
+        super().__init__()
+        self.net, self.features = net, bool(features)
+
+    def forward(self, x: torch.Tensor):
+        f = self.net.forward_features(x)
+        logits = self.net.forward_head(f)
+        return (logits, f.flatten(1)) if self.features else (logits,)
+
+
+class Passes(NamedTuple):
+    """What :func:`forward_passes` returns for N stamps of k classes (tensors or, from a replica, arrays)."""
+
+    probs: Any  # (N, k): the mean of the passes' softmax probabilities
+    std: Any  # (N, k): their population standard deviation; None for one pass
+    features: Any  # (N, F): forward_features of the first pass (the stamp itself); None unless asked
+
+
+def forward_passes(net: nn.Module, x: torch.Tensor, *, tta: int = 0, mc_dropout: int = 0, features: bool = False,
+                   forward=None) -> Passes:
+    """Probabilities of a preprocessed batch ``x`` (N, C, H, W): one plain pass, the mean of ``tta`` symmetry
+    transforms, or the mean of ``mc_dropout`` passes with the dropout layers active; ``std`` with K >= 2
+    passes, ``features`` when asked. All K x N variants go through the model as one batch (pass-major).
+
+    ``forward``: what to call on that batch instead of ``Outputs(net, features)`` (a replica's compiled copy
+    of it, with its memory layout and autocast); it must return what :class:`Outputs` returns. The dropout
+    layers of ``net`` are active only during the call. :func:`predict` and ``stampray score``'s replicas
+    (:class:`stampray.inference.ModelActor`) both score through here.
+    """
+    tta, mc_dropout = int(tta), int(mc_dropout)
+    passes, n = max(tta, mc_dropout, 1), len(x)
+    if tta > 1:
+        x = torch.cat([symmetry(x, k) for k in range(tta)])
+    elif mc_dropout > 1:
+        x = x.repeat(mc_dropout, 1, 1, 1)
+    forward = Outputs(net, features) if forward is None else forward
+    dropout = [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd)] if mc_dropout else []
+    was = [m.training for m in dropout]
+    for m in dropout:
+        m.train()
+    try:
+        out = forward(x)
+    finally:
+        for m, w in zip(dropout, was):
+            m.train(w)
+    p = torch.softmax(out[0].float(), 1).reshape(passes, n, -1)
+    feats = None
+    if features:  # the first pass's (pass-major), copied: a view would keep all K passes' features alive
+        feats = out[1].float()[:n].clone() if passes > 1 else out[1].float()
+    return Passes(p.mean(0), p.std(0, unbiased=False) if passes > 1 else None, feats)
 
 
 def _as_model(model) -> tuple[nn.Module, dict]:
@@ -92,33 +175,19 @@ def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool 
     if int(tta) < 0 or int(mc_dropout) < 0:
         raise ValueError("predict: tta and mc_dropout count passes (0 for one plain pass)")
     net, info = _as_model(model)
-    if mc_dropout and not has_dropout(net):
-        msg = f"predict: --mc-dropout needs dropout layers, and {type(net).__name__} has none; use tta instead"
-        raise ValueError(msg)
+    check_passes(net, tta, mc_dropout, prefix="predict: ", tta_flag="tta")
     prep = pp.get(info["preprocess"])
     names = info["class_names"]
     probs, stds, feats, ids = [], [], [], []
-    passes = int(tta or mc_dropout or 1)
+    passes = max(int(tta), int(mc_dropout), 1)
     with torch.inference_mode():
         for raw, batch_ids in _batches(images, info["shape"]):
-            x = torch.from_numpy(prep(raw))
-            if tta:
-                x = torch.cat([symmetry(x, k) for k in range(passes)])
-            elif mc_dropout:
-                x = x.repeat(passes, 1, 1, 1)
-                for m in net.modules():
-                    if isinstance(m, nn.modules.dropout._DropoutNd):
-                        m.train()
-            try:
-                f = net.forward_features(x)
-                p = torch.softmax(net.forward_head(f).float(), 1).reshape(passes, len(raw), -1)
-            finally:
-                net.eval()
-            probs.append(p.mean(0).numpy())
-            if passes > 1:
-                stds.append(p.std(0, unbiased=False).numpy())
+            out = forward_passes(net, torch.from_numpy(prep(raw)), tta=tta, mc_dropout=mc_dropout, features=features)
+            probs.append(out.probs.numpy())
+            if out.std is not None:
+                stds.append(out.std.numpy())
             if features:
-                feats.append(f.reshape(passes, len(raw), -1)[0].float().numpy())
+                feats.append(out.features.numpy())
             if batch_ids is not None:
                 ids += batch_ids
     k = len(names)
@@ -129,8 +198,9 @@ def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool 
     if passes > 1:
         s = np.concatenate(stds) if stds else np.zeros((0, k), np.float32)
         for j, c in enumerate(names):
-            cols[prob_column(c) + "_std"] = pa.array(s[:, j], pa.float32())
+            cols[std_column(c)] = pa.array(s[:, j], pa.float32())
     if features:
-        fx = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32)
-        cols["features"] = pa.FixedSizeListArray.from_arrays(pa.array(fx.reshape(-1)), fx.shape[1] or 1)
+        width = feature_width(net)
+        fx = np.concatenate(feats).astype(np.float32) if feats else np.zeros((0, width), np.float32)
+        cols["features"] = pa.FixedSizeListArray.from_arrays(pa.array(fx.reshape(-1), pa.float32()), width)
     return pa.table(cols)

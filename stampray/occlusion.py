@@ -14,11 +14,13 @@ pieces, so no map passes through the driver and a new output replaces an old one
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,18 +34,49 @@ import pyarrow.parquet as pq
 from . import table as st
 from .data import ROW, SHARD
 from .lock import output_lock
+from .provenance import provenance
 from .settings import non_negative, positive
 from .inference import READ_CPUS, ModelActor, Progress, open_model_for
 from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, commit_maps, delete_dir, list_files,  # noqa: F401
                      write_atomic)
 
+log = logging.getLogger(__name__)
 WHERE = ("misclassified",)
+COMPILE = ("auto", "on", "off")  # --compile
 MAPS_FILE = "_maps.json"  # what an occlude run wrote in --out: only these files are ever replaced
 
 
 @dataclass(frozen=True)
 class OccludeSettings:
-    """Settings of ``stampray occlude``; see ``stampray occlude --help``."""
+    """Settings of ``stampray occlude``.
+
+    Args:
+        model: checkpoint: model.pt, a checkpoint dir, or a run dir (its best.pt).
+        data: stamp table to map.
+        out: output directory for the maps (Parquet).
+        kernel: occluding square size in pixels.
+        stride: step between occluding positions.
+        ids: comma-separated stamp ids to map.
+        where: map only the misclassified stamps.
+        limit: map at most N stamps.
+        png: write stamp+heatmap overlays into this directory.
+        png_limit: overlays to draw.
+        chunk: occluded variants built and scored per forward pass (default: 1 Mi pixels' worth, e.g. 2,377 at
+            21x21, 46 at 150x150), so memory does not grow with stamp size or --batch-size.
+        batch_size: stamps per actor call (each expands to one model batch of all its occlusions).
+        actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
+        use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
+            autoscaler for them and wait (see --wait-gpu).
+        max_actors: most model replicas of the autoscaling pool (default: one per CPU core, or per GPU, of
+            every node the cluster has or its autoscaler can launch).
+        wait_gpu: with --use-gpu, how long to wait for the autoscaler's GPU nodes, in seconds.
+        progress: the progress line on stderr.
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+        rename_classes: the table names its classes otherwise than the model (e.g. 0,1 against
+            noise,source): take the model's class names by position instead of refusing.
+        compile: torch.compile the replicas (a few seconds each, about 1.6x the forward rate on a CPU): auto
+            for jobs of 2M occluded variants or more.
+    """
 
     model: str
     data: str
@@ -51,23 +84,23 @@ class OccludeSettings:
     kernel: int = 5
     stride: int = 1
     ids: tuple[str, ...] = ()
-    where: str | None = None
+    where: str | None = field(default=None, metadata={"choices": WHERE})
     limit: int | None = None
-    png: str | None = None
+    png: str | None = field(default=None, metadata={"metavar": "DIR"})
     png_limit: int = 20
     chunk: int | None = None  # (stamp, window) pairs scored per forward; default: 1 Mi pixels' worth
     batch_size: int | None = None
     actors: int | None = None
     use_gpu: bool = False
     max_actors: int | None = None
-    wait_gpu: float = 1800.0
+    wait_gpu: float = field(default=1800.0, metadata={"metavar": "SECONDS"})
     progress: bool = True
     address: str | None = None
-    rename_classes: bool = False  # the table names its classes otherwise: take the model's names by position
-    compile: str = "auto"  # torch.compile the replicas: on, off, auto (jobs of COMPILE_VARIANTS or more)
+    rename_classes: bool = False
+    compile: str = field(default="auto", metadata={"choices": COMPILE})
 
     def __post_init__(self):
-        if self.compile not in ("auto", "on", "off"):
+        if self.compile not in COMPILE:
             msg = f"--compile must be auto, on or off, got {self.compile!r}"
             raise ValueError(msg)
         if int(self.kernel) < 1 or int(self.stride) < 1:
@@ -250,13 +283,13 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
                f"{' ...' if len(missing) > 10 else ''}); check the ids against the table's stamp_id column")
         raise ValueError(msg)
     if missing:
-        print(f"occlude: warning: {len(missing)} of the {len(settings.ids)} --ids are not in {settings.data}: "
-              f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}", file=sys.stderr)
+        log.warning(f"occlude: warning: {len(missing)} of the {len(settings.ids)} --ids are not in "
+                    f"{settings.data}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
     if set_aside:
-        print(f"occlude: {set_aside} stamps could not be occluded (non-finite pixels or a wrong image size); "
-              f"listed with their reasons in {st.join(settings.out, st.ERRORS_DIR)}", file=sys.stderr)
+        log.warning(f"occlude: {set_aside} stamps could not be occluded (non-finite pixels or a wrong image "
+                    f"size); listed with their reasons in {st.join(settings.out, st.ERRORS_DIR)}")
     if total == 0:
-        print("occlude: warning: no stamp matched the selection; wrote an empty table", file=sys.stderr)
+        log.warning("occlude: warning: no stamp matched the selection; wrote an empty table")
     pngs = []
     if settings.png and total:
         with fs.open_input_file(st.resolve(st.join(settings.out, "part-00000.parquet"))[1]) as f:
@@ -287,9 +320,25 @@ def _occlude_locked(settings: OccludeSettings, model_bytes: bytes,
     delete_dir(st.join(out, TMP_DIR))
     doc = {"verb": "occlude", "model": settings.model, "data": settings.data, "kernel": settings.kernel,
            "stride": settings.stride, "maps": total, "set_aside": set_aside, "files": files,
-           "ids_not_found": missing}
+           "ids_not_found": missing, "provenance": provenance()}
     st.write_text(marker, json.dumps(doc, indent=2))
     return total, set_aside, nodes, missing
+
+
+@contextlib.contextmanager
+def _upscale_when_busy():
+    """With one block in flight per replica, a pool's utilisation tops out at 100%: Ray Data's autoscaler
+    must add replicas there (its default waits for 175%, which such a pool never reaches, and says so).
+    The driver's DataContext is restored after, for the next verb in this process."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.autoscaling_config
+    ctx.autoscaling_config = dataclasses.replace(saved, actor_pool_util_upscaling_threshold=1.0)
+    try:
+        yield
+    finally:
+        ctx.autoscaling_config = saved
 
 
 def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
@@ -302,7 +351,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
     from .inference import check_gpu_nodes, run_pool
     from .runtime import ensure_gpus, ray_session
 
-    with ray_session(settings.address):
+    with ray_session(settings.address), _upscale_when_busy():
         ray.data.DataContext.get_current().enable_progress_bars = False
         progress = Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows),
                             settings.progress, unit="maps")
@@ -339,7 +388,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                 accepted.append(r["piece"])
                 total += r["rows"]
                 nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
-                progress.update(r["rows"])
+                # Each replica maps up to --limit stamps; the commit keeps the first --limit of them.
+                progress.update(r["rows"] if limit is None else max(0, min(r["rows"], limit - progress.done)))
             if limit is not None and total >= limit:
                 break  # ends the dataset: the pool stops
         stream.close()

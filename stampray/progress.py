@@ -23,6 +23,7 @@ class Progress:
         self.done, self.counted = int(done), 0  # units done; what the rate counts, this run
         self.tty = sys.stderr.isatty()
         self.t0, self.last = time.time(), 0.0
+        self.shown = -1  # the count the last line showed
 
     def update(self, units: int = 1, counted: int | None = None) -> None:
         """``units`` more done (``counted`` more of what the rate counts; default: the units)."""
@@ -37,6 +38,7 @@ class Progress:
         rate = self.counted / max(now - self.t0, 1e-9)
         pct = 100.0 * self.done / max(self.total, 1)
         self.say(f"{self.done:,}/{self.total:,} {self.unit} ({pct:.1f}%), {rate:,.0f} {self.rate_unit}/s")
+        self.shown = self.done
 
     def say(self, text: str) -> None:
         """One line of the verb's own (a stage, a wait), in the progress line's place."""
@@ -49,7 +51,7 @@ class Progress:
     def close(self) -> None:
         """The final count, where a line was shown, and the end of an in-place line."""
         if self.enabled and self.last:
-            if self.counted:  # a verb that only said its stages has no count to give
+            if self.counted and self.done != self.shown:  # the final count, unless the last line was it
                 self.show(force=True)
             if self.tty:
                 print(file=sys.stderr)

@@ -20,14 +20,20 @@ results land as one Parquet file per input shard. The workers write; the driver 
 No result row passes through the driver or the coordinator: the coordinator handles one small record per
 block (a few per 16,384 stamps) and the driver only prints the progress it streams back, so neither's
 CPU time nor memory grows with the job's rows (``benchmarks/score_driver.py`` measures both).
+
+Each stamp gets one plain pass through the model, or K passes with ``--tta K`` (symmetry transforms) or
+``--mc-dropout K`` (dropout active): ``p_<class>`` is then their mean and ``p_<class>_std`` their spread, at
+K times the work; ``--features`` adds the model's embedding. The passes are :func:`stampray.predict`'s own
+(:func:`stampray.notebook.forward_passes`), so the two give the same numbers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
-import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -38,24 +44,60 @@ import pyarrow.parquet as pq
 from . import checkpoint as ck
 from . import splits
 from . import table as st
+from .classes import prob_column, std_column
 from .data import ROW, SHARD
 from .lock import output_lock
-from .inference import (PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, check_compatible,  # noqa: F401
-                        delete_dir, list_files, open_model_for, prob_column, reason_counts, write_atomic)
+from .inference import (COMPILE, PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress,  # noqa: F401
+                        check_compatible, delete_dir, list_files, open_model_for, reason_counts, write_atomic)
 from .pieces import ERROR
+from .provenance import provenance
+
+logger = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 SCORE_MANIFEST = "_manifest.json"
 ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason, in the result file's footer
 PROGRESS_EVERY_S = 2.0  # the coordinator streams the count of rows accounted for this often
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
+FEATURES = "features"  # --features: the forward_features vector
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
                            ("errors", pa.int64()), ("node", pa.string())])
 
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """Settings of ``stampray score``; see ``stampray score --help``."""
+    """Settings of ``stampray score``.
+
+    Args:
+        model: checkpoint: model.pt, a checkpoint dir, or a run dir (its best.pt).
+        data: stamp table to score.
+        out: result directory (one Parquet file per input shard).
+        keep: metadata columns to pass through, e.g. snr,ra,dec.
+        batch_size: stamps per model call (default: 4096 on a CPU, 16384 on a GPU); with --tta or --mc-dropout
+            K, a call holds the K variants of batch-size // K stamps.
+        use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
+            autoscaler for them and wait (see --wait-gpu).
+        actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
+        max_actors: most model replicas of the autoscaling pool (default: one per CPU core, or per GPU, of
+            every node the cluster has or its autoscaler can launch).
+        wait_gpu: with --use-gpu, how long to wait for the autoscaler's GPU nodes, in seconds.
+        fractions: split fractions for the 'split' column (default: those the checkpoint was trained with;
+            others are refused, as they would test the model on stamps it trained on).
+        overwrite: discard earlier results in --out.
+        compile: torch.compile the model in each replica: auto for jobs of 200,000 forward passes or more
+            (stamps, times K with --tta); never with --mc-dropout, which runs in eager mode.
+        progress: a progress line on stderr (--no-progress: none).
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+        rename_classes: the table names its classes otherwise than the model (e.g. 0,1 against
+            noise,source): take the model's class names by position instead of refusing.
+        tta: test-time augmentation: average the probabilities over the first K of the fixed symmetry
+            transforms of each stamp (the eight flips and quarter turns, identity first, then shifts; see
+            stampray.predict); K of 2 or more adds p_<class>_std, their spread. Costs K times the work.
+        mc_dropout: Monte Carlo dropout: average K passes with the model's dropout layers active (refused for
+            a model without dropout); K of 2 or more adds p_<class>_std. Costs K times the work.
+        features: add a 'features' column: the model's forward_features vector (float32, the embedding) of
+            every stamp, from its plain (first) pass.
+    """
 
     model: str
     data: str
@@ -65,19 +107,22 @@ class ScoreSettings:
     use_gpu: bool = False
     actors: int | None = None
     max_actors: int | None = None
-    wait_gpu: float = 1800.0
-    fractions: tuple[float, float, float] | None = None  # None: those the checkpoint was trained with
+    wait_gpu: float = field(default=1800.0, metadata={"metavar": "SECONDS"})
+    fractions: tuple[float, float, float] | None = field(default=None, metadata={"metavar": "TRAIN,VAL,TEST"})
     overwrite: bool = False
-    compile: str = "auto"
+    compile: str = field(default="auto", metadata={"choices": COMPILE})
     progress: bool = True
     address: str | None = None
-    rename_classes: bool = False  # the table names its classes otherwise: take the model's names by position
+    rename_classes: bool = False
+    tta: int = field(default=0, metadata={"metavar": "K"})
+    mc_dropout: int = field(default=0, metadata={"metavar": "K"})
+    features: bool = False
 
     def __post_init__(self):
         if self.batch_size is not None and int(self.batch_size) <= 0:
             msg = f"--batch-size must be a positive integer, got {self.batch_size!r}"
             raise ValueError(msg)
-        if self.compile not in ("auto", "on", "off"):
+        if self.compile not in COMPILE:
             msg = f"--compile must be auto, on or off, got {self.compile!r}"
             raise ValueError(msg)
         for name in ("actors", "max_actors"):
@@ -85,11 +130,26 @@ class ScoreSettings:
             if value is not None and int(value) <= 0:
                 msg = f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
                 raise ValueError(msg)
+        for name in ("tta", "mc_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                msg = f"--{name.replace('_', '-')} counts passes: an integer >= 0 (0: one plain pass), got {value!r}"
+                raise ValueError(msg)
+            object.__setattr__(self, name, int(value))
+        if self.tta and self.mc_dropout:
+            msg = (f"--tta {self.tta} and --mc-dropout {self.mc_dropout}: choose one (the spread of either is "
+                   f"p_<class>_std)")
+            raise ValueError(msg)
         if float(self.wait_gpu) < 0:
             msg = f"--wait-gpu must be a number of seconds >= 0, got {self.wait_gpu!r}"
             raise ValueError(msg)
         if self.fractions is not None:
             object.__setattr__(self, "fractions", splits.check_fractions(self.fractions))
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per stamp."""
+        return max(self.tta, self.mc_dropout, 1)
 
 
 class Scorer(ModelActor):
@@ -97,8 +157,9 @@ class Scorer(ModelActor):
 
     def __init__(self, model_bytes: bytes, out: str, keep: list[str], fractions, model_tag: str,
                  threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096,
-                 duplicates: dict | None = None):
-        super().__init__(model_bytes, threads, use_gpu, compile, chunk)
+                 duplicates: dict | None = None, tta: int = 0, mc_dropout: int = 0, features: bool = False):
+        super().__init__(model_bytes, threads, use_gpu, compile, chunk, tta=tta, mc_dropout=mc_dropout,
+                         features=features)
         self.out, self.keep, self.fractions, self.model_tag = out, list(keep), tuple(fractions), model_tag
         if duplicates is not None and not isinstance(duplicates, dict):  # an ObjectRef: shared by the replicas
             import ray
@@ -108,12 +169,22 @@ class Scorer(ModelActor):
         self.prob_names = [prob_column(c) for c in self.class_names]
 
     def results(self, batch: pa.Table) -> pa.Table:
-        """One result row per stamp, in batch order; rows that cannot be scored carry their reason."""
+        """One result row per stamp, in batch order (the columns of :func:`result_schema`, then ``_shard``,
+        ``_row`` and ``_error``); rows that cannot be scored carry their reason."""
         n = batch.num_rows
         images, good, bad = self.decode_valid(batch)
-        probs = np.full((n, len(self.class_names)), np.nan, np.float32)
+        k = len(self.class_names)
+        probs = np.full((n, k), np.nan, np.float32)
+        std = np.full((n, k), np.nan, np.float32) if max(self.tta, self.mc_dropout) > 1 else None
+        feats = np.full((n, self.feature_width), np.nan, np.float32) if self.features else None
         if len(good):
-            probs[good] = self.predict(images)
+            seed = block_seed(batch.column(SHARD)[0].as_py(), batch.column(ROW)[0].as_py())
+            out = self.predict(images, seed)
+            probs[good] = out.probs
+            if std is not None:
+                std[good] = out.std
+            if feats is not None:
+                feats[good] = out.features
         pred = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
         valid = np.ones(n, bool)
         errors = np.full(n, None, dtype=object)
@@ -137,9 +208,15 @@ class Scorer(ModelActor):
         }
         for j, name in enumerate(self.prob_names):
             cols[name] = pa.array(probs[:, j], pa.float32(), mask=~valid)
+        if std is not None:
+            for j, c in enumerate(self.class_names):
+                cols[std_column(c)] = pa.array(std[:, j], pa.float32(), mask=~valid)
+        if feats is not None:
+            cols[FEATURES] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()),
+                                                               self.feature_width, mask=pa.array(~valid))
         cols["model"] = pa.array([self.model_tag] * n, pa.string())
-        for k in self.keep:
-            cols[k] = batch.column(k)
+        for column in self.keep:
+            cols[column] = batch.column(column)
         cols[SHARD] = batch.column(SHARD)
         cols[ROW] = batch.column(ROW)
         cols[ERROR] = pa.array(errors, pa.string())
@@ -147,6 +224,28 @@ class Scorer(ModelActor):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return write_pieces(self.results(batch), self.out, self.node_id)
+
+
+def result_schema(class_names, keep: list[pa.Field] = (), spread: bool = False,
+                  feature_width: int | None = None) -> pa.Schema:
+    """The columns of every result file, in order: ``stamp_id``, ``label``, ``split``, ``pred``,
+    ``pred_name``, ``p_<class>`` per class, ``p_<class>_std`` per class (``spread``: two passes or more),
+    ``features`` (a fixed-size list of ``feature_width`` float32), ``model``, then the ``keep`` columns.
+    A shard with no stamps gets a file of these columns too (:func:`commit_shard`)."""
+    fields = [pa.field(st.ID, pa.string()), pa.field(st.LABEL, pa.int64()), pa.field(st.SPLIT, pa.string()),
+              pa.field("pred", pa.int64()), pa.field("pred_name", pa.string())]
+    fields += [pa.field(prob_column(c), pa.float32()) for c in class_names]
+    if spread:
+        fields += [pa.field(std_column(c), pa.float32()) for c in class_names]
+    if feature_width:
+        fields.append(pa.field(FEATURES, pa.list_(pa.float32(), int(feature_width))))
+    return pa.schema([*fields, pa.field("model", pa.string()), *keep])
+
+
+def block_seed(shard: str, row: int) -> int:
+    """The MC-dropout seed of a block whose first row is ``row`` of ``shard``: a block redone (a rerun, a
+    lost node) draws the same dropout masks, so its numbers do not change."""
+    return zlib.crc32(f"{shard}:{int(row)}".encode())
 
 
 def write_pieces(table: pa.Table, out: str, node: str) -> pa.Table:
@@ -251,8 +350,9 @@ class Books:
         return {n: c for n, c in self.count.items() if not self.complete(n)}
 
 
-def commit_shard(out: str, name: str, expected: int) -> dict:
-    """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring."""
+def commit_shard(out: str, name: str, expected: int, schema: pa.Schema | None = None) -> dict:
+    """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring.
+    ``schema``: the columns of a shard with no rows (:func:`result_schema`; None: ``stamp_id`` only)."""
     parts = st.join(out, PARTS_DIR, _stem(name))
     fs, _ = st.resolve(out)
     pieces = list_files(parts)
@@ -275,7 +375,10 @@ def commit_shard(out: str, name: str, expected: int) -> dict:
         msg = (f"score: the pieces of {name} hold {len(keep)} distinct rows of {expected}; rerun the same "
                f"command to redo that shard")
         raise RuntimeError(msg)
-    table = table.take(pa.array(keep)) if expected else pa.table({st.ID: pa.array([], pa.string())})
+    if expected:
+        table = table.take(pa.array(keep))
+    else:
+        table = schema.empty_table() if schema is not None else pa.table({st.ID: pa.array([], pa.string())})
     counts: dict[str, int] = {}
     if expected:
         failed = table.column(ERROR).is_valid()
@@ -306,10 +409,17 @@ class ScoreResult:
     coordinator_cpu_s: float = 0.0  # CPU seconds of the job's coordinator task (Ray Data's executor, books)
 
 
-def _job_doc(settings: ScoreSettings, bundle: dict, tag: str, shards: dict[str, dict], split: dict) -> dict:
+# What a job is, besides its data and model: the passes and columns each stamp gets. A job document written
+# before these were recorded scored with the defaults.
+JOB_PASSES = {"tta": 0, "mc_dropout": 0, "features": False}
+
+
+def _job_doc(settings: ScoreSettings, bundle: dict, tag: str, shards: dict[str, dict], split: dict,
+             feature_width: int | None = None) -> dict:
     return {"model": settings.model, "model_tag": tag, "data": settings.data, "keep": list(settings.keep),
             "preprocess": bundle["preprocess"], "class_names": list(bundle["class_names"]),
-            "split": split, "data_shards": {name: info["footer"] for name, info in shards.items()}}
+            "split": split, **{k: getattr(settings, k) for k in JOB_PASSES}, "feature_width": feature_width,
+            "data_shards": {name: info["footer"] for name, info in shards.items()}}
 
 
 def split_rule(bundle: dict, asked, table_has_column: bool, data: str) -> dict:
@@ -324,9 +434,9 @@ def split_rule(bundle: dict, asked, table_has_column: bool, data: str) -> dict:
     trained = ck.split_of(bundle)
     if trained is None:
         fractions = tuple(float(f) for f in (asked or splits.DEFAULT_FRACTIONS))
-        print(f"score: warning: the checkpoint does not record the split it was trained with; the 'split' "
-              f"column uses fractions {','.join(f'{f:g}' for f in fractions)}, and its 'test' rows may include "
-              f"training stamps", file=sys.stderr)
+        logger.warning(f"score: warning: the checkpoint does not record the split it was trained with; the 'split' "
+                       f"column uses fractions {','.join(f'{f:g}' for f in fractions)}, and its 'test' rows may "
+                       f"include training stamps")
         return {"fractions": list(fractions), "source": "assumed", "column": table_has_column}
     fractions = tuple(trained["fractions"])
     if asked is not None and not np.allclose(splits.check_fractions(asked), fractions, atol=1e-9):
@@ -335,9 +445,9 @@ def split_rule(bundle: dict, asked, table_has_column: bool, data: str) -> dict:
                f"on; drop --fractions (score uses the checkpoint's)")
         raise ValueError(msg)
     if trained.get("column") and not table_has_column:
-        print(f"score: warning: the model was trained on a table with a fixed 'split' column and {data} has "
-              f"none, so its 'split' column comes from the id hash; if this is the training data, its 'test' "
-              f"rows are not the training's test split", file=sys.stderr)
+        logger.warning(f"score: warning: the model was trained on a table with a fixed 'split' column and {data} "
+                       f"has none, so its 'split' column comes from the id hash; if this is the training data, its "
+                       f"'test' rows are not the training's test split")
     return {"fractions": list(fractions), "source": "checkpoint", "column": table_has_column,
             "trained_with_column": trained.get("column")}
 
@@ -358,8 +468,9 @@ def _check_shard_names(manifest: st.Manifest, data: str) -> dict[str, int]:
 def _prepare_out(settings: ScoreSettings, job: dict) -> None:
     """Check --out belongs to this job (or start over with --overwrite) and record the job.
 
-    A job is the model, the preprocessing, the kept columns, the data's path *and its content*: the footer
-    digest of every input shard. Scores of shards that changed since are stale: refused, or redone from
+    A job is the model, the preprocessing, the kept columns, the passes and columns each stamp gets (``--tta``,
+    ``--mc-dropout``, ``--features``), the data's path *and its content*: the footer digest of every input
+    shard. Scores of shards that changed since are stale: refused, or redone from
     scratch with ``--overwrite``. Shards added to the table since (an append) are simply scored.
     """
     out = settings.out
@@ -377,9 +488,10 @@ def _prepare_out(settings: ScoreSettings, job: dict) -> None:
                    f"'stampray score' did not write there (no {JOB_FILE}); choose a new or empty directory")
             raise ValueError(msg)
     elif not settings.overwrite:
-        for key in ("model_tag", "data", "keep", "preprocess", "class_names", "split"):
-            if key in before and before.get(key) != job[key]:
-                msg = (f"{out} holds results of another job ({key}: {before.get(key)} vs {job[key]}); "
+        for key in ("model_tag", "data", "keep", "preprocess", "class_names", "split", *JOB_PASSES):
+            was = before.get(key, JOB_PASSES.get(key, job[key]))
+            if was != job[key]:
+                msg = (f"{out} holds results of another job ({key}: {was} vs {job[key]}); "
                        f"choose another --out, or pass --overwrite to start it again")
                 raise ValueError(msg)
         old = before.get("data_shards")
@@ -423,29 +535,58 @@ def score(settings: ScoreSettings) -> ScoreResult:
         extra = [c for c in manifest.columns if c not in st.CORE_COLUMNS]
         msg = f"--keep names columns {missing} that {settings.data} does not have; it has: {', '.join(extra) or 'none'}"
         raise ValueError(msg)
-    clash = [k for k in settings.keep if k in (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model")
-             or k in {prob_column(c) for c in bundle["class_names"]}]
+    width = _check_passes(settings, bundle)
+    written = result_schema(bundle["class_names"], (), settings.passes > 1, width).names
+    clash = [k for k in settings.keep if k in written]
     if clash:
-        msg = f"--keep {clash}: these columns are always written"
+        msg = f"--keep {clash}: score writes these columns itself"
         raise ValueError(msg)
     expected = _check_shard_names(manifest, settings.data)
     st.check_separate(settings.out, {"--data": settings.data})
     unlisted = st.unlisted_shards(settings.data, manifest)
     if unlisted:
-        print(f"score: warning: {settings.data} holds Parquet files its manifest does not list, which are not "
-              f"scored: {', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''} ({len(unlisted)} files); "
-              f"ingest them into a table of their own", file=sys.stderr)
+        logger.warning(f"score: warning: {settings.data} holds Parquet files its manifest does not list, which are "
+                       f"not scored: {', '.join(unlisted[:10])}{' ...' if len(unlisted) > 10 else ''} "
+                       f"({len(unlisted)} files); ingest them into a table of their own")
     shards = st.inspect_shards(settings.data, manifest)
     tag = f"{bundle['model']}@{ck.weights_hash(bundle)}"
     split = split_rule(bundle, settings.fractions, st.SPLIT in manifest.columns, settings.data)
     settings = replace(settings, fractions=tuple(split["fractions"]))
-    job = _job_doc(settings, bundle, tag, shards, split)
+    job = _job_doc(settings, bundle, tag, shards, split, width)
+    schema = result_schema(bundle["class_names"], _keep_fields(settings.data, manifest, settings.keep),
+                           settings.passes > 1, width)
     with output_lock(settings.out, "score"):
-        return _score_locked(settings, manifest, bundle, model_bytes, tag, job, expected, t0)
+        return _score_locked(settings, manifest, bundle, model_bytes, tag, job, expected, t0, schema)
+
+
+def _check_passes(settings: ScoreSettings, bundle: dict) -> int | None:
+    """Refuse passes the checkpoint's model cannot take (before any Ray work); its feature width with
+    ``--features``."""
+    if settings.passes == 1 and not settings.mc_dropout and not settings.features:
+        return None
+    from .notebook import check_passes, feature_width
+
+    net = ck.build_model(bundle)
+    check_passes(net, settings.tta, settings.mc_dropout)
+    if settings.mc_dropout and settings.compile == "on":
+        logger.warning("score: warning: --compile on does not apply to --mc-dropout, whose passes run in eager "
+                       "mode")
+    return feature_width(net) if settings.features else None
+
+
+def _keep_fields(data: str, manifest: st.Manifest, keep) -> list[pa.Field]:
+    """The ``--keep`` columns as the table's first shard declares them (null-typed for a table of no shards)."""
+    if not keep:
+        return []
+    declared = pa.schema([])
+    if manifest.shards:
+        fs, p = st.resolve(st.join(data, str(manifest.shards[0]["path"])))
+        declared = pq.read_schema(p, filesystem=fs)
+    return [declared.field(k) if k in declared.names else pa.field(k, pa.null()) for k in keep]
 
 
 def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
-                  job: dict, expected: dict[str, int], t0: float) -> ScoreResult:
+                  job: dict, expected: dict[str, int], t0: float, schema: pa.Schema) -> ScoreResult:
     out = settings.out
     _prepare_out(settings, job)
     done = {name for name in expected if st.exists(st.join(out, name))}
@@ -453,14 +594,15 @@ def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, 
     for name in todo:  # pieces of shards a killed run left uncommitted are redone from scratch
         delete_dir(st.join(out, PARTS_DIR, _stem(name)))
     if manifest.num_rows == 0:
-        print(f"score: warning: {settings.data} holds no stamps; wrote an empty result", file=sys.stderr)
+        logger.warning(f"score: warning: {settings.data} holds no stamps; wrote an empty result")
     nodes: dict[str, int] = {}
     coordinator_cpu = 0.0
     if todo and done and settings.progress:  # a table that grew since (an append): only its new shards
-        print(f"score: {len(todo)} new shards ({sum(expected[n] for n in todo)} stamps), {len(done)} already "
-              f"scored", file=sys.stderr)
+        logger.info(f"score: {len(todo)} new shards ({sum(expected[n] for n in todo)} stamps), {len(done)} already "
+                    f"scored")
     if todo:
-        nodes, coordinator_cpu = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest)
+        nodes, coordinator_cpu = _run(settings, bundle, model_bytes, tag, {n: expected[n] for n in todo}, manifest,
+                                      schema)
     delete_dir(st.join(out, PARTS_DIR))
     delete_dir(st.join(out, TMP_DIR))
     doc = _write_manifest(settings, job, expected, nodes)
@@ -472,7 +614,7 @@ def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, 
 
 
 def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, todo: dict[str, int],
-         manifest: st.Manifest) -> tuple[dict[str, int], float]:
+         manifest: st.Manifest, schema: pa.Schema) -> tuple[dict[str, int], float]:
     """Run the job's coordinator beside the driver and show its progress; (rows per node, its CPU s).
 
     The coordinator (:func:`coordinate`) is a zero-CPU Ray task on the driver's node: Ray Data's streaming
@@ -498,7 +640,7 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
         try:
             check = None if trusted_unique(manifest) else [str(s["path"]) for s in manifest.shards]
             for ref in task.remote(asdict(settings), [ray.put(model_bytes)], tag, todo, list(manifest.columns),
-                                   check):
+                                   check, schema):
                 msg = ray.get(ref)
                 if "rows" in msg:
                     progress.update(msg["rows"])
@@ -511,12 +653,13 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
 
 
 def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list,
-               check_ids: list | None = None):
+               check_ids: list | None = None, schema: pa.Schema | None = None):
     """Ray task (a generator): stream the shards in ``todo`` through the pool, keep the books, commit each
     shard once complete. Yields ``{"rows": n}`` as rows are accounted for (every ``PROGRESS_EVERY_S``), then
     ``{"nodes": {node: rows}, "cpu_s": its own CPU seconds, "duplicates": rows set aside as repeated ids}``.
     With ``check_ids`` (every shard of a table stampray did not write), rows repeating an earlier row's id
-    are found first (:func:`find_duplicates`) and set aside by the replicas."""
+    are found first (:func:`find_duplicates`) and set aside by the replicas. ``schema``: the result columns,
+    for the files of shards with no rows."""
     import resource
 
     import ray
@@ -535,8 +678,11 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
     duplicates = {k: v for k, v in duplicates.items() if k in todo}
     items = work_items(settings.data, list(todo))
     columns = [st.ID, st.IMAGE, st.LABEL, *settings.keep] + ([st.SPLIT] if st.SPLIT in columns_present else [])
-    # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs.
-    compile_model = settings.compile == "on" or (settings.compile == "auto" and total >= COMPILE_ROWS)
+    # torch.compile pays a few seconds per replica and doubles CPU throughput: worth it for big jobs. With
+    # --tta K a forward holds the K variants of batch_size // K stamps, the same compiled shape; --mc-dropout
+    # runs eager (see ModelActor).
+    compile_model = not settings.mc_dropout and (
+        settings.compile == "on" or (settings.compile == "auto" and total * settings.passes >= COMPILE_ROWS))
     # 1. The pool (each block is one batch) and what each Scorer needs besides the model.
     stream = run_pool(Scorer, model_box[0], settings.data, list(todo), columns, items, use_gpu=settings.use_gpu,
                       max_actors=settings.max_actors, actors=settings.actors, batch_size=None,
@@ -544,13 +690,15 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
                       replica_kwargs={"out": settings.out, "keep": list(settings.keep),
                                       "fractions": tuple(settings.fractions), "model_tag": tag,
                                       "compile": compile_model,
-                                      "duplicates": ray.put(duplicates) if duplicates else None})
+                                      "duplicates": ray.put(duplicates) if duplicates else None,
+                                      "tta": settings.tta, "mc_dropout": settings.mc_dropout,
+                                      "features": settings.features})
     # 2. The books, and a commit task for every shard whose rows are all in.
     books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
     commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
     for shard in todo:
         if todo[shard] == 0:
-            commits[shard] = commit.remote(settings.out, shard, 0)
+            commits[shard] = commit.remote(settings.out, shard, 0, schema)
     for records in stream:
         for r in records.to_pylist():
             unsaid += books.add(r["shard"], r["row0"], r["rows"])
@@ -601,7 +749,8 @@ def _write_manifest(settings: ScoreSettings, job: dict, expected: dict[str, int]
         scored += meta.num_rows
         aside += e_rows
     doc = {**job, "num_rows": scored, "set_aside": aside, "errors": errors, "shards": shard_docs, "nodes": nodes,
-           "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}}
+           "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+                        "provenance": provenance()}}
     st.write_text(st.join(settings.out, SCORE_MANIFEST), json.dumps(doc, indent=2))
     return doc
 
@@ -610,8 +759,11 @@ def read_scores(path: str, columns=None) -> pa.Table:
     """All result rows of a score directory."""
     doc = json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
     tables = [st.read_parquet(st.join(path, s["path"]), columns) for s in doc["shards"]]
-    if not tables:
-        return pa.table({st.ID: pa.array([], pa.string())})
+    if not tables:  # a table of no shards: the columns its shards would have had
+        spread = max(int(doc.get("tta") or 0), int(doc.get("mc_dropout") or 0)) > 1
+        empty = result_schema(doc["class_names"], [pa.field(k, pa.null()) for k in doc.get("keep", [])], spread,
+                              doc.get("feature_width")).empty_table()
+        return empty.select(list(columns)) if columns is not None else empty
     return pa.concat_tables(tables, promote_options="default")
 
 

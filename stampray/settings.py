@@ -131,15 +131,126 @@ def non_negative(settings, *names: str) -> None:
 
 def field_help(cls) -> dict[str, str]:
     """Each field's description from the ``Args:`` section of a settings class's docstring (Google style:
-    ``name: text`` indented 8 spaces, continuation lines indented further), for ``--help``: the settings
-    are documented once, where they are declared."""
+    ``name: text``, continuation lines indented further), for ``--help``: the settings are documented once,
+    where they are declared."""
+    import inspect
+
     out: dict[str, str] = {}
-    name = None
-    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
+    name, indent = None, None
+    for line in inspect.cleandoc(cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
         text = line.strip()
+        if not text:
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
         head, sep, rest = text.partition(": ")
-        if sep and len(line) - len(line.lstrip()) == 8 and head.isidentifier():
+        if depth < indent:  # the section ended (a "Returns:" or the like)
+            break
+        if sep and depth == indent and head.isidentifier():
             name, out[head] = head, rest
-        elif name and text:
+        elif name:
             out[name] += " " + text
     return out
+
+
+def cli_help(cls) -> dict[str, str]:
+    """Each field's ``--help`` text: its ``Args:`` description, with the default appended where it is a plain
+    value (so a default is stated only where the field declares it)."""
+    doc = field_help(cls)
+    out = {}
+    for f in fields(cls):
+        text = doc.get(f.name, "").rstrip(".")
+        d = f.default
+        if text and isinstance(d, (int, float, str)) and not isinstance(d, bool) and d != "":
+            text = f"{text} (default {d})"
+        elif text and isinstance(d, tuple) and d and all(isinstance(v, (int, float, str)) for v in d):
+            text = f"{text} (default {','.join(str(v) for v in d)})"
+        out[f.name] = text.replace("%", "%%")
+    return out
+
+
+def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of the settings dataclass ``cls`` to an argparse ``parser``.
+
+    The flag, its type, its choices and its help are all read from the declaration, so each is stated once:
+    the type from the annotation (``int``, ``float``, ``str``, ``bool``, a tuple as a comma list), the help
+    from the class's ``Args:`` docstring section (:func:`field_help`), the default from the field. A field's
+    ``metadata`` may add ``flag`` (another name, e.g. ``--class`` for ``class_name``), ``short`` (``-n``),
+    ``metavar``, ``choices``, ``group`` (a heading in ``--help``), ``append`` (the flag repeats; each value parsed by ``parse``), ``parse`` (a
+    function from the flag's text to the value) and ``cli=False`` (no flag: set from a config file or by a
+    caller only). A field without a default is a required flag; a bool that defaults to True becomes
+    ``--no-NAME``. Flags not given are absent from the namespace (``argparse.SUPPRESS``), so they never
+    override a config file or the dataclass default.
+    """
+    import argparse
+    from dataclasses import MISSING
+
+    hints = typing.get_type_hints(cls)
+    helps = cli_help(cls)
+    groups: dict = {}
+    top = parser
+    for f in fields(cls):
+        meta = f.metadata
+        if f.name in skip or meta.get("cli", True) is False:
+            continue
+        parser = top
+        if meta.get("group"):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = top.add_argument_group(meta["group"])
+            parser = groups[meta["group"]]
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, UnionType):
+            rest = [a for a in typing.get_args(tp) if a is not NoneType]
+            tp = rest[0] if len(rest) == 1 else str
+        names = [meta.get("flag") or flag(f.name)]
+        if meta.get("short"):
+            names.insert(0, meta["short"])
+        required = f.default is MISSING and f.default_factory is MISSING
+        kw: dict = {"dest": f.name, "help": helps.get(f.name) or None}
+        if not required:
+            kw["default"] = argparse.SUPPRESS
+        if tp is bool:
+            if f.default is True:  # the flag turns the setting off: its help says what goes
+                names = [meta.get("flag") or "--no-" + f.name.replace("_", "-")]
+                kw["help"] = f"without {kw['help']}" if kw["help"] else None
+            kw["action"] = "store_false" if f.default is True else "store_true"
+            parser.add_argument(*names, **kw)
+            continue
+        if meta.get("parse"):
+            kw["type"] = meta["parse"]
+        elif typing.get_origin(tp) is tuple:
+            kw["type"] = _comma_list(tp, names[-1])
+        elif tp in (int, float):
+            kw["type"] = tp
+        if meta.get("append"):
+            kw["action"] = "append"
+        for key in ("metavar", "choices"):
+            if key in meta:
+                kw[key] = meta[key]
+        kw["required"] = required
+        parser.add_argument(*names, **kw)
+
+
+def _comma_list(tp, name: str):
+    """An argparse type for a tuple field: ``a,b,c`` split at commas, each part converted to its element type
+    (``tuple[float, float, float]`` wants exactly three numbers)."""
+    import argparse
+
+    args = typing.get_args(tp)
+    each = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+
+    def parse(text: str):
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        kinds = [each] * len(parts) if each is not None else list(args)
+        if len(kinds) != len(parts):
+            msg = f"{name} wants {len(kinds)} comma-separated values, got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        try:
+            return tuple(k(p) if k in (int, float) else p for k, p in zip(kinds, parts))
+        except ValueError:
+            kind = " and ".join(sorted({"integers" if k is int else "numbers" for k in kinds if k in (int, float)}))
+            msg = f"{name} wants comma-separated {kind}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    parse.__name__ = "comma list"
+    return parse

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -52,19 +52,35 @@ LOCAL_LIMIT = 50_000  # up to this many stamps are generated in-process; more go
 
 @dataclass(frozen=True)
 class SynthSettings:
-    """Settings of ``stampray synth``."""
+    """Settings of ``stampray synth``.
+
+    Args:
+        out: output stamp table directory (local path or URI).
+        kind: tno: 21x21 point sources against noise; radio: 64x64 cutouts of four morphologies.
+        n: number of stamps.
+        seed: random seed; the same seed writes the same table.
+        shard_rows: rows per Parquet shard.
+        positive_fraction: tno: fraction of stamps holding a source (0.45, as the course data).
+        max_offset: tno: sources lie within PX of the centre (0.75: sub-pixel, as the course data; 4 for trial
+            orbits that only nearly match).
+        trail: tno: smear each source by up to PX along a random direction.
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+        progress: the progress line on stderr.
+        append: add the stamps to the table at --out (use another --seed: the same seed repeats ids, which are
+            set aside).
+    """
 
     out: str
-    kind: str = "tno"
-    n: int = 20_000
+    kind: str = field(default="tno", metadata={"choices": KINDS})
+    n: int = field(default=20_000, metadata={"flag": "-n"})
     seed: int = 0
     shard_rows: int = 50_000
     positive_fraction: float = 0.45
-    max_offset: float = MAX_OFFSET
-    trail: float = 0.0
+    max_offset: float = field(default=MAX_OFFSET, metadata={"metavar": "PX"})
+    trail: float = field(default=0.0, metadata={"metavar": "PX"})
     address: str | None = None
-    progress: bool = True  # the progress line on stderr
-    append: bool = False  # add the stamps to the synthetic table at --out (another --seed gives new ids)
+    progress: bool = True
+    append: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -121,38 +137,9 @@ def _log_uniform(rng, lo, hi, n):
     return np.exp(rng.uniform(np.log(lo), np.log(hi), n)).astype(np.float32)
 
 
-def _tno_block(seed: int, block: int, n: int, positive_fraction: float, max_offset: float = MAX_OFFSET,
-               trail: float = 0.0) -> dict:
-    rng = np.random.default_rng([int(seed), int(block), 21])
-    size, mid = 21, 10.0
-    sigma = rng.uniform(0.8, 1.2, n).astype(np.float32)
-    background = rng.normal(0.0, 0.3, n).astype(np.float32)
-    img = rng.standard_normal((n, size, size), dtype=np.float32) * sigma[:, None, None] + background[:, None, None]
-    label = (rng.random(n) < positive_fraction).astype(np.int64)
-    snr = np.zeros(n, np.float32)
-    fwhm = np.zeros(n, np.float32)
-
-    pos = np.nonzero(label == 1)[0]
-    if len(pos):
-        fw = rng.uniform(*FWHM_RANGE, len(pos)).astype(np.float32)
-        s = fw * FWHM_TO_SIGMA
-        sn = _log_uniform(rng, *SNR_RANGE, len(pos))
-        length = rng.uniform(0.0, float(trail), len(pos)).astype(np.float32)
-        angle = rng.uniform(0, np.pi, len(pos)).astype(np.float32)
-        sa = np.sqrt(s * s + length * length / 12.0)
-        flux = sn * sigma[pos] * np.sqrt(4 * np.pi * sa * s)  # the matched-filter SNR is ``sn``
-        r = float(max_offset) * np.sqrt(rng.random(len(pos)))  # uniform over a disc around the centre
-        phi = rng.uniform(0, 2 * np.pi, len(pos))
-        cy = (mid + r * np.sin(phi)).astype(np.float32)
-        cx = (mid + r * np.cos(phi)).astype(np.float32)
-        img[pos] += flux[:, None, None] * _psf(cy, cx, s, size, length if trail else None, angle)
-        snr[pos], fwhm[pos] = sn, fw
-
-    art = np.empty(n, np.int64)
-    for cls in (0, 1):
-        idx = np.nonzero(label == cls)[0]
-        art[idx] = rng.choice(len(TNO_ARTIFACTS), size=len(idx), p=_ARTIFACT_P[cls])
-
+def _add_artifacts(rng, img: np.ndarray, art: np.ndarray, sigma: np.ndarray) -> None:
+    """Draw each stamp's artifact (TNO_ARTIFACTS[art]) into ``img`` in place, scaled by its noise ``sigma``."""
+    size, mid = img.shape[-1], (img.shape[-1] - 1) / 2.0
     idx = np.nonzero(art == 1)[0]  # an off-centre star, 5-9 px from the centre
     if len(idx):
         r = rng.uniform(5.0, 9.0, len(idx))
@@ -192,6 +179,41 @@ def _tno_block(seed: int, block: int, n: int, positive_fraction: float, max_offs
         my = (grid[None, :] >= y0[:, None]) & (grid[None, :] < (y0 + h)[:, None])
         mx = (grid[None, :] >= x0[:, None]) & (grid[None, :] < (x0 + w)[:, None])
         img[idx] = np.where(my[:, :, None] & mx[:, None, :], np.float32(0), img[idx])
+
+
+def _tno_block(seed: int, block: int, n: int, positive_fraction: float, max_offset: float = MAX_OFFSET,
+               trail: float = 0.0) -> dict:
+    rng = np.random.default_rng([int(seed), int(block), 21])
+    size, mid = 21, 10.0
+    sigma = rng.uniform(0.8, 1.2, n).astype(np.float32)
+    background = rng.normal(0.0, 0.3, n).astype(np.float32)
+    img = rng.standard_normal((n, size, size), dtype=np.float32) * sigma[:, None, None] + background[:, None, None]
+    label = (rng.random(n) < positive_fraction).astype(np.int64)
+    snr = np.zeros(n, np.float32)
+    fwhm = np.zeros(n, np.float32)
+
+    pos = np.nonzero(label == 1)[0]
+    if len(pos):
+        fw = rng.uniform(*FWHM_RANGE, len(pos)).astype(np.float32)
+        s = fw * FWHM_TO_SIGMA
+        sn = _log_uniform(rng, *SNR_RANGE, len(pos))
+        length = rng.uniform(0.0, float(trail), len(pos)).astype(np.float32)
+        angle = rng.uniform(0, np.pi, len(pos)).astype(np.float32)
+        sa = np.sqrt(s * s + length * length / 12.0)
+        flux = sn * sigma[pos] * np.sqrt(4 * np.pi * sa * s)  # the matched-filter SNR is ``sn``
+        r = float(max_offset) * np.sqrt(rng.random(len(pos)))  # uniform over a disc around the centre
+        phi = rng.uniform(0, 2 * np.pi, len(pos))
+        cy = (mid + r * np.sin(phi)).astype(np.float32)
+        cx = (mid + r * np.cos(phi)).astype(np.float32)
+        img[pos] += flux[:, None, None] * _psf(cy, cx, s, size, length if trail else None, angle)
+        snr[pos], fwhm[pos] = sn, fw
+
+    art = np.empty(n, np.int64)
+    for cls in (0, 1):
+        idx = np.nonzero(label == cls)[0]
+        art[idx] = rng.choice(len(TNO_ARTIFACTS), size=len(idx), p=_ARTIFACT_P[cls])
+
+    _add_artifacts(rng, img, art, sigma)
 
     return {
         "images": img[:, None],

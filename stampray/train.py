@@ -52,9 +52,12 @@ from . import checkpoint as ck
 from . import preprocess as pp
 from . import splits
 from . import table as st
-from .classes import check_class_names
+from .classes import check_class_names, positive_classes
 from .lock import output_lock
 from .models import create_model, list_models
+from .provenance import provenance
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -64,12 +67,50 @@ MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max"}
 BATCH_CPU = 128  # default global batch on CPU workers
 BATCH_GPU = 512  # default global batch with --use-gpu
 PREPROCESS_ON = ("auto", "reads", "device")
+PLACEMENTS = ("PACK", "SPREAD")
 OVERFLOW_RISK = 1e30  # a stamp with a pixel beyond this may overflow float32 when normalised
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Settings of ``stampray train``; see ``stampray train --help``."""
+    """Settings of ``stampray train``.
+
+    Args:
+        model: registered model name (see 'stampray models').
+        data: stamp table to train on (its train/val/test splits).
+        out: directory holding runs (RUNDIR); the run goes to RUNDIR/NAME.
+        name: run name (default: the model name); rerun a name to resume it.
+        workers: data-parallel Ray Train workers.
+        use_gpu: one GPU per worker, NCCL, mixed precision; on an autoscaling cluster whose GPU nodes are not
+            up yet, ask the autoscaler for them and wait (see --wait-gpu).
+        wait_gpu: with --use-gpu, how long to wait for the GPU nodes, in seconds.
+        epochs: training epochs.
+        batch_size: global batch size, split across workers (default: 128 on CPUs, 512 with --use-gpu, where a
+            batch of 128 small stamps leaves a GPU mostly idle).
+        lr: learning rate.
+        weight_decay: weight decay.
+        optimizer: the optimiser.
+        momentum: SGD momentum (with --optimizer sgd).
+        schedule: learning-rate schedule; cosine warms up for --warmup-epochs, then decays to zero.
+        warmup_epochs: cosine warm-up, in epochs.
+        class_weights: auto: weight the loss by inverse class frequency (default: none).
+        augment: random flips, 90-degree rotations, small shifts and zooms (training only).
+        early_stopping: stop after PATIENCE epochs without improvement of --monitor.
+        monitor: validation metric for the best epoch and early stopping.
+        max_failures: restart failed workers from the last checkpoint up to K times (-1: without limit).
+        seed: random seed.
+        preprocess: named preprocessing, recorded in the checkpoint so score applies the same.
+        preprocess_on: where batches are normalised: in the CPU read tasks, or on the worker's device (raw
+            pixels are copied); auto: device with --use-gpu, reads otherwise.
+        fractions: split fractions of the id hash (a 'split' column wins); recorded in the checkpoint, so score
+            and evaluate use the same split.
+        amp: mixed precision on GPU.
+        keep_checkpoints: checkpoints Ray keeps besides the latest: the most recent epochs that were a new best,
+            the best among them; best.pt and last.pt are written at the end.
+        cpus_per_worker: override the CPU share of each worker (default: leave a CPU for reading).
+        placement: pack workers on few nodes or spread them across nodes.
+        address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
+    """
 
     model: str
     data: str
@@ -77,28 +118,29 @@ class TrainSettings:
     name: str | None = None
     workers: int = 1
     use_gpu: bool = False
-    wait_gpu: float = 1800.0
+    wait_gpu: float = field(default=1800.0, metadata={"metavar": "SECONDS"})
     epochs: int = 10
     batch_size: int | None = None  # None: BATCH_CPU, or BATCH_GPU with use_gpu
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
     momentum: float = 0.9
-    schedule: str = "constant"
+    schedule: str = field(default="constant", metadata={"choices": SCHEDULES})
     warmup_epochs: float = 1.0
-    class_weights: str | None = None
+    class_weights: str | None = field(default=None, metadata={"choices": ("auto", "none")})
     augment: bool = False
-    early_stopping: int | None = None
-    monitor: str = "val_loss"
+    early_stopping: int | None = field(default=None, metadata={"metavar": "PATIENCE"})
+    monitor: str = field(default="val_loss", metadata={"choices": tuple(MONITORS)})
     max_failures: int = 0
     seed: int = 0
-    preprocess: str = "course_scaled"
-    preprocess_on: str = "auto"  # "reads" (CPU read tasks), "device" (the worker's GPU or CPU), "auto"
-    fractions: tuple[float, float, float] = splits.DEFAULT_FRACTIONS
+    preprocess: str = field(default="course_scaled", metadata={"choices": tuple(pp.names())})
+    preprocess_on: str = field(default="auto", metadata={"choices": PREPROCESS_ON})
+    fractions: tuple[float, float, float] = field(default=splits.DEFAULT_FRACTIONS,
+                                                  metadata={"metavar": "TRAIN,VAL,TEST"})
     amp: bool = True
     keep_checkpoints: int = 2
     cpus_per_worker: float | None = None
-    placement: str = "PACK"
+    placement: str = field(default="PACK", metadata={"choices": PLACEMENTS})
     address: str | None = None
 
     def __post_init__(self):
@@ -131,7 +173,7 @@ class TrainSettings:
              f"--early-stopping PATIENCE must be a positive integer, got {self.early_stopping!r}"),
             (int(self.keep_checkpoints) >= 1, "--keep-checkpoints must be at least 1"),
             (int(self.max_failures) >= -1, "--max-failures must be -1 (unlimited) or more"),
-            (self.placement in ("PACK", "SPREAD"), "--placement must be PACK or SPREAD"),
+            (self.placement in PLACEMENTS, "--placement must be PACK or SPREAD"),
             (self.preprocess_on in PREPROCESS_ON, f"--preprocess-on must be one of {', '.join(PREPROCESS_ON)}"),
         ]
         for ok, msg in checks:
@@ -337,8 +379,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
     p = np.clip(p / p.sum(axis=1, keepdims=True), PROB_FLOOR, 1.0)
     auc = float("nan")  # undefined unless every class is in the split (one-vs-rest needs each class's positives)
     if len(np.unique(labels)) == num_classes:
-        auc = float(roc_auc_score(labels, p[:, 1]) if num_classes == 2 else
-                    roc_auc_score(labels, p, multi_class="ovr", average="macro", labels=classes))
+        # The positive-class rule (stampray.classes): class 1 of two; else the mean one-vs-rest AUC.
+        auc = float(np.mean([roc_auc_score(labels == c, p[:, c]) for c in positive_classes(num_classes)]))
     pred = p.argmax(axis=1)
     return {"loss": float(log_loss(labels, p, labels=classes)), "acc": float(accuracy_score(labels, pred)),
             "auc": auc, "n": int(len(labels)), "confusion": confusion_matrix(labels, pred, labels=classes).tolist()}
@@ -606,7 +648,7 @@ def build_worker(cfg: dict) -> tuple[_Worker, RunState]:
         state = RunState.from_dict(bundle["train_state"])
         state.resumes.append(state.epoch)
         if rank == 0:
-            print(f"[stampray] resuming {settings.model} from epoch {state.epoch}", flush=True)
+            log.info(f"[stampray] resuming {settings.model} from epoch {state.epoch}")
     weights = cfg["class_weights"]
     return _Worker(
         settings=settings, cfg=cfg, rank=rank, world=world, device=device, node_ids=node_ids, pids=pids,
@@ -787,10 +829,23 @@ def checkpoint_and_report(w: _Worker, state: RunState, metrics: dict, better: bo
 def _log_epoch(w: _Worker, metrics: dict, val: dict, probs: np.ndarray, labels: np.ndarray, better: bool) -> None:
     """Rank 0's TensorBoard and metrics.jsonl rows and its one console line per epoch."""
     w.log.epoch(metrics, probs, labels, val["confusion"])
-    print(f"[stampray] epoch {metrics['epoch']}/{w.settings.epochs}  train loss {metrics['train_loss']:.4f} "
+    log.info(f"[stampray] epoch {metrics['epoch']}/{w.settings.epochs}  train loss {metrics['train_loss']:.4f} "
           f"acc {metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} "
-          f"auc {metrics['val_auc']:.4f} | {metrics['stamps_per_s']:,.0f} stamps/s" + (" *" if better else ""),
-          flush=True)
+          f"auc {metrics['val_auc']:.4f} | {metrics['stamps_per_s']:,.0f} stamps/s" + (" *" if better else ""))
+
+
+def _worker_console() -> None:
+    """On a Train worker, stampray's log lines (the epoch line, resuming, early stopping) go to stdout, once."""
+    import sys
+
+    root = logging.getLogger("stampray")
+    if not any(getattr(h, "stampray_worker", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.stampray_worker = True
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
 
 
 def train_loop(cfg: dict) -> None:
@@ -798,8 +853,10 @@ def train_loop(cfg: dict) -> None:
     import ray.train
 
     # Ray Train logs every report at INFO through a logger outside its own filter; keep the worker's
-    # console to stampray's one line per epoch.
+    # console to stampray's one line per epoch, which goes to the worker's stdout (Ray shows it on the
+    # driver's console).
     logging.getLogger().setLevel(logging.WARNING)
+    _worker_console()
     w, state = build_worker(cfg)
     s = w.settings
     train_shard = ray.train.get_dataset_shard("train")
@@ -820,8 +877,8 @@ def train_loop(cfg: dict) -> None:
         checkpoint_and_report(w, state, metrics, better, final)
         if stop:
             if w.rank == 0:
-                print(f"[stampray] early stopping: {s.monitor} has not improved for {s.early_stopping} epochs "
-                      f"(best {state.best_value:.4f} at epoch {state.best_epoch})", flush=True)
+                log.info(f"[stampray] early stopping: {s.monitor} has not improved for {s.early_stopping} "
+                         f"epochs (best {state.best_value:.4f} at epoch {state.best_epoch})")
             break
     if w.log is not None:
         if final is not None:
@@ -940,8 +997,8 @@ def _check_splits(settings: "TrainSettings", manifest: st.Manifest, counts: dict
         msg = f"the {name} split of {settings.data} holds 0 stamps ({shown}): {why}; fix: {fix}"
         raise ValueError(msg)
     if not counts["test"]:
-        print(f"train: the test split of {settings.data} holds 0 stamps ({shown}); the run will have no test "
-              f"accuracy")
+        log.warning(f"train: the test split of {settings.data} holds 0 stamps ({shown}); the run will have no "
+                    f"test accuracy")
 
 
 @dataclass
@@ -1108,8 +1165,8 @@ def fit(settings: TrainSettings) -> TrainResult:
     if st.exists(summary_path):
         done = json.loads(st.read_text(summary_path))
         if int(done["metrics"].get("epochs_done", 0)) >= settings.epochs or done["metrics"].get("stopped_early"):
-            print(f"train: run {run_dir} is already complete ({done['metrics']['epochs_done']} epochs); "
-                  f"nothing to do. Raise --epochs to continue it.")
+            log.info(f"train: run {run_dir} is already complete ({done['metrics']['epochs_done']} epochs); "
+                     f"nothing to do. Raise --epochs to continue it.")
             return TrainResult(run_dir, done["best"], done["metrics"], done.get("history", []))
 
     weights = class_weights_from_counts(manifest.label_counts, spec.num_classes) \
@@ -1117,7 +1174,7 @@ def fit(settings: TrainSettings) -> TrainResult:
     settings_dict = asdict(settings)
     unlabelled = manifest.num_rows - labelled
     if unlabelled:
-        print(f"train: {unlabelled} unlabelled stamps of {settings.data} are not used for training")
+        log.info(f"train: {unlabelled} unlabelled stamps of {settings.data} are not used for training")
 
     with contextlib.ExitStack() as held, ray_session(settings.address):
         if settings.use_gpu:  # an autoscaler brings GPU nodes on request; a cluster that cannot refuses now
@@ -1130,7 +1187,8 @@ def fit(settings: TrainSettings) -> TrainResult:
         _check_splits(settings, manifest, counts)
         held.enter_context(output_lock(run_dir, "train"))  # one run at a time in RUNDIR/NAME, to the end
         st.make_dirs(run_dir)
-        st.write_text(st.join(run_dir, "settings.json"), json.dumps(settings_dict, indent=2))
+        st.write_text(st.join(run_dir, "settings.json"),
+                      json.dumps({**settings_dict, "provenance": provenance()}, indent=2))
         per_worker = settings.batch_size // settings.workers
         # On the driver's node: a worker node lost mid-run must not take the ledger (and the run) with it.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -4,8 +4,9 @@ From a score table (``stampray score``'s output, labelled or not) and the stamp 
 self-contained page, ``OUT/vet.html`` (every picture inline as a base64 PNG), and ``OUT/candidates.parquet``:
 
 * the score distribution: a histogram of ``p_<class>`` for every class (per true class when labelled);
-* the *top* gallery: the ``--top`` stamps with the highest probability of ``--class`` (default: the last
-  class, the usual positive), highest first, ties broken by ``stamp_id``;
+* the *top* gallery: the ``--top`` stamps with the highest probability of ``--class`` (default: the
+  positive class, class 1 of two, else the last: ``stampray.classes.positive_classes``), highest first, ties
+  broken by ``stamp_id``;
 * the *borderline* gallery: the ``--borderline`` stamps whose probability lies nearest ``--threshold``
   (default 0.5), nearest first, ties by ``stamp_id``. A stamp may sit in both galleries.
 
@@ -34,7 +35,7 @@ import html
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -42,11 +43,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import table as st
-from .classes import prob_column
+from .classes import positive_classes, prob_column, std_column
 from .data import SHARD
 from .drawing import STRETCHES, channel_png, draw_occlusion, figure_png, pyplot
 from .progress import Progress
-from .settings import field_help
 from .provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 HTML_NAME = "vet.html"
 CANDIDATES_NAME = "candidates.parquet"
 SETTINGS_NAME = "vet.json"
-SCORE_COLUMNS = (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model")
+SCORE_COLUMNS = (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model", "features")
 GALLERIES = ("top", "borderline")
 
 
@@ -66,7 +66,7 @@ class VetSettings:
         scores: score directory written by 'stampray score' (local path or URI).
         data: the stamp table that was scored; the shown stamps are read from it by id.
         out: output directory for vet.html, candidates.parquet and vet.json (local path or URI).
-        class_name: the class to rank by (default: the last class, the usual positive).
+        class_name: the class to rank by (default: the positive class, class 1 of two, else the last).
         top: stamps in the top gallery, highest probability first.
         borderline: stamps in the borderline gallery, probability nearest --threshold first (0: none).
         threshold: the decision threshold the borderline gallery is centred on.
@@ -78,15 +78,15 @@ class VetSettings:
     """
 
     scores: str
-    data: str
-    out: str
-    class_name: str | None = None
-    top: int = 25
-    borderline: int = 25
-    threshold: float = 0.5
-    since: str | None = None
-    maps: str | None = None
-    stretch: str = "zscale"
+    data: str = field(metadata={"metavar": "STAMPS"})
+    out: str = field(metadata={"metavar": "DIR"})
+    class_name: str | None = field(default=None, metadata={"flag": "--class", "metavar": "NAME"})
+    top: int = field(default=25, metadata={"metavar": "N"})
+    borderline: int = field(default=25, metadata={"metavar": "N"})
+    threshold: float = field(default=0.5, metadata={"metavar": "P"})
+    since: str | None = field(default=None, metadata={"metavar": "SHARD|N"})
+    maps: str | None = field(default=None, metadata={"metavar": "MAPS"})
+    stretch: str = field(default="zscale", metadata={"choices": STRETCHES})
     progress: bool = True
 
     def __post_init__(self):
@@ -232,27 +232,11 @@ def read_map_rows(maps: str, ids: list[str]) -> tuple[dict[str, dict], int | Non
 # --------------------------------------------------------------------------------------------------
 # The verb
 # --------------------------------------------------------------------------------------------------
-def vet(settings: VetSettings) -> VetResult:
-    """Rank, draw and write the vetting page and the candidate table; see the module docstring."""
-    t0 = time.time()
-    progress = Progress("vet", 0, settings.progress, unit="stages")
-    say = progress.say
-    st.check_separate(settings.out, {"--scores": settings.scores, "--data": settings.data, "--maps": settings.maps})
-    from .score import read_scores, score_manifest  # torch: only when vet runs, not for --help
+def _ranked(settings: VetSettings, pcol: str, shards: list[str]) -> tuple[pa.Table, np.ndarray, dict]:
+    """The scored rows (of the ``--since`` shards), their ids, and the rows of each gallery."""
+    from .score import read_scores
 
-    doc = score_manifest(settings.scores)
-    names = [str(c) for c in doc["class_names"]]
-    cls = settings.class_name if settings.class_name is not None else names[-1]
-    if cls not in names:
-        msg = f"--class {cls!r} is not a class of --scores {settings.scores}; its classes are {', '.join(names)}"
-        raise ValueError(msg)
-    manifest = st.read_manifest(settings.data)
-    check_scored_from(doc, manifest, settings.scores, settings.data)
-    shards = since_shards(manifest, settings.since)
-
-    say(f"reading the scores in {settings.scores}")
     t = read_scores(settings.scores)
-    pcol = prob_column(cls)
     if t.num_rows == 0 or pcol not in t.column_names:
         msg = f"--scores {settings.scores} holds no scored rows; run 'stampray score' first"
         raise ValueError(msg)
@@ -263,34 +247,61 @@ def vet(settings: VetSettings) -> VetResult:
             msg = (f"--scores {settings.scores} holds no rows of the shards --since {settings.since} selects "
                    f"({shards[0]}{' ...' if len(shards) > 1 else ''}); score them first")
             raise ValueError(msg)
-
     ids = np.asarray(t.column(st.ID).to_pylist(), dtype=str)
     p = t.column(pcol).to_numpy(zero_copy_only=False).astype(np.float64)
     picks = {"top": rank_top(ids, p, int(settings.top)),
              "borderline": rank_borderline(ids, p, float(settings.threshold), int(settings.borderline))}
-    shown = sorted({ids[i] for rows in picks.values() for i in rows})
+    return t, ids, picks
 
-    meta_scores = [c for c in t.column_names if c not in SCORE_COLUMNS and not c.startswith("_")
-                   and c not in {prob_column(n) for n in names}]
-    meta_data = [c for c in manifest.columns if c not in (st.ID, st.IMAGE, st.LABEL, st.SPLIT)
-                 and not c.startswith("_") and c not in t.column_names]
-    say(f"reading {len(shown)} stamps from {settings.data}")
-    if SHARD in t.column_names:  # score records each row's shard: open only the shards of the shown rows
+
+def _shown_stamps(settings: VetSettings, t: pa.Table, manifest: st.Manifest, shards: list[str], shown: list[str],
+                  meta_data: list[str]) -> tuple[dict, dict, dict]:
+    """The pixels, table metadata and shard of each stamp shown, read from ``--data`` (only the shards that
+    hold them, where score recorded each row's shard)."""
+    if SHARD in t.column_names:
         wanted = set(t.filter(pc.is_in(t.column(st.ID), value_set=pa.array(shown, pa.string())))
                      .column(SHARD).to_pylist())
-        shards_to_read = [s for s in shards if s in wanted]
-    else:
-        shards_to_read = shards
-    stamps = fetch_stamps(settings.data, shown, shards_to_read, [st.IMAGE, *meta_data])
+        shards = [s for s in shards if s in wanted]
+    stamps = fetch_stamps(settings.data, shown, shards, [st.IMAGE, *meta_data])
     missing = sorted(set(shown) - set(stamps.column(st.ID).to_pylist()))
     if missing:
         msg = (f"--data {settings.data} lacks {len(missing)} of the stamps to show ({', '.join(missing[:3])}"
                f"{' ...' if len(missing) > 3 else ''}); the scores were made from another table: give the one "
                f"that was scored")
         raise ValueError(msg)
-    images = dict(zip(stamps.column(st.ID).to_pylist(), st.decode_images(stamps.column(st.IMAGE), manifest.spec.shape)))
-    data_meta = {c: dict(zip(stamps.column(st.ID).to_pylist(), stamps.column(c).to_pylist())) for c in meta_data}
-    shard_of = dict(zip(stamps.column(st.ID).to_pylist(), stamps.column("shard").to_pylist()))
+    ids = stamps.column(st.ID).to_pylist()
+    images = dict(zip(ids, st.decode_images(stamps.column(st.IMAGE), manifest.spec.shape)))
+    data_meta = {c: dict(zip(ids, stamps.column(c).to_pylist())) for c in meta_data}
+    return images, data_meta, dict(zip(ids, stamps.column("shard").to_pylist()))
+
+
+def vet(settings: VetSettings) -> VetResult:
+    """Rank, draw and write the vetting page and the candidate table; see the module docstring."""
+    t0 = time.time()
+    progress = Progress("vet", 0, settings.progress, unit="stages")
+    say = progress.say
+    st.check_separate(settings.out, {"--scores": settings.scores, "--data": settings.data, "--maps": settings.maps})
+    from .score import score_manifest  # torch: only when vet runs, not for --help
+
+    doc = score_manifest(settings.scores)
+    names = [str(c) for c in doc["class_names"]]
+    cls = settings.class_name if settings.class_name is not None else names[positive_classes(len(names))[-1]]
+    if cls not in names:
+        msg = f"--class {cls!r} is not a class of --scores {settings.scores}; its classes are {', '.join(names)}"
+        raise ValueError(msg)
+    manifest = st.read_manifest(settings.data)
+    check_scored_from(doc, manifest, settings.scores, settings.data)
+    shards = since_shards(manifest, settings.since)
+
+    say(f"reading the scores in {settings.scores}")
+    t, ids, picks = _ranked(settings, prob_column(cls), shards)
+    shown = sorted({ids[i] for rows in picks.values() for i in rows})
+    meta_scores = [c for c in t.column_names if c not in SCORE_COLUMNS and not c.startswith("_")
+                   and c not in {prob_column(n) for n in names} | {std_column(n) for n in names}]
+    meta_data = [c for c in manifest.columns if c not in (st.ID, st.IMAGE, st.LABEL, st.SPLIT)
+                 and not c.startswith("_") and c not in t.column_names]
+    say(f"reading {len(shown)} stamps from {settings.data}")
+    images, data_meta, shard_of = _shown_stamps(settings, t, manifest, shards, shown, meta_data)
 
     maps, kernel = {}, None
     if settings.maps:
@@ -443,47 +454,9 @@ def card(r: dict, names: list[str], cls: str, stamp: np.ndarray, m: dict | None,
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def add_parser(sub, common):
-    """Add the ``vet`` verb to the CLI's subparsers; ``common(p, ray=False)`` adds ``--config``.
-    Help texts and defaults come from :class:`VetSettings`."""
-    import argparse
-
-    doc = field_help(VetSettings)
-    defaults = {f.name: f.default for f in fields(VetSettings)}
-
-    def helped(name: str) -> str:
-        d = defaults.get(name)
-        if isinstance(d, (int, float, str)) and not isinstance(d, bool):
-            return f"{doc[name].rstrip('.')} (default {d})."
-        return doc[name]
-
-    S = argparse.SUPPRESS
-    p = sub.add_parser("vet", help="an HTML page of the top-ranked and borderline stamps of a class, to vet by eye")
-    p.add_argument("--scores", required=True, help=helped("scores"))
-    p.add_argument("--data", required=True, metavar="STAMPS", help=helped("data"))
-    p.add_argument("--out", required=True, metavar="DIR", help=helped("out"))
-    p.add_argument("--class", dest="class_name", default=S, metavar="NAME", help=helped("class_name"))
-    p.add_argument("--top", type=int, default=S, metavar="N", help=helped("top"))
-    p.add_argument("--borderline", type=int, default=S, metavar="N", help=helped("borderline"))
-    p.add_argument("--threshold", type=float, default=S, metavar="P", help=helped("threshold"))
-    p.add_argument("--since", default=S, metavar="SHARD|N", help=helped("since"))
-    p.add_argument("--maps", default=S, metavar="MAPS", help=helped("maps"))
-    p.add_argument("--stretch", choices=STRETCHES, default=S, help=helped("stretch"))
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no stage lines")
-    common(p, ray=False)
-    return p
-
-
 def summary(r: VetResult) -> str:
     """The verb's closing line: what was written where, the counts, the time."""
     return (f"vet: {r.rows} scored stamps from {len(r.shards)} shard(s); class {r.class_name}: {r.top} top and "
             f"{r.borderline} borderline stamps ({r.maps} with occlusion maps); wrote {r.html} and {r.candidates}; "
             f"{r.seconds:.1f} s")
 
-
-def main(ns) -> int:
-    """The CLI's ``vet`` command: settings from the config file and flags, run, print the summary."""
-    from .cli import _settings
-
-    print(summary(vet(_settings(VetSettings, ns))))
-    return 0

@@ -280,3 +280,12 @@ def images_in_chromium(tmp_path):
 
     return render
 
+
+
+@pytest.fixture
+def stampray_log(caplog):
+    """What the library logs on the "stampray" loggers (INFO and above), as pytest's ``caplog``."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="stampray")
+    return caplog

@@ -107,7 +107,7 @@ def test_synth_appends_a_night_with_another_seed(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_after_an_append_score_scores_only_the_new_shards(tmp_path, ray_shared, make_checkpoint, capsys):
+def test_after_an_append_score_scores_only_the_new_shards(tmp_path, ray_shared, make_checkpoint, stampray_log):
     from stampray.score import ScoreSettings, read_scores, score
     from stampray.synth import SynthSettings, synth
 
@@ -117,9 +117,9 @@ def test_after_an_append_score_scores_only_the_new_shards(tmp_path, ray_shared, 
     first = score(ScoreSettings(model=ckpt, data=data, out=out))
     assert first.scored_now == 300
     synth(SynthSettings(out=data, n=120, seed=2, shard_rows=100, progress=False, append=True))
-    capsys.readouterr()
+    stampray_log.clear()
     again = score(ScoreSettings(model=ckpt, data=data, out=out))
-    assert "score: 2 new shards (120 stamps), 2 already scored" in capsys.readouterr().err
+    assert "score: 2 new shards (120 stamps), 2 already scored" in stampray_log.text
     assert again.scored_now == 120 and again.skipped_shards == 2 and again.scored == 420
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
     assert len(ids) == len(set(ids)) == 420

@@ -11,7 +11,8 @@ import torch
 
 from stampray import checkpoint as ck
 from stampray import table as st
-from stampray.classes import ClassMatch, check_class_names, match_classes, prob_column
+from stampray.classes import (NEGATIVE, ClassMatch, check_class_names, match_classes, positive_classes, prob_column,
+                              std_column)
 from stampray.cli import main
 from stampray.models import create_model
 from stampray.score import read_scores, score_manifest
@@ -30,6 +31,27 @@ P_HIGH = float(torch.softmax(torch.tensor([0.0, 10.0]), 0)[1])  # the constant m
 ])
 def test_prob_column(name, column):
     assert prob_column(name) == column
+
+
+def test_std_column_follows_prob_column():
+    assert [std_column(c) for c in ("noise", "e+", "high-z")] == ["p_noise_std", "p_e_plus_std", "p_high_z_std"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Which classes are positive (issue #13 item 4)
+# --------------------------------------------------------------------------------------------------
+def test_positive_classes_one_rule():
+    assert NEGATIVE == 0
+    assert positive_classes(2) == [1]  # detection: class 1 against the negative class 0
+    assert positive_classes(3) == [0, 1, 2] and positive_classes(4) == [0, 1, 2, 3]  # one-vs-rest
+    assert positive_classes(1) == [0]
+    assert positive_classes(np.int64(2)) == [1]  # a NumPy count too
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, "2", True, None])
+def test_positive_classes_refuses_what_is_not_a_class_count(bad):
+    with pytest.raises(ValueError, match="the number of classes must be a positive integer"):
+        positive_classes(bad)
 
 
 def test_particle_labels_get_a_column_each():

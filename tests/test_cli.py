@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -50,14 +51,15 @@ def test_config_file_then_flags(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, capsys):
+def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, caplog):
     from stampray.demo import DemoSettings, demo
 
+    caplog.set_level(logging.INFO, logger="stampray")
     r = demo(DemoSettings(out=str(tmp_path / "demo"), n=3000, epochs=2))
     assert r["scored"] == 3000 and 0.5 < r["test_acc"] <= 1.0
     assert abs(r["eval_acc"] - r["test_acc"]) < 1e-9  # the report's test split is training's test split
     assert os.path.exists(r["report"]) and r["occluded"] <= 10
-    out = capsys.readouterr().out
+    out = caplog.text
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "report:", "TensorBoard:"):
         assert step in out
     # a second run in the same place works

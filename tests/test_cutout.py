@@ -1,6 +1,5 @@
 """stampray cutout: stamps cut from synthetic mosaics with known sources at known positions."""
 
-import argparse
 import csv
 import gzip
 import os
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 
 from stampray import table as st
-from stampray.cutout import (NONFINITE, CutoutError, CutoutSettings, add_parser, cut_piece, cutout, list_mosaics,
-                             main, read_header)
+from stampray.cutout import (NONFINITE, CutoutError, CutoutSettings, cut_piece, cutout, list_mosaics,
+                             read_header)
 
 SIZE = 21
 C = SIZE // 2  # the centre pixel of a stamp
@@ -187,13 +186,10 @@ def test_uris_and_overwrite(survey, tmp_path, ray_shared):
 def test_cli(survey, tmp_path, ray_shared, capsys):
     from stampray import cli
 
-    parser = argparse.ArgumentParser(prog="stampray")
-    add_parser(parser.add_subparsers(dest="verb"), cli._common)
     out = tmp_path / "stamps"
-    ns = parser.parse_args(["cutout", "--images", survey["mosaics"], "--catalog", survey["catalog"], "--out",
-                            str(out), "--size", str(SIZE), "--classes", "noise,source", "--partial", "pad",
-                            "--pad-value", "0", "--no-progress"])
-    assert main(ns) == 0
+    assert cli.main(["cutout", "--images", survey["mosaics"], "--catalog", survey["catalog"], "--out",
+                     str(out), "--size", str(SIZE), "--classes", "noise,source", "--partial", "pad",
+                     "--pad-value", "0", "--no-progress"]) == 0
     line = capsys.readouterr().out
     assert "wrote 5 stamps (1, 21, 21)" in line and "set aside 4 (duplicate_id 1, label 1, nonfinite 1, " \
                                                       "outside 1)" in line
@@ -201,8 +197,8 @@ def test_cli(survey, tmp_path, ray_shared, capsys):
     assert (s["partial"], s["pad_value"], s["classes"], s["progress"], s["shard_rows"]) == \
         ("pad", 0.0, ["noise", "source"], False, 50_000)
     with pytest.raises(SystemExit):
-        parser.parse_args(["cutout", "--images", "m", "--catalog", "c", "--out", "o", "--size", "5",
-                           "--partial", "skip"])
+        cli.build_parser("cutout").parse_args(["cutout", "--images", "m", "--catalog", "c", "--out", "o",
+                                               "--size", "5", "--partial", "skip"])
     assert "set-aside" in capsys.readouterr().err
 
 

@@ -1,10 +1,11 @@
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 
-from stampray.evaluate import EvaluateSettings, completeness_by, evaluate, roc, wilson
+from stampray.evaluate import EvaluateSettings, completeness_by, confusion, evaluate, per_class, roc, wilson
 
 
 def test_binary_metrics_against_hand_computed_values(tmp_path, score_table, eight_stamps):
@@ -149,17 +150,105 @@ def test_html_report_renders_with_every_image(tno_small, tmp_path, score_table, 
     assert (images, broken) == (n, 0)
 
 
-def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, capsys, score_table,
-                                                                                   eight_stamps):
+@pytest.fixture
+def evaluate_log(caplog, monkeypatch):
+    """caplog holding stampray.evaluate's warnings, also after the CLI (run earlier in this process) has
+    turned off the "stampray" logger's propagation to the root, where caplog listens."""
+    monkeypatch.setattr(logging.getLogger("stampray"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="stampray.evaluate")
+    return caplog
+
+
+def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, evaluate_log,
+                                                                                   score_table, eight_stamps):
     labels, probs, names = eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names
     old = score_table(tmp_path / "old", labels, probs, names, split_record=None)
     evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r1")))
-    assert "was scored before stampray recorded splits" in capsys.readouterr().err
+    assert [r.levelname for r in evaluate_log.records] == ["WARNING"]
+    assert "was scored before stampray recorded splits" in evaluate_log.text
+    evaluate_log.clear()
     assumed = score_table(tmp_path / "assumed", labels, probs, names,
                           split_record={"fractions": [0.7, 0.1, 0.2], "source": "assumed", "column": False})
     evaluate(EvaluateSettings(scores=(assumed,), out=str(tmp_path / "r2")))
-    assert "does not record its training split" in capsys.readouterr().err
+    assert "does not record its training split" in evaluate_log.text
+    evaluate_log.clear()
     known = score_table(tmp_path / "known", labels, probs, names)
     evaluate(EvaluateSettings(scores=(known,), out=str(tmp_path / "r3")))
     evaluate(EvaluateSettings(scores=(old,), out=str(tmp_path / "r4"), split="all"))
-    assert capsys.readouterr().err == ""
+    assert evaluate_log.records == []
+
+
+def test_a_by_column_no_table_has_is_a_warning(tmp_path, evaluate_log, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
+    r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), by=("snr",)))
+    assert r.report["results"]["s"]["by"] == {}
+    assert evaluate_log.messages == ["evaluate: warning: no score table has a column 'snr'; score with --keep snr"]
+
+
+# --------------------------------------------------------------------------------------------------
+# scikit-learn metrics (issue #13 item 4)
+# --------------------------------------------------------------------------------------------------
+def test_operating_points_are_read_off_every_threshold():
+    # sources 0.9, 0.8, 0.7 tie with noise 0.9, 0.8, 0.7; one more noise at 0.1. Thresholds 0.9, 0.8, 0.7 are
+    # equal diagonal steps (TPR 1/3, 2/3, 1 at FPR 1/4, 2/4, 3/4): the drawn curve drops the middle one, but
+    # it is a threshold one can choose. TPR >= 0.6 first at 0.8: FPR 1/2 (the thinned curve gave 3/4); within
+    # FPR <= 0.6 the best TPR is 2/3: FNR 1/3 (the thinned curve gave 2/3).
+    labels = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    score = np.array([0.9, 0.8, 0.7, 0.9, 0.8, 0.7, 0.1])
+    r = roc(labels, score, tpr_at=0.6, fpr_at=0.6)
+    assert r["fpr_at_tpr"] == 0.5
+    assert r["fnr_at_fpr"] == pytest.approx(1 / 3)
+    assert r["auc"] == pytest.approx((3.5 + 2.5 + 1.5) / 12)  # of the 12 (source, noise) pairs; ties count half
+
+
+def test_confusion_and_per_class_with_an_empty_subset_and_an_absent_class():
+    assert confusion(np.array([], np.int64), np.array([], np.int64), 3) == {"counts": [[0] * 3] * 3,
+                                                                           "normalized": [[0.0] * 3] * 3}
+    labels, pred = np.array([0, 0, 0, 1, 1]), np.array([0, 0, 1, 1, 0])  # class 2: never true, never predicted
+    c = confusion(labels, pred, 3)
+    assert c["counts"] == [[2, 1, 0], [1, 1, 0], [0, 0, 0]]
+    assert c["normalized"] == [[0.666667, 0.333333, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    rows = per_class(labels, pred, 3, ["a", "b", "c"])
+    assert [(r["class"], r["support"]) for r in rows] == [("a", 3), ("b", 2), ("c", 0)]
+    assert [r["precision"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 0])
+    assert [r["recall"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 0])
+    assert [r["f1"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 0])
+    assert all(type(r[key]) is float for r in rows for key in ("precision", "recall", "f1"))  # JSON-ready
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", [0, 1, 2, 1, 0, 0, 1, 1], eight_stamps.probs, eight_stamps.class_names)
+    with pytest.raises(ValueError, match=r"1 row labelled 2, outside 0..1 for its 2 classes \(noise, source\)"):
+        evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep")))
+
+
+def test_partial_std_columns_are_a_warning_and_no_uncertainty(tmp_path, evaluate_log, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                    extra={"p_source_std": np.full(8, 0.1, np.float32)})
+    r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep")))
+    assert "uncertainty" not in r.report["results"]["s"]
+    assert evaluate_log.messages == [f"evaluate: warning: {s} has p_source_std but not p_noise_std: no accuracy "
+                                     f"against uncertainty for it; score again with --tta K or --mc-dropout K"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings: documented once, flags generated (issue #13)
+# --------------------------------------------------------------------------------------------------
+def test_every_setting_is_documented_and_becomes_a_flag():
+    import argparse
+    from dataclasses import fields
+
+    from stampray.settings import add_arguments, field_help
+
+    assert sorted(field_help(EvaluateSettings)) == sorted(f.name for f in fields(EvaluateSettings))
+    p = argparse.ArgumentParser()
+    add_arguments(p, EvaluateSettings)
+    ns = p.parse_args(["--scores", "a", "--scores", "s3://b/c", "--out", "o", "--by", "snr,mag", "--split", "val",
+                       "--tensorboard", "tb", "--no-progress"])
+    assert vars(ns) == {"scores": ["a", "s3://b/c"], "out": "o", "by": ("snr", "mag"), "split": "val",
+                        "tensorboard": "tb", "progress": False}
+    assert vars(p.parse_args(["--scores", "a", "--out", "o"])) == {"scores": ["a"], "out": "o"}  # unset: absent
+    with pytest.raises(SystemExit):
+        p.parse_args(["--scores", "a", "--out", "o", "--split", "holdout"])
+    text = p.format_help()
+    assert "--tensorboard LOGDIR" in text and "{test,val,train,all}" in text and "(default 0.95)" in text

@@ -15,7 +15,7 @@ from stampray import table as st
 from stampray.capacity import Capacity
 from stampray.inference import PARTS_DIR, plan_pool, replica_cpus
 from stampray.models import create_model
-from stampray.score import ERROR, ERRORS_META, RECORD_SCHEMA, Books, Scorer, commit_shard
+from stampray.score import ERROR, ERRORS_META, RECORD_SCHEMA, Books, Scorer, commit_shard, result_schema
 
 
 def cap(cpus_now, cpus_max, gpus_now=0.0, gpus_max=0.0, types=None):
@@ -102,6 +102,18 @@ def test_commit_refuses_a_shard_with_missing_rows(tmp_path):
     assert not os.path.exists(os.path.join(out, "part-00000.parquet"))
 
 
+def test_a_shard_of_no_rows_gets_a_file_of_the_result_columns(tmp_path):
+    schema = result_schema(("noise", "source"), [pa.field("snr", pa.float64())], spread=True, feature_width=64)
+    assert schema.names == ["stamp_id", "label", "split", "pred", "pred_name", "p_noise", "p_source",
+                            "p_noise_std", "p_source_std", "features", "model", "snr"]
+    assert schema.field("features").type == pa.list_(pa.float32(), 64)
+    out = str(tmp_path / "scores")
+    assert commit_shard(out, "part-00003.parquet", 0, schema) == {"shard": "part-00003.parquet", "rows": 0,
+                                                                   "errors": {}}
+    written = pq.read_table(os.path.join(out, "part-00003.parquet"))
+    assert written.num_rows == 0 and written.schema.remove_metadata() == schema
+
+
 def test_a_replica_writes_pieces_and_returns_only_small_records(tmp_path, ray_shared):
     torch.manual_seed(0)
     model = create_model("cnn", 1, 21, 2)
@@ -142,3 +154,14 @@ def test_dropped_stderr_lines_drops_only_the_named_lines(capfd):
         os.write(2, b"\rscore: 10/20 stamps")  # a progress line redrawn in place: no newline
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "kept 1\nkept 2\n\rscore: 10/20 stamps" + "after\n"
+
+
+def test_dropped_lines_on_stdout_too(capfd):
+    from stampray.inference import dropped_stderr_lines
+
+    with dropped_stderr_lines((b"submit failed",), fd=1):
+        os.write(1, b"(raylet) Task MapWorker(MapBatches(Occluder)).submit failed. There are infinite retries\n"
+                    b"[3/5] scored\n")
+        os.write(2, b"submit failed, on stderr: not filtered\n")
+    out = capfd.readouterr()
+    assert (out.out, out.err) == ("[3/5] scored\n", "submit failed, on stderr: not filtered\n")

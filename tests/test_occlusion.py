@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_chec
 
 
 @pytest.mark.slow
-def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, capsys, make_checkpoint,
+def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, caplog, make_checkpoint,
                                                                    write_stamps):
     import pyarrow.parquet as pq
 
@@ -145,7 +146,10 @@ def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray
     assert errors == [  # the same table as score's and ingest's: where each stamp is, and why
         {"stamp_id": "s1", "source": "part-00000.parquet", "row": 1, "reason": "nonfinite: 1 non-finite pixels"},
         {"stamp_id": "s4", "source": "part-00001.parquet", "row": 0, "reason": "nonfinite: 1 non-finite pixels"}]
-    assert "2 stamps could not be occluded" in capsys.readouterr().err
+    assert "2 stamps could not be occluded" in caplog.text
+    from stampray.provenance import provenance
+
+    assert json.loads((tmp_path / "maps" / "_maps.json").read_text())["provenance"] == provenance()
     # with --limit, set-aside rows do not count towards the maps asked for
     r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
                                 limit=3))

@@ -50,6 +50,10 @@ def test_the_progress_line_counts_and_rates_and_can_be_silenced(capsys, monkeypa
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(", ")[0] for line in lines] == ["ingest: 4/10 files (40.0%)", "ingest: 7/10 files (70.0%)"]
     assert all(line.endswith(" stamps/s") for line in lines)
+    r = Progress("synth", 5)
+    r.update(5)  # the first line is already the final count
+    r.close()  # so the close adds none
+    assert [line.split(", ")[0] for line in capsys.readouterr().err.splitlines()] == ["synth: 5/5 stamps (100.0%)"]
     monkeypatch.setenv("STAMPRAY_PROGRESS", "0")
     q = Progress("synth", 10)
     q.update(10)

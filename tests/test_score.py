@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from stampray import checkpoint as ck
 from stampray import table as st
-from stampray.score import ScoreSettings, read_scores, score
+from stampray.score import ScoreSettings, read_scores, result_schema, score
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +82,14 @@ def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared, write_s
     assert doc["num_rows"] == 8 and doc["set_aside"] == 4
 
 
-def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, capsys, write_stamps):
+def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, stampray_log, write_stamps):
     empty = write_stamps(tmp_path / "empty", np.zeros((0, 1, 21, 21), np.float32))
     r = score(ScoreSettings(model=cnn_ckpt, data=empty, out=str(tmp_path / "s0")))
     assert r.scored == 0 and r.set_aside == 0
-    assert "holds no stamps" in capsys.readouterr().err
-    assert read_scores(str(tmp_path / "s0")).num_rows == 0
+    warned = [(rec.levelno, rec.getMessage()) for rec in stampray_log.records if "holds no stamps" in rec.getMessage()]
+    assert warned[:1] == [(logging.WARNING, f"score: warning: {empty} holds no stamps; wrote an empty result")]
+    nothing = read_scores(str(tmp_path / "s0"))
+    assert nothing.num_rows == 0 and nothing.schema == result_schema(("noise", "source"))  # the columns of any
     one = write_stamps(tmp_path / "one", np.ones((1, 1, 21, 21), np.float32), ids=["only"])
     r = score(ScoreSettings(model=cnn_ckpt, data=one, out=str(tmp_path / "s1")))
     assert r.scored == 1

@@ -66,7 +66,7 @@ def test_mask_and_fraction_validation():
 # --------------------------------------------------------------------------------------------------
 # #12.4: the split travels with the model
 # --------------------------------------------------------------------------------------------------
-def test_score_takes_the_checkpoints_split_and_refuses_another(capsys):
+def test_score_takes_the_checkpoints_split_and_refuses_another(stampray_log):
     from stampray.score import split_rule
 
     trained = {"split": {"fractions": [0.5, 0.2, 0.3], "column": False}}
@@ -78,14 +78,15 @@ def test_score_takes_the_checkpoints_split_and_refuses_another(capsys):
         split_rule(trained, (0.7, 0.1, 0.2), False, "d")
     # a checkpoint from before the record: its training settings' fractions
     assert split_rule({"config": {"fractions": [0.6, 0.2, 0.2]}}, None, False, "d")["fractions"] == [0.6, 0.2, 0.2]
-    assert capsys.readouterr().err == ""
+    assert stampray_log.text == ""
     # no record at all: the default, said loudly
     rule = split_rule({"config": {}}, None, False, "d")
     assert rule == {"fractions": [0.7, 0.1, 0.2], "source": "assumed", "column": False}
-    assert "does not record the split it was trained with" in capsys.readouterr().err
+    assert "does not record the split it was trained with" in stampray_log.text
+    stampray_log.clear()
     # trained on a fixed split column, scoring a table without one
     split_rule({"split": {"fractions": [0.7, 0.1, 0.2], "column": True}}, None, False, "d")
-    assert "fixed 'split' column and d has none" in capsys.readouterr().err
+    assert "fixed 'split' column and d has none" in stampray_log.text
 
 
 @pytest.mark.slow

@@ -39,6 +39,10 @@ def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path,
     assert sorted(os.listdir(os.path.join(run, "tensorboard")))[0].startswith("events.out.tfevents")
     for name in ("best.pt", "last.pt", "settings.json", "summary.json", "epoch-0002"):
         assert os.path.exists(os.path.join(run, name)), name
+    from stampray.provenance import provenance
+
+    saved = json.load(open(os.path.join(run, "settings.json")))
+    assert saved["provenance"] == provenance() and saved["model"] == "cnn" and saved["epochs"] == 2
     # the checkpoint describes itself and loads with weights_only=True
     bundle = torch.load(os.path.join(run, "best.pt"), weights_only=True)
     assert bundle["model"] == "cnn" and bundle["class_names"] == ["noise", "source"]

@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 
@@ -8,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stampray import table as st
-from stampray.vet import VetSettings, add_parser, fetch_stamps, main, vet
+from stampray.vet import VetSettings, fetch_stamps, vet
 
 # p(source) of stamps s00..s49, literal. Top 5: s09 0.99, then s04 and s16 tie at 0.97 (ties go by id),
 # s36 0.95, s29 0.93. Nearest 0.5: s25 (0.01 away), s11 (0.015), s05 (0.02), s45 (0.025), s31 (0.03).
@@ -196,20 +195,18 @@ def test_errors_name_the_problem(tmp_path, capsys):
 
 
 def test_command_line(tmp_path, capsys):
-    from stampray.cli import _common
+    from stampray import cli
 
     m, _ = write_stamps(tmp_path / "stamps", 1)
     s = write_scores(tmp_path / "scores", m)
-    parser = argparse.ArgumentParser(prog="stampray")
-    add_parser(parser.add_subparsers(dest="verb"), _common)
     out = str(tmp_path / "vet")
-    ns = parser.parse_args(["vet", "--scores", s, "--data", str(tmp_path / "stamps"), "--out", out, "--class",
-                            "source", "--top", "2", "--borderline", "1", "--since", "part-00001.parquet",
-                            "--stretch", "asinh", "--no-progress"])
-    assert main(ns) == 0
+    assert cli.main(["vet", "--scores", s, "--data", str(tmp_path / "stamps"), "--out", out, "--class",
+                     "source", "--top", "2", "--borderline", "1", "--since", "part-00001.parquet",
+                     "--stretch", "asinh", "--no-progress"]) == 0
     line = capsys.readouterr().out
     assert line.startswith("vet: 30 scored stamps from 2 shard(s); class source: 2 top and 1 borderline")
     assert [x["stamp_id"] for x in gallery(out, "top")] == ["s36", "s29"]
+    parser = cli.build_parser("vet")
     help_text = parser._subparsers._group_actions[0].choices["vet"].format_help()
     assert "--since SHARD|N" in help_text and "(default 25)" in help_text and "--stretch {zscale,asinh}" in help_text
 
