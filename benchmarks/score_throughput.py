@@ -11,10 +11,11 @@ Parquet shards and the same model and preprocessing:
   each, running the checkpoint's preprocessing and the ``torch.compile``d model on in-memory batches of
   decoded stamps (no I/O, no Ray), their rates summed.
 
-Prints the rates, ``ratio stampray / baseline`` and ``fraction of the forward limit``, end to end and for
-the steady rate after start-up (from score's own progress lines, a line every ~10 s: stamps scored between
-its first line and its last over the time between them). Run:
-``python benchmarks/score_throughput.py [-n 1000000]``.
+Prints the rates, the time to the first result (score's first progress line), ``ratio stampray /
+baseline`` and ``fraction of the forward limit``, end to end and for the steady rate after start-up (from
+score's own progress lines, a line every ~10 s: stamps scored between its first line and its last over the
+time between them); then the cost of ``--tta 8`` (``--tta-n`` stamps scored plainly and with it). Run:
+``python benchmarks/score_throughput.py [-n 1000000] [--tta-n 100000]``.
 """
 
 import argparse
@@ -94,10 +95,52 @@ def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, pro
     return rates
 
 
+def run_score(model_path: str, data: str, out: str, *extra: str) -> tuple[float, list[tuple[float, int]]]:
+    """``stampray score`` as a user runs it (a fresh process, a private Ray): wall seconds, and (seconds since
+    the start, stamps done) from each of its progress lines."""
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "stampray", "score", "--model", model_path, "--data", data,
+                             "--out", out, *extra], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
+    marks = []
+    for line in proc.stderr:
+        m = re.match(r"score: ([\d,]+)/[\d,]+ stamps", line.strip())
+        if m:
+            marks.append((time.time() - t, int(m.group(1).replace(",", ""))))
+    if proc.wait(timeout=3600) != 0:
+        raise SystemExit(f"stampray score {' '.join(extra)} failed")
+    return time.time() - t, marks
+
+
+def tta_cost(model_path: str, work: str, n: int, k: int = 8) -> None:
+    """The cost of ``--tta K`` (K passes per stamp, one K x N batch per forward): the same table scored
+    plainly and with ``--tta K``, each a fresh ``stampray score``; prints the ratio of the steady rates
+    (what K costs once running) and of the wall times."""
+    data = os.path.join(work, f"tno-{n}")
+    if not os.path.exists(os.path.join(data, st.MANIFEST_NAME)):
+        synth(SynthSettings(out=data, n=n, seed=1, progress=False))
+    plain_s, plain = run_score(model_path, data, os.path.join(work, "scores-plain"))
+    tta_s, tta = run_score(model_path, data, os.path.join(work, "scores-tta"), "--tta", str(k))
+    r_plain, r_tta = steady_rate(plain), steady_rate(tta)
+    print(f"TTA cost (--tta {k}, {n:,} stamps): {n / tta_s:,.0f} stamps/s end to end ({tta_s:.1f} s) against "
+          f"{n / plain_s:,.0f} plain ({plain_s:.1f} s): {tta_s / plain_s:.1f}x the time; steady "
+          f"{r_tta:,.0f} against {r_plain:,.0f} stamps/s: {r_plain / r_tta:.1f}x the work per stamp "
+          f"(expected about {k}x)")
+
+
+def steady_rate(marks: list[tuple[float, int]]) -> float:
+    """Stamps per second between the first progress line and the last (NaN with too few lines)."""
+    if len(marks) <= 2:
+        return float("nan")
+    return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("--work", default="/tmp/stampray-bench")
+    ap.add_argument("--tta-n", type=int, default=100_000, help="stamps for the --tta 8 cost line (0: skip it)")
     args = ap.parse_args()
     data = os.path.join(args.work, f"tno-{args.n}")
     if not os.path.exists(os.path.join(data, st.MANIFEST_NAME)):
@@ -110,24 +153,12 @@ def main():
                            preprocess="course_scaled"), model_path)
 
     out_a, out_b = os.path.join(args.work, "scores-baseline"), os.path.join(args.work, "scores-stampray")
-    for d in (out_a, out_b):
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(out_a, ignore_errors=True)
     t = time.time()
     n_a = baseline(data, model_path, out_a)
     base_s = time.time() - t
-    t = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "stampray", "score", "--model", model_path, "--data", data,
-                             "--out", out_b], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
-    marks = []  # (time, stamps done) from each progress line
-    for line in proc.stderr:
-        m = re.match(r"score: ([\d,]+)/[\d,]+ stamps", line.strip())
-        if m:
-            marks.append((time.time(), int(m.group(1).replace(",", ""))))
-    if proc.wait(timeout=3600) != 0:
-        raise SystemExit("stampray score failed")
-    ray_s = time.time() - t
-    steady = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else float("nan")
+    ray_s, marks = run_score(model_path, data, out_b)
+    steady = steady_rate(marks)
     n_b = sum(pq.read_metadata(os.path.join(out_b, f)).num_rows for f in os.listdir(out_b) if f.startswith("part-"))
     assert n_a == n_b == args.n, (n_a, n_b)
     a, b = n_a / base_s, n_b / ray_s
@@ -135,12 +166,15 @@ def main():
     limit = sum(rates)
     print(f"baseline (one process, pyarrow + PyTorch, torch threads {torch.get_num_threads()}): "
           f"{a:,.0f} stamps/s ({base_s:.1f} s)")
-    print(f"stampray score (end to end, fresh process): {b:,.0f} stamps/s ({ray_s:.1f} s)")
+    print(f"stampray score (end to end, fresh process): {b:,.0f} stamps/s ({ray_s:.1f} s); first result "
+          f"after {marks[0][0]:.1f} s" if marks else f"stampray score: {b:,.0f} stamps/s ({ray_s:.1f} s)")
     print(f"ratio stampray / baseline: {b / a:.2f}")
     print(f"forward limit (2 processes x 1 thread, preprocessing + compiled model, in memory): {limit:,.0f} "
           f"stamps/s ({' + '.join(f'{r:,.0f}' for r in rates)})")
     print(f"fraction of the forward limit: {b / limit:.2f} end to end (goal 0.75); steady rate "
           f"{steady:,.0f} stamps/s = {steady / limit:.2f} (goal 0.85)")
+    if args.tta_n:
+        tta_cost(model_path, args.work, args.tta_n)
 
 
 if __name__ == "__main__":

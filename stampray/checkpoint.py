@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import torch
+from typing import TYPE_CHECKING
 
 from . import table as st
-from .models import StampModel, create_model
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read, written or built, not with this module:
+    import torch  # score's coordinator and commit tasks import stampray.score and never need torch
+
+    from .models import StampModel
 
 FORMAT = "stampray-checkpoint"
 VERSION = 1
@@ -58,6 +62,8 @@ def split_of(bundle: dict) -> dict | None:
 
 def bundle_bytes(bundle: dict) -> bytes:
     """A bundle as the bytes of a ``model.pt`` file (what :func:`bundle_from_bytes` reads back)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(bundle, buf)
     return buf.getvalue()
@@ -100,6 +106,8 @@ def load_bundle(path: str, map_location: str | torch.device = "cpu") -> dict:
 def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device = "cpu") -> dict:
     """:func:`load_bundle` on a checkpoint's bytes already read (``path`` names it in messages). The one
     place stampray calls ``torch.load``, always with ``weights_only=True``."""
+    import torch
+
     try:
         bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint
@@ -120,6 +128,8 @@ def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device =
 
 def build_model(bundle: dict) -> StampModel:
     """Rebuild the model described by a bundle and load its weights (eval mode)."""
+    from .models import create_model
+
     model = create_model(bundle["model"], bundle["in_channels"], tuple(bundle["image_size"]),
                          bundle["num_classes"], **bundle.get("model_kwargs", {}))
     model.load_state_dict(bundle["state_dict"])
@@ -128,6 +138,8 @@ def build_model(bundle: dict) -> StampModel:
 
 def weights_hash(bundle: dict) -> str:
     """A short, stable hash of the weights (names, shapes and bytes), for the ``model`` column of scores."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(bundle["state_dict"]):
         t = bundle["state_dict"][name].detach().cpu().contiguous()

@@ -286,6 +286,22 @@ def _log_to_stderr():
         log.level, log.propagate = before
 
 
+def _quiet_private_ray(settings) -> contextlib.AbstractContextManager:
+    """On the private local Ray a verb starts (no ``--address``, no ``RAY_ADDRESS``), the console lines of
+    Ray's own processes that a user cannot act on are dropped (``inference.RAY_PRIVATE_NOISE``); on a
+    cluster the user named, everything Ray says is shown."""
+    import os
+
+    if getattr(settings, "address", None) or os.environ.get("RAY_ADDRESS") or not hasattr(settings, "address"):
+        return contextlib.nullcontext()
+    from .inference import RAY_PRIVATE_NOISE, dropped_stderr_lines
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(dropped_stderr_lines(RAY_PRIVATE_NOISE, fd=2))
+    stack.enter_context(dropped_stderr_lines(RAY_PRIVATE_NOISE, fd=1))
+    return stack
+
+
 def _verb_of(argv: list[str]) -> str | None:
     """The verb on the command line (the first word that names one), to build only its parser."""
     return next((a for a in argv if a in VERBS), None)
@@ -304,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with _log_to_stderr():
-            COMMANDS[ns.verb](ns if VERBS[ns.verb][1] is None else _settings(settings_class(ns.verb), ns))
+            settings = ns if VERBS[ns.verb][1] is None else _settings(settings_class(ns.verb), ns)
+            with _quiet_private_ray(settings):
+                COMMANDS[ns.verb](settings)
     except KeyboardInterrupt:
         print(f"stampray {ns.verb}: interrupted", file=sys.stderr)
         return 130

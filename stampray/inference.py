@@ -393,7 +393,9 @@ def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: li
     replicas per node of ``c`` CPUs, on the nodes up now and on every node the autoscaler can still launch.
     On an autoscaling cluster the pool starts at the size the job can use (a replica per
     ``BLOCKS_PER_REPLICA`` blocks, within the maximum), so the autoscaler sees the whole demand at once and
-    launches the nodes together rather than one after another as the pool grows.
+    launches the nodes together rather than one after another as the pool grows. Without an autoscaler it
+    starts at what fits now, or at one replica per block for a job of fewer blocks (Ray Data grows it up
+    to the maximum when there is more work).
     """
     want = max(1, math.ceil(blocks / BLOCKS_PER_REPLICA)) if blocks else 1
     if use_gpu:
@@ -410,7 +412,9 @@ def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: li
     extra_nodes = int(extra_cpus // max(c, 1.0)) if math.isfinite(extra_cpus) else UNBOUNDED_NODES
     top = max(1, now + extra_nodes * per_node)
     top = min(top, int(max_actors)) if max_actors else top
-    start = min(top, max(now, want)) if capacity.autoscaling else min(now, top)
+    # Without an autoscaler: what fits now, but no more replicas than blocks (a small job's one block
+    # would leave the others idle, each having paid its start: torch and the model, a second or more).
+    start = min(top, max(now, want)) if capacity.autoscaling else min(now, top, blocks or top)
     return PoolPlan(1, max(1, start), top, per, 0.0, 1, cpu_batch)
 
 
@@ -473,6 +477,17 @@ def run_pool(replica: type, model, data: str, shards: list[str], columns: list[s
 
 # Ray core's line for every Ray Data actor pool (see the module docstring): not a problem of this job.
 RAY_POOL_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+# Lines Ray's own processes send to the driver's console on a private local Ray that a user can do nothing
+# about: the pool line above from Ray Train's internal actors; Ray Data's "progress bars disabled" note from
+# Train's dataset actors; a Ray Data deprecation warning (and the source line Python prints under it) raised
+# inside Ray Train's own DatasetManager; the raylet's note that a task queued at a replica is retried after
+# the pool was shut down by design (occlude stopping at --limit).
+RAY_PRIVATE_NOISE = RAY_POOL_NOISE + (
+    b"Progress bars disabled. To enable, set",
+    b"RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated",
+    b"  self.exclude_resources = exclude_resources",
+    b"The actor is dead because it was killed by `ray.kill`",
+)
 
 
 @contextlib.contextmanager

@@ -67,28 +67,44 @@ def course_normalize(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(n * c, h * w)
     p25, p50, p75 = _quartiles(flat)
     floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).astype(np.float32)
-    clipped = np.maximum(flat, floor[:, None])
-    clipped -= clipped.min(axis=1, keepdims=True)
-    total = clipped.sum(axis=1, dtype=np.float64, keepdims=True)
-    degenerate = total <= 0
-    out = np.where(degenerate, np.float32(1.0 / (h * w)),
-                   clipped * (1.0 / np.where(degenerate, 1.0, total)).astype(np.float32))
-    return out.astype(np.float32, copy=False).reshape(n, c, h, w)
+    out = np.maximum(flat, floor[:, None])  # the one new array; every later step works in place on it
+    out -= out.min(axis=1, keepdims=True)
+    total = out.sum(axis=1, dtype=np.float64, keepdims=True)
+    degenerate = total[:, 0] <= 0
+    out *= (1.0 / np.where(degenerate[:, None], 1.0, total)).astype(np.float32)
+    out[degenerate] = np.float32(1.0 / (h * w))
+    return out.reshape(n, c, h, w)
 
 
 def _quartiles(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """25th, 50th and 75th percentiles of each row, as ``np.percentile``'s default linear rule computes
-    them, from one ``np.partition`` of the row (float64 results)."""
-    m = flat.shape[1]
-    pos = [q * (m - 1) for q in (0.25, 0.5, 0.75)]
-    kth = sorted({int(np.floor(p)) for p in pos} | {int(np.ceil(p)) for p in pos})
-    part = np.partition(flat, kth, axis=1)
-    out = []
-    for p in pos:
-        lo, hi = int(np.floor(p)), int(np.ceil(p))
-        a = part[:, lo].astype(np.float64)
-        out.append(a if lo == hi else a + (part[:, hi].astype(np.float64) - a) * (p - lo))
-    return out[0], out[1], out[2]
+    """25th, 50th and 75th percentiles of each row (float64), equal bit for bit to
+    ``np.percentile(flat.astype(np.float64), [25, 50, 75], axis=1)`` (its default linear rule).
+
+    The rows are sorted rather than partitioned: on 4,096 stamps of 21x21 float32 pixels (one thread, numpy
+    2.4), ``np.sort`` (numpy's SIMD sort) took 7.4 ms, ``np.partition`` at the three kth indices at once
+    39 ms, one kth at a time 11 ms, ``torch.sort`` 93 ms (benchmarks/preprocess_speed.py); sorting also won
+    for 400, 1,200 and 4,096 pixels. Any exact selection yields the same order statistics, so only the
+    interpolation below decides the bits.
+    """
+    ordered = np.sort(flat, axis=1)
+    return tuple(_lerp_percentile(ordered, q) for q in (0.25, 0.5, 0.75))
+
+
+def _lerp_percentile(ordered: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each sorted row by ``np.percentile``'s linear rule and its rounding: numpy's
+    ``_lerp`` computes ``a + (b - a) t`` for ``t < 0.5`` and ``b - (b - a)(1 - t)`` from 0.5 on."""
+    m = ordered.shape[1]
+    pos = q * (m - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, m - 1)
+    t = pos - lo
+    a = ordered[:, lo].astype(np.float64)
+    if t == 0:  # 21x21 stamps: every quartile is a pixel value
+        return a
+    b = ordered[:, hi].astype(np.float64)
+    if t < 0.5:
+        return a + (b - a) * t
+    return b - (b - a) * (1.0 - t)
 
 
 @register("course_scaled")
@@ -98,8 +114,9 @@ def course_scaled(x: np.ndarray) -> np.ndarray:
     20,000 synthetic tno stamps reached 0.964 test accuracy after one epoch with this step and 0.561
     (the class prior; it needs about three epochs to leave that plateau) with ``course`` itself.
     It is ``stampray train``'s default."""
-    x = course_normalize(x)
-    return x * np.float32(x.shape[2] * x.shape[3])
+    x = course_normalize(x)  # a new array: scaled in place
+    x *= np.float32(x.shape[2] * x.shape[3])
+    return x
 
 
 @register("none")
@@ -134,11 +151,12 @@ def _torch_course(x):
     m = h * w
     ordered = flat.sort(dim=1).values
     quart = []
-    for q in (0.25, 0.5, 0.75):  # np.percentile's default linear rule, in float64 as the numpy step
+    for q in (0.25, 0.5, 0.75):  # np.percentile's default linear rule and rounding, as _lerp_percentile
         p = q * (m - 1)
-        lo, hi = int(np.floor(p)), int(np.ceil(p))
-        a = ordered[:, lo].double()
-        quart.append(a if lo == hi else a + (ordered[:, hi].double() - a) * (p - lo))
+        lo = int(np.floor(p))
+        t = p - lo
+        a, b = ordered[:, lo].double(), ordered[:, min(lo + 1, m - 1)].double()
+        quart.append(a if t == 0 else a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t))
     p25, p50, p75 = quart
     floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).float()
     clipped = torch.maximum(flat, floor[:, None])

@@ -251,6 +251,20 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
     assert not {"dashboard_host", "_node_ip_address", "_system_config", "_temp_dir", "num_cpus"} & set(kwargs)
 
 
+def test_a_verb_that_needs_less_starts_less(ray_init_calls, monkeypatch):
+    """score's driver asks for no dashboard modules and no Ray Data (its coordinator task has its own)."""
+    from stampray import runtime
+
+    configured = []
+    monkeypatch.setattr(runtime, "_quiet_data_context", lambda *args, **kwargs: configured.append(1))
+    with runtime.ray_session(dashboard=False, data=False):
+        pass
+    assert ray_init_calls[0]["kwargs"]["include_dashboard"] is False and configured == []
+    with runtime.ray_session():
+        pass
+    assert ray_init_calls[1]["kwargs"]["include_dashboard"] is True and configured == [1]
+
+
 def test_the_cluster_asked_for_is_address_then_ray_address(monkeypatch):
     from stampray import runtime
 

@@ -2,8 +2,9 @@
 
 Export times measured on the shared 2-core test machine (torch 2.13, the dynamo exporter with its own
 onnxruntime check, plus this test's): cnn 7.4 s (the first export in a process pays the exporter's start-up),
-vgg6 2.9 s, jet_cnn 2.5 s, dense 2.4 s, radio_cnn 2.3 s, dense_bn 1.4 s: about 20 s in all, in the quick run.
-resnet50 (23.5 M parameters) takes 30-37 s and runs with the slow tests.
+vgg6 2.9 s, jet_cnn 2.5 s, dense 2.4 s, radio_cnn 2.3 s, dense_bn 1.4 s: about 20 s in all.
+resnet50 (23.5 M parameters) takes 30-37 s; the whole file (about 20 s without it) runs with the slow tests,
+and the fast subset keeps the demo model's export (tests/test_notebook.py).
 """
 
 import json
@@ -19,6 +20,7 @@ from stampray.models import _REGISTRY, list_models
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow
 
 # Each model at its natural input (the course notebook's stamps): (channels, height, width), classes.
 NATURAL = {"jet_cnn": ((1, 20, 20), 5), "radio_cnn": ((1, 64, 64), 4)}

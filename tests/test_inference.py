@@ -42,6 +42,8 @@ def test_pool_grows_to_what_the_autoscaler_can_launch_from_zero_worker_nodes():
     # a job of 25 blocks asks for the whole pool at once: the autoscaler launches the nodes together
     assert plan_pool(False, None, cap(0, 3, types=types), [0.0], blocks=25).initial_size == 3
     assert plan_pool(False, None, cap(2, 2), [2.0], blocks=25).initial_size == 2  # no autoscaler: what fits
+    one_block = plan_pool(False, None, cap(2, 2), [2.0], blocks=1)  # a small job: one replica to start, not two
+    assert (one_block.initial_size, one_block.max_size) == (1, 2)
     types = {"cpu": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 10}}
     plan = plan_pool(False, None, cap(4, 44, types=types), [0.0, 4.0])  # one of ten 4-CPU nodes up
     assert (plan.initial_size, plan.max_size, plan.num_cpus) == (4, 44, 0.875)

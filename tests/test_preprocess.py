@@ -49,14 +49,60 @@ def test_course_scaled_is_course_times_the_pixel_count():
     np.testing.assert_allclose(preprocess.get("course_scaled")(np.zeros((1, 1, 4, 5), np.float32)), 1.0)
 
 
-def test_quartiles_match_numpy_percentile_for_any_pixel_count():
-    rng = np.random.default_rng(2)
-    for m in (441, 400, 63, 2, 1):
-        flat = rng.normal(size=(5, m)).astype(np.float32)
-        got = preprocess._quartiles(flat)
-        want = np.percentile(flat.astype(np.float64), [25, 50, 75], axis=1)
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+def _stamps(kind, n, c, h, w, rng):
+    """NaN-free float32 stamps (n, c, h, w) of one kind: noise, a constant per stamp, heavy ties, a wide range."""
+    shape = (n, c, h, w)
+    if kind == "noise":
+        x = rng.normal(10, 3, size=shape)
+    elif kind == "constant":
+        x = np.broadcast_to(rng.normal(size=(n, c, 1, 1)), shape)
+    elif kind == "ties":
+        x = rng.integers(-2, 3, size=shape)
+    else:  # wide: magnitudes from 1e-30 to 1e30, both signs
+        x = np.exp(rng.uniform(-69, 69, size=shape)) * rng.choice([-1.0, 1.0], size=shape)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant", "ties", "wide"])
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("h,w", [(21, 21), (20, 20), (64, 64), (7, 9), (1, 2), (1, 1)])
+def test_quartiles_equal_numpy_percentile_bit_for_bit(kind, c, h, w):
+    """Odd (441, 63, 1) and even (400, 4096, 2) pixel counts: every interpolation weight np.percentile uses
+    (0, 0.25, 0.5, 0.75), each quartile exactly as numpy computes it."""
+    rng = np.random.default_rng(h * 1000 + w * 10 + c)
+    x = _stamps(kind, 6, c, h, w, rng)
+    flat = x.reshape(-1, h * w)
+    got = np.stack(preprocess._quartiles(flat))
+    want = np.percentile(flat.astype(np.float64), [25, 50, 75], axis=1)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
+def notebook_normalize_batch(x):
+    """course_normalize step by step from np.percentile, vectorised, in the same float32/float64 steps."""
+    n, c, h, w = x.shape
+    flat = x.reshape(n * c, h * w)
+    p25, p50, p75 = np.percentile(flat.astype(np.float64), [25, 50, 75], axis=1)
+    floor = (p50 - 2.0 * preprocess.SIGMA_G_COEFF * (p75 - p25)).astype(np.float32)
+    clipped = np.maximum(flat, floor[:, None])
+    clipped = clipped - clipped.min(axis=1, keepdims=True)
+    total = clipped.sum(axis=1, dtype=np.float64, keepdims=True)
+    scale = (1.0 / np.where(total <= 0, 1.0, total)).astype(np.float32)
+    out = np.where(total <= 0, np.float32(1.0 / (h * w)), clipped * scale)
+    return out.reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant", "ties", "wide"])
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("h,w", [(21, 21), (20, 20), (7, 9)])
+def test_course_steps_equal_the_percentile_reference_bit_for_bit(kind, c, h, w):
+    x = _stamps(kind, 8, c, h, w, np.random.default_rng(c * 100 + h))
+    x[0] = 0.0  # an all-zero stamp among the others
+    before = x.copy()
+    want = notebook_normalize_batch(x)
+    course = preprocess.get("course")(x)
+    assert course.dtype == np.float32 and np.array_equal(course, want)
+    assert np.array_equal(preprocess.get("course_scaled")(x), want * np.float32(h * w))
+    assert np.array_equal(x, before)  # the input is left as it was
 
 
 def test_unknown_step_names_the_known_ones():

@@ -110,6 +110,7 @@ def test_a_rescore_with_other_passes_is_refused(tta_scores, stamps, cnn_ckpt):
     assert again.nothing_to_do and again.scored == 96
 
 
+@pytest.mark.slow
 def test_tta_on_a_model_invariant_under_the_symmetries_has_no_spread(stamps, tmp_path, ray_shared):
     """A dense net whose head weighs every pixel alike sees a stamp's pixels as a set: the eight flips and
     turns give it the same numbers, bit for bit (integer pixels and dyadic weights keep every sum exact)."""
@@ -146,6 +147,7 @@ def test_mc_dropout_is_refused_for_a_model_without_dropout_before_any_work(stamp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_mc_dropout_varies_the_passes_and_equals_predict_under_the_blocks_seed(tmp_path, make_checkpoint,
                                                                               write_stamps, ray_shared):
     """A block's dropout masks come from a generator seeded by its first row, so predict on the same stamps
