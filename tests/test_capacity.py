@@ -75,6 +75,7 @@ def test_node_groups_of_a_gcs_cluster_config():
     assert not capacity._can_grow(fixed) and not capacity._can_grow({})
 
 
+@pytest.mark.slow
 def test_a_private_local_ray_has_no_autoscaler(ray_shared):
     t0 = time.time()
     cap = cluster_capacity()

@@ -75,6 +75,7 @@ def test_four_classes_one_vs_rest(tmp_path, score_table):
     assert res["confident"]["rule"] == "max p > 0.99" and res["confident"]["n"] == 0
 
 
+@pytest.mark.slow
 def test_two_tables_side_by_side_and_tensorboard(tmp_path, score_table, eight_stamps):
     a = score_table(tmp_path / "cnn", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
     b = score_table(tmp_path / "dense", eight_stamps.labels, np.full((8, 2), 0.5), eight_stamps.class_names)
@@ -130,6 +131,7 @@ def test_completeness_per_positive_class_and_any_positive_call_as_false_positive
     assert [b["n"] for b in many["completeness"]["p"]] == [12, 13]  # 25 stamps: two bins of about 10 or more
 
 
+@pytest.mark.slow
 def test_html_report_renders_with_every_image(tno_small, tmp_path, score_table, images_in_chromium):
     """The report, with every kind of plot (the misclassified stamps' images read from the survey among them),
     opens in headless Chromium and every <img> decodes."""
@@ -159,6 +161,7 @@ def evaluate_log(caplog, monkeypatch):
     return caplog
 
 
+@pytest.mark.slow
 def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_warning(tmp_path, evaluate_log,
                                                                                    score_table, eight_stamps):
     labels, probs, names = eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names

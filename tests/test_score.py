@@ -21,6 +21,7 @@ def cnn_ckpt(tmp_path_factory, make_checkpoint):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
 
 
+@pytest.mark.slow
 def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_path, ray_shared):
     out = str(tmp_path / "scores")
     r = score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, keep=("snr",)))
@@ -54,6 +55,7 @@ def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_pat
     assert again.nothing_to_do and again.scored == 600
 
 
+@pytest.mark.slow
 def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared, write_stamps):
     images = np.random.default_rng(0).normal(size=(10, 1, 21, 21)).astype(np.float32)
     images[2, 0, 3, 3] = np.nan
@@ -82,6 +84,7 @@ def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared, write_s
     assert doc["num_rows"] == 8 and doc["set_aside"] == 4
 
 
+@pytest.mark.slow
 def test_zero_and_one_row_inputs(cnn_ckpt, tmp_path, ray_shared, stampray_log, write_stamps):
     empty = write_stamps(tmp_path / "empty", np.zeros((0, 1, 21, 21), np.float32))
     r = score(ScoreSettings(model=cnn_ckpt, data=empty, out=str(tmp_path / "s0")))

@@ -60,6 +60,7 @@ def _by_id(table: pa.Table) -> pa.Table:
     return table.take(pa.array(order))
 
 
+@pytest.mark.slow
 def test_score_with_tta_equals_predict_with_tta(tta_scores, stamps, cnn_ckpt):
     got = _by_id(read_scores(tta_scores))
     want = stampray.predict(cnn_ckpt, stamps[1], tta=8)
@@ -72,6 +73,7 @@ def test_score_with_tta_equals_predict_with_tta(tta_scores, stamps, cnn_ckpt):
     np.testing.assert_allclose(got.column("p_noise_std").to_numpy(), std, atol=1e-6)  # two classes: the same spread
 
 
+@pytest.mark.slow
 def test_features_are_the_forward_features_of_each_stamp(tta_scores, stamps, cnn_ckpt):
     got = _by_id(read_scores(tta_scores))
     net = ck.load_model(cnn_ckpt)
@@ -87,6 +89,7 @@ def test_features_are_the_forward_features_of_each_stamp(tta_scores, stamps, cnn
     np.testing.assert_allclose(feats, np.array(plain.column("features").to_pylist(), np.float32), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_result_file_has_the_same_columns_and_the_manifest_records_the_passes(tta_scores, stamps):
     schema = result_schema(("noise", "source"), spread=True, feature_width=16)
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):  # the last holds no rows
@@ -99,6 +102,7 @@ def test_every_result_file_has_the_same_columns_and_the_manifest_records_the_pas
     assert set(provenance()) == {"stampray", "ray", "torch", "python", "git_commit"}
 
 
+@pytest.mark.slow
 def test_a_rescore_with_other_passes_is_refused(tta_scores, stamps, cnn_ckpt):
     base = dict(model=cnn_ckpt, data=stamps[0], out=tta_scores, progress=False)
     for changed, said in [({"tta": 4, "features": True}, "tta: 8 vs 4"), ({"tta": 8}, "features: True vs False"),

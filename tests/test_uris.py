@@ -40,6 +40,7 @@ def numbers(report):
     return {k: v for k, v in report.items() if k not in ("seconds", "settings", "tables")}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3, score_table, eight_stamps):
     """--out, --scores, --run and --tensorboard as s3:// URIs; the same numbers as a local run."""
     import pyarrow.fs as pafs
