@@ -43,7 +43,7 @@ from .lock import output_lock
 from .classes import NEGATIVE, check_class_names, positive_classes, prob_column, std_column
 from .progress import Progress
 from .provenance import provenance
-from .score import read_scores, score_manifest
+from .score import FEATURES, read_scores, score_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -672,7 +672,7 @@ def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dic
             msg = f"{path} scores classes {names}, the first table {class_names}; compare like with like"
             raise ValueError(msg)
         _check_split(path, doc, settings)
-        t = read_scores(path)
+        t = read_scores(path, skip=(FEATURES,))
         _check_prob_columns(path, names, t.column_names)
         _check_std_columns(path, names, t.column_names)
         total = t.num_rows

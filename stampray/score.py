@@ -757,15 +757,26 @@ def _write_manifest(settings: ScoreSettings, job: dict, expected: dict[str, int]
     return doc
 
 
-def read_scores(path: str, columns=None) -> pa.Table:
-    """All result rows of a score directory."""
+def read_scores(path: str, columns=None, skip: tuple[str, ...] = ()) -> pa.Table:
+    """All result rows of a score directory: ``columns``, or every column but those in ``skip`` (evaluate
+    and vet skip ``features``, a vector per stamp that only ``similar`` reads)."""
     doc = json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
-    tables = [st.read_parquet(st.join(path, s["path"]), columns) for s in doc["shards"]]
+
+    def read(file: str) -> pa.Table:
+        want = columns
+        if want is None and skip:
+            fs, p = st.resolve(file)
+            want = [n for n in pq.read_schema(p, filesystem=fs).names if n not in skip]
+        return st.read_parquet(file, want)
+
+    tables = [read(st.join(path, s["path"])) for s in doc["shards"]]
     if not tables:  # a table of no shards: the columns its shards would have had
         spread = max(int(doc.get("tta") or 0), int(doc.get("mc_dropout") or 0)) > 1
         empty = result_schema(doc["class_names"], [pa.field(k, pa.null()) for k in doc.get("keep", [])], spread,
                               doc.get("feature_width")).empty_table()
-        return empty.select(list(columns)) if columns is not None else empty
+        if columns is None:
+            columns = [n for n in empty.column_names if n not in skip]
+        return empty.select(list(columns))
     return pa.concat_tables(tables, promote_options="default")
 
 

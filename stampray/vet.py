@@ -234,9 +234,9 @@ def read_map_rows(maps: str, ids: list[str]) -> tuple[dict[str, dict], int | Non
 # --------------------------------------------------------------------------------------------------
 def _ranked(settings: VetSettings, pcol: str, shards: list[str]) -> tuple[pa.Table, np.ndarray, dict]:
     """The scored rows (of the ``--since`` shards), their ids, and the rows of each gallery."""
-    from .score import read_scores
+    from .score import FEATURES, read_scores
 
-    t = read_scores(settings.scores)
+    t = read_scores(settings.scores, skip=(FEATURES,))
     if t.num_rows == 0 or pcol not in t.column_names:
         msg = f"--scores {settings.scores} holds no scored rows; run 'stampray score' first"
         raise ValueError(msg)

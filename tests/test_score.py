@@ -188,3 +188,15 @@ def test_a_run_on_the_private_ray_prints_none_of_rays_notices(cnn_ckpt, tmp_path
     assert result == [0, 0], output
     assert "40 stamps scored" in output and "occlude" in output
     assert [line for line in output.splitlines() if any(n in line for n in NOISE)] == []
+
+
+def test_read_scores_can_leave_the_feature_vectors_unread(tmp_path, score_table, eight_stamps):
+    import pyarrow as pa
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(16, dtype=np.float32)), 2)
+    out = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                      extra={"features": vectors})
+    whole = read_scores(out)
+    lean = read_scores(out, skip=("features",))
+    assert "features" in whole.column_names and lean.column_names == [c for c in whole.column_names if c != "features"]
+    assert lean.equals(whole.drop_columns(["features"]))
