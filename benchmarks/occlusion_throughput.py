@@ -64,7 +64,8 @@ def main() -> None:
               if len(marks) > 2 else float("nan"))
     print(f"{args.n} stamps of 21x21, kernel {args.kernel}, stride {args.stride}: {positions} windows each, "
           f"{variants:,} occluded variants")
-    print(f"forward limit (2 processes x 1 thread, preprocessing + compiled model): {limit:,.0f} stamps/s")
+    print(f"forward limit (2 processes x 1 thread, preprocessing + compiled channels-last model): {limit:,.0f} "
+          f"stamps/s")
     print(f"stampray occlude: {wall:.1f} s = {rate:,.0f} variants/s; fraction of the forward limit: "
           f"{rate / limit:.2f} end to end, steady {steady / limit:.2f} (goal 0.8)")
 

@@ -74,8 +74,8 @@ class OccludeSettings:
         address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
         rename_classes: the table names its classes otherwise than the model (e.g. 0,1 against
             noise,source): take the model's class names by position instead of refusing.
-        compile: torch.compile the replicas (a few seconds each, about 1.6x the forward rate on a CPU): auto
-            for jobs of 2M occluded variants or more.
+        compile: torch.compile the replicas (a few seconds each, about 2x the forward rate on a CPU): auto
+            for jobs of 200,000 occluded variants or more.
     """
 
     model: str
@@ -126,7 +126,10 @@ def occlusion_grid(shape, kernel: int, stride: int) -> tuple[np.ndarray, np.ndar
     return ys, xs
 
 
-COMPILE_VARIANTS = 2_000_000  # --compile auto: torch.compile for jobs of this many occluded variants or more
+# --compile auto: torch.compile for jobs of this many occluded variants or more. A compile costs a replica about
+# 5 s here (Inductor's imports and tracing; its compiled graph comes from the on-disk cache after the first
+# time) and doubles its rate (11k -> 24k variants/s for cnn on one thread): it pays from a few 100k variants.
+COMPILE_VARIANTS = 200_000
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
 
 
@@ -180,18 +183,20 @@ def _tensor_column(arr: np.ndarray) -> pa.ExtensionArray:
 
 
 class Occluder(ModelActor):
-    """map_batches callable: stamp rows in; the selected stamps' maps written as a piece; a record out."""
+    """map_batches callable: stamp rows (or the work items to read them from) in; the selected stamps' maps
+    written as a piece; a record out."""
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
                  threads: int = 1, use_gpu: bool = False, limit: int | None = None, occlude_chunk: int | None = None,
-                 chunk: int = 4096, compile: bool = False):
-        super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk)
+                 chunk: int = 4096, compile: bool = False, source: dict | None = None):
+        super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk, source=source)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
         self.occlude_chunk = int(occlude_chunk) if occlude_chunk else None  # (stamp, window) pairs per forward
         self.ids = pa.array(sorted(ids), pa.string()) if ids else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = self.stamps(batch)
         maps = self.maps(batch)
         name = None
         if maps.num_rows:  # named after the block's first row: a block redone rewrites the same piece
@@ -351,7 +356,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
     from .inference import check_gpu_nodes, run_pool
     from .runtime import ensure_gpus, ray_session
 
-    with ray_session(settings.address), _upscale_when_busy():
+    # A verb of tasks, actors and Ray Data only: the private Ray starts without the dashboard's modules.
+    with ray_session(settings.address, dashboard=False), _upscale_when_busy():
         ray.data.DataContext.get_current().enable_progress_bars = False
         progress = Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows),
                             settings.progress, unit="maps")

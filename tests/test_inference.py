@@ -140,6 +140,31 @@ def test_a_replica_writes_pieces_and_returns_only_small_records(tmp_path, ray_sh
     assert piece.column(ERROR).to_pylist()[2].startswith("nonfinite")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("read_tasks", [False, True])
+def test_the_pool_reads_every_row_once_in_its_replicas_or_in_read_tasks(tmp_path, ray_shared, tno_small, read_tasks):
+    """CPU replicas read their own work items; GPU pools (read_tasks) get rows from read tasks: the same
+    records, every row of every shard once, either way."""
+    from stampray.data import work_items
+    from stampray.inference import run_pool
+
+    torch.manual_seed(0)
+    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("noise", "source"), preprocess="course"),
+            str(tmp_path / "m.pt"))
+    shards = [s["path"] for s in st.read_manifest(tno_small).shards]
+    out = str(tmp_path / "scores")
+    items = work_items(tno_small, shards)
+    records = pa.concat_tables(run_pool(
+        Scorer, (tmp_path / "m.pt").read_bytes(), tno_small, shards, [st.ID, st.IMAGE, st.LABEL], items,
+        use_gpu=False, max_actors=2, actors=None, batch_size=None, read_tasks=read_tasks,
+        replica_kwargs={"out": out, "keep": [], "fractions": (0.7, 0.15, 0.15), "model_tag": "cnn@x"}))
+    got = sorted((r["shard"], r["row0"], r["rows"]) for r in records.to_pylist())
+    assert got == sorted((i["shard"], i["row0"], m["rows"]) for i, m in zip(items, st.read_manifest(tno_small).shards))
+    ids = pa.concat_tables(pq.read_table(os.path.join(out, PARTS_DIR, d)) for d in sorted(os.listdir(
+        os.path.join(out, PARTS_DIR)))).column("stamp_id").to_pylist()
+    assert ids == st.read_table(tno_small, columns=["stamp_id"]).column("stamp_id").to_pylist()
+
+
 def test_use_gpu_is_refused_at_once_where_no_gpu_can_come(tmp_path, ray_shared):
     from stampray.runtime import ensure_gpus
 

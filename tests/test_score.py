@@ -133,14 +133,17 @@ def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, r
 
 
 @pytest.mark.slow
-def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path):
+@pytest.mark.parametrize("in_process", ["off", "on"])
+def test_killed_driver_rerun_scores_every_stamp_exactly_once(cnn_ckpt, tmp_path, in_process):
+    """Killed part way, through its private Ray (off) or scoring in its own process (on), a rerun of the
+    same command finishes with every stamp once."""
     from stampray.synth import SynthSettings, synth
 
     data = str(tmp_path / "survey")
-    synth(SynthSettings(out=data, n=40_000, seed=3, shard_rows=2000))
+    synth(SynthSettings(out=data, n=40_000, seed=3, shard_rows=2000, progress=False))
     out = str(tmp_path / "scores")
     cmd = [sys.executable, "-m", "stampray", "score", "--model", cnn_ckpt, "--data", data, "--out", out,
-           "--batch-size", "512", "--compile", "off"]
+           "--batch-size", "512", "--compile", "off", "--in-process", in_process]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + 180
@@ -180,7 +183,8 @@ def test_a_run_on_the_private_ray_prints_none_of_rays_notices(cnn_ckpt, tmp_path
         import json, sys, warnings
         warnings.simplefilter("default")  # as python -W default: DeprecationWarnings shown
         from stampray.cli import main
-        codes = [main(["score", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "s")!r}]),
+        codes = [main(["score", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "s")!r},
+                       "--in-process", "off"]),
                  main(["occlude", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "m")!r},
                        "--limit", "2", "--kernel", "9", "--stride", "4"])]
         print("RESULT", json.dumps(codes))
@@ -200,3 +204,58 @@ def test_read_scores_can_leave_the_feature_vectors_unread(tmp_path, score_table,
     lean = read_scores(out, skip=("features",))
     assert "features" in whole.column_names and lean.column_names == [c for c in whole.column_names if c != "features"]
     assert lean.equals(whole.drop_columns(["features"]))
+
+
+def test_a_small_job_scores_in_this_process_with_the_same_books(cnn_ckpt, tno_small, tmp_path):
+    """--in-process on: no Ray at all, the same result files, manifest and exactly-once books as a pool."""
+    from stampray import preprocess as pp
+
+    out = str(tmp_path / "scores")
+    r = score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, keep=("snr",), in_process="on",
+                            progress=False))
+    assert (r.scored, r.set_aside, r.nodes) == (600, 0, {"local": 600})
+    manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
+    assert manifest["nodes"] == {"local": 600} and manifest["num_rows"] == 600
+    assert sorted(f for f in os.listdir(out) if f.startswith("part-")) == \
+        sorted(s["path"] for s in st.read_manifest(tno_small).shards)
+    assert not os.path.exists(os.path.join(out, "_parts"))
+    t = read_scores(out)
+    src = st.read_table(tno_small)
+    assert t.column("stamp_id").to_pylist() == src.column("stamp_id").to_pylist()  # shard and row order
+    assert t.column("snr").to_pylist() == src.column("snr").to_pylist()
+    with torch.no_grad():
+        x = pp.get("course")(st.decode_images(src.column("image"), (1, 21, 21)))
+        direct = torch.softmax(ck.load_model(cnn_ckpt)(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(t.column("p_source").to_numpy(), direct[:, 1], atol=1e-5)
+    assert t.column("pred").to_pylist() == direct.argmax(1).tolist()
+    assert score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, keep=("snr",), in_process="on",
+                               progress=False)).nothing_to_do
+    with pytest.raises(ValueError, match="--in-process on scores without Ray; it cannot run on the cluster at"):
+        ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", address="ray://h:10001")
+
+
+def test_in_process_auto_is_for_small_jobs_that_would_start_a_ray_of_their_own(monkeypatch):
+    import types
+
+    from stampray.score import IN_PROCESS_ROWS, in_process
+
+    ray_up = types.SimpleNamespace(is_initialized=lambda: True)
+    ray_down = types.SimpleNamespace(is_initialized=lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    s = ScoreSettings(model="m", data="d", out="o")
+    monkeypatch.setitem(sys.modules, "ray", ray_down)
+    assert in_process(s, IN_PROCESS_ROWS) and not in_process(s, IN_PROCESS_ROWS + 1)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8 + 1)
+    assert in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", address="auto"), 10)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", use_gpu=True), 10)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", actors=2), 10)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", in_process="off"), 10)
+    assert in_process(ScoreSettings(model="m", data="d", out="o", in_process="on"), 10 ** 9)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not in_process(s, 10)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setitem(sys.modules, "ray", ray_up)  # a Ray this process already runs (a notebook's): used
+    assert not in_process(s, 10)
+    monkeypatch.delitem(sys.modules, "ray")
+    assert in_process(s, 10)
