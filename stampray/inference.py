@@ -9,11 +9,12 @@ How a job scales out
 * **Replicas read their own input.** On CPUs the dataset is the list of work items (a row group each, or
   a batch of rows for occlusion) and each replica reads the items it is given: no read tasks compete with
   the replicas for the cores and no decoded rows travel through the object store (on the 2-core machine
-  the steady rate went from 0.53 to 0.78-0.94 of the forward limit). GPU replicas keep read tasks, which
+  the steady rate went from 15.6k to 23.6-28.7k stamps/s). GPU replicas keep read tasks, which
   decode beside them while the GPU computes.
 * **Reads and commits always get CPU.** On a node of ``c`` CPUs, ``floor(c)`` single-thread replicas each
   ask for ``(c - r) / floor(c)`` CPUs with ``r`` = 0.5 (0.25 on a 1-CPU node): one more replica never fits,
-  and the ``r`` left over runs the quarter-CPU read and commit tasks. (Measured on Ray 2.60: replicas
+  and the ``r`` left over runs the quarter-CPU read tasks (GPU pools) and score's committer actor, or
+  occlusion's commit task. (Measured on Ray 2.60: replicas
   holding every CPU leave the read tasks unscheduled and the job hangs.) A 2-CPU laptop runs two replicas
   of 0.75 CPU.
 * **The workers write; the driver keeps the books.** A replica writes its results straight to the output
@@ -62,7 +63,7 @@ from .pieces import PARTS_DIR, TMP_DIR, delete_dir, list_files, reason_counts, w
 
 logger = logging.getLogger(__name__)
 
-READ_CPUS = 0.25  # each read task; each commit task
+READ_CPUS = 0.25  # each read task (GPU pools); score's committer actor; occlusion's commit task
 LOCAL_NODE = "local"  # the node of a replica running without Ray (a job scored in-process)
 COMPILE = ("auto", "on", "off")  # --compile: torch.compile the replicas
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks

@@ -1,7 +1,8 @@
 """Pieces the replicas write and the commits that join them, with no torch import.
 
-A commit runs as a Ray task, often in a fresh worker process: importing this module takes a fraction of a
-second, where the model modules (torch) take several, which on a short job was a tenth of its time.
+Commits run in score's committer actor and occlusion's commit task, worker processes that never load a
+model: importing this module takes a fraction of a second, where the model modules (torch) take several,
+which on a short job was a tenth of its time.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ results land as one Parquet file per input shard. The workers write; the driver 
    and returns one small record per piece: shard, first row, rows, rows set aside, node;
 3. the job's coordinator — a zero-CPU Ray task the driver starts beside itself, which runs Ray Data's
    streaming executor — adds each record's row interval to its shard's books; once the intervals cover the
-   shard's every row it starts a quarter-CPU *commit* task, which reads the shard's pieces, drops any row
-   delivered twice (a block redone after a node loss), checks every row ``0..n-1`` is there once, and
-   writes ``_errors/<shard>`` (rows that cannot be scored, with their reason) and then ``<shard>`` —
+   shard's every row it has the job's *committer* (a quarter-CPU actor beside it) commit the shard: read
+   the shard's pieces, drop any row delivered twice (a block redone after a node loss), check every row
+   ``0..n-1`` is there once, and write ``_errors/<shard>`` (rows that cannot be scored, with their
+   reason) and then ``<shard>`` —
    the result file, written last and atomically, marks the shard done;
 4. a rerun skips every shard whose result file exists and deletes the pieces of the others before redoing
    them, so a job whose driver was killed at any moment finishes with every stamp exactly once; rerunning
@@ -64,8 +65,9 @@ JOB_FILE = "_job.json"
 SCORE_MANIFEST = "_manifest.json"
 ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason, in the result file's footer
 PROGRESS_EVERY_S = 2.0  # the coordinator streams the count of rows accounted for this often
+COMMITS_AT_ONCE = 4  # threads of the job's committer actor
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
-IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of at most this many forward passes run without Ray
+IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray
 FEATURES = "features"  # --features: the forward_features vector
 IN_PROCESS = ("auto", "on", "off")  # --in-process
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
@@ -105,8 +107,8 @@ class ScoreSettings:
             a model without dropout); K of 2 or more adds p_<class>_std. Costs K times the work.
         features: add a 'features' column: the model's forward_features vector (float32, the embedding) of
             every stamp, from its plain (first) pass.
-        in_process: score in this process, without Ray (torch on every core it may use): auto for jobs of up
-            to 200,000 forward passes that would otherwise start a private Ray of their own (no --address or
+        in_process: score in this process, without Ray (torch on every core it may use): auto for jobs of
+            under 200,000 forward passes that would otherwise start a private Ray of their own (no --address or
             RAY_ADDRESS, no --use-gpu or --actors, no Ray running in this Python process); on: always; off:
             never. The results, the books and a resumed run are the same either way.
     """
@@ -372,17 +374,19 @@ class Books:
 
 
 def commit_shard(out: str, name: str, expected: int, schema: pa.Schema | None = None) -> dict:
-    """Ray task: join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring.
+    """Join a shard's pieces into ``<shard>`` (and ``_errors/<shard>``); see the module docstring.
     ``schema``: the columns of a shard with no rows (:func:`result_schema`; None: ``stamp_id`` only)."""
     parts = st.join(out, PARTS_DIR, _stem(name))
     fs, _ = st.resolve(out)
     pieces = list_files(parts)
     result = st.join(out, name)
-    if not pieces and expected and st.exists(result):
-        # A retry of a commit that finished (its node died before it could return): the result file is
-        # written last and the pieces removed after it, so the shard is done.
+    if expected and st.exists(result):
+        # A retry of a commit that finished (its node died before it could return, perhaps part way
+        # through removing the pieces): the result file is written last, so the shard is done.
         meta = pq.read_metadata(st.resolve(result)[1], filesystem=fs)
         kv = meta.metadata or {}
+        if pieces:
+            delete_dir(parts)
         return {"shard": name, "rows": meta.num_rows,
                 "errors": json.loads(kv[ERRORS_META]) if ERRORS_META in kv else {}}
     tables = [st.read_parquet(st.join(parts, f)) for f in pieces]
@@ -649,7 +653,7 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
 
 def in_process(settings: ScoreSettings, rows: int) -> bool:
     """Whether the job runs in this process, without Ray (``--in-process``): ``on``; or ``auto`` for a job
-    of at most ``IN_PROCESS_ROWS`` forward passes that would otherwise start a private Ray for itself (no
+    of fewer than ``IN_PROCESS_ROWS`` forward passes that would otherwise start a private Ray for itself (no
     ``--address`` or ``RAY_ADDRESS``, no Ray already running in this process, no ``--use-gpu`` and no
     ``--actors`` pool asked for). Starting
     Ray and a pool costs 10-20 s on a laptop, more than such a job's scoring: on the 2-core development
@@ -657,11 +661,15 @@ def in_process(settings: ScoreSettings, rows: int) -> bool:
     (24 s)."""
     from .runtime import target_address
 
+    if settings.in_process == "on" and target_address(settings.address):
+        msg = (f"--in-process on scores without Ray, but RAY_ADDRESS names the cluster "
+               f"{target_address(settings.address)}; unset RAY_ADDRESS or use --in-process auto|off")
+        raise ValueError(msg)
     if settings.in_process != "auto":
         return settings.in_process == "on"
     ray = sys.modules.get("ray")
     ray_up = ray is not None and getattr(ray, "is_initialized", lambda: False)()
-    return (rows * settings.passes <= IN_PROCESS_ROWS and target_address(settings.address) is None
+    return (rows * settings.passes < IN_PROCESS_ROWS and target_address(settings.address) is None
             and not ray_up and not settings.use_gpu and not settings.actors)
 
 
@@ -751,12 +759,22 @@ def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[s
              check_ids: list | None = None, schema: pa.Schema | None = None) -> tuple[dict[str, int], float]:
     """Score in this process, without Ray: one :class:`Scorer` (torch on every core of this process) takes
     the work items one by one and writes the same pieces, books and commits as the Ray job, so a killed
-    run resumes, and mixes with Ray runs, the same way. (rows per node, this process's CPU seconds)."""
-    import resource
+    run resumes, and mixes with Ray runs, the same way. (rows per node, 0.0: there is no coordinator task).
+    torch's thread count, which the replica sets for the process, is put back afterwards."""
+    import torch
 
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     items, columns, duplicates, kwargs = _plan(settings, todo, columns_present, check_ids)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    saved_threads = torch.get_num_threads()
+    try:
+        return _score_here(settings, model_bytes, tag, todo, schema, items, columns, duplicates, kwargs, threads)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], schema, items: list,
+                columns: list, duplicates: dict, kwargs: dict, threads: int) -> tuple[dict[str, int], float]:
+    """:func:`run_here`'s loop: one replica, the items in order, the books and a commit per complete shard."""
     scorer = Scorer(model_bytes, model_tag=tag, threads=threads, use_gpu=settings.use_gpu,
                     chunk=settings.batch_size or (16384 if settings.use_gpu else 4096), duplicates=duplicates,
                     source={"root": settings.data, "columns": columns}, **kwargs)
@@ -772,8 +790,7 @@ def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[s
                                  lambda shard: commit_shard(settings.out, shard, todo[shard])))
     progress.close()
     _check_books(books, todo)
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    return nodes, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return nodes, 0.0
 
 
 def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list,
@@ -788,6 +805,7 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
 
     import ray
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .inference import run_pool
     from .runtime import _quiet_data_context
@@ -803,15 +821,19 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
                       chunk=settings.batch_size,
                       replica_kwargs={**kwargs, "model_tag": tag,
                                       "duplicates": ray.put(duplicates) if duplicates else None})
-    # 2. The books, and a commit task for every shard whose rows are all in.
+    # 2. The books, and a commit for every shard whose rows are all in, by one committer actor beside this
+    # task: a commit is tens of ms of pyarrow, where a fresh worker per commit task cost 2 s of CPU
+    # (starting Python, importing Ray and pyarrow) as Ray ended idle workers between commits.
     books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
-    commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_shard)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    committer = ray.remote(num_cpus=READ_CPUS, max_restarts=3, max_task_retries=3, max_concurrency=COMMITS_AT_ONCE)(
+        Committer).options(scheduling_strategy=here).remote()
     for shard in todo:
         if todo[shard] == 0:
-            commits[shard] = commit.remote(settings.out, shard, 0, schema)
+            commits[shard] = committer.commit.remote(settings.out, shard, 0, schema)
     for records in stream:
         unsaid += _account(records, books, todo, nodes, commits,
-                           lambda shard: commit.remote(settings.out, shard, todo[shard]))
+                           lambda shard: committer.commit.remote(settings.out, shard, todo[shard]))
         if time.time() - said > PROGRESS_EVERY_S:
             yield {"rows": unsaid}
             unsaid, said = 0, time.time()
@@ -823,8 +845,16 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
            "duplicates": sum(len(v) for v in duplicates.values())}
 
 
+class Committer:
+    """Ray actor: runs :func:`commit_shard` for the coordinator, up to ``COMMITS_AT_ONCE`` at a time (threads:
+    pyarrow leaves the GIL while it reads and writes, which on an object store is mostly waiting)."""
+
+    def commit(self, out: str, name: str, expected: int, schema: pa.Schema | None = None) -> dict:
+        return commit_shard(out, name, expected, schema)
+
+
 def _wait_commits(commits: dict, timeout_s: float = 900.0) -> None:
-    """Wait for the commit tasks, bounded: each only joins a shard's small result pieces."""
+    """Wait for the commits, bounded: each only joins a shard's small result pieces."""
     import ray
 
     pending, deadline = list(commits.values()), time.time() + timeout_s

@@ -3,6 +3,7 @@
 Test modules share helpers only through the fixtures here, never by importing one another.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,34 @@ os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 # Ray Train's controller collects each epoch's report when it polls (every 2 s by default); the tests'
 # epochs take a fraction of that.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stale_current_cluster():
+    """A module whose clusters end by being killed leaves Ray's ``/tmp/ray/ray_current_cluster`` pointing
+    at a dead GCS; Ray's address lookup (Ray Train's PlacementGroupCleaner among others) then waits on it
+    and prints a traceback in later tests. The file is put back as the module found it."""
+    from stampray.runtime import ray_temp_root
+
+    path = os.path.join(ray_temp_root(), "ray_current_cluster")
+    try:
+        with open(path) as f:
+            before = f.read()
+    except OSError:
+        before = None
+    yield
+    try:
+        with open(path) as f:
+            after = f.read()
+    except OSError:
+        after = None
+    if after != before:
+        with contextlib.suppress(OSError):
+            if before is None:
+                os.remove(path)
+            else:
+                with open(path, "w") as f:
+                    f.write(before)
 
 
 @pytest.fixture(scope="session")

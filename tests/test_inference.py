@@ -94,6 +94,23 @@ def test_commit_keeps_each_row_once_and_writes_errors_then_the_result(tmp_path):
     assert not os.path.exists(parts)
 
 
+def test_a_retried_commit_of_a_done_shard_returns_it_whatever_pieces_are_left(tmp_path):
+    """The committer's node died after the result file was written, part way through removing the pieces:
+    the retry returns the shard as written (the result file comes last) and removes the rest."""
+    out = str(tmp_path / "scores")
+    parts = os.path.join(out, PARTS_DIR, "part-00000")
+    os.makedirs(parts)
+    pq.write_table(_piece(range(0, 6), errors={3}), os.path.join(parts, "000000000000-6.parquet"))
+    pq.write_table(_piece(range(6, 10)), os.path.join(parts, "000000000006-4.parquet"))
+    first = commit_shard(out, "part-00000.parquet", 10)
+    os.makedirs(parts)
+    pq.write_table(_piece(range(6, 10)), os.path.join(parts, "000000000006-4.parquet"))  # one left behind
+    assert commit_shard(out, "part-00000.parquet", 10) == first == {
+        "shard": "part-00000.parquet", "rows": 9, "errors": {"nonfinite": 1}}
+    assert not os.path.exists(parts)
+    assert pq.read_table(os.path.join(out, "part-00000.parquet")).num_rows == 9
+
+
 def test_commit_refuses_a_shard_with_missing_rows(tmp_path):
     out = str(tmp_path / "scores")
     parts = os.path.join(out, PARTS_DIR, "part-00000")

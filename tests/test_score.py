@@ -244,9 +244,9 @@ def test_in_process_auto_is_for_small_jobs_that_would_start_a_ray_of_their_own(m
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     s = ScoreSettings(model="m", data="d", out="o")
     monkeypatch.setitem(sys.modules, "ray", ray_down)
-    assert in_process(s, IN_PROCESS_ROWS) and not in_process(s, IN_PROCESS_ROWS + 1)
-    assert not in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8 + 1)
-    assert in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8)
+    assert in_process(s, IN_PROCESS_ROWS - 1) and not in_process(s, IN_PROCESS_ROWS)
+    assert not in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8)
+    assert in_process(ScoreSettings(model="m", data="d", out="o", tta=8), IN_PROCESS_ROWS // 8 - 1)
     assert not in_process(ScoreSettings(model="m", data="d", out="o", address="auto"), 10)
     assert not in_process(ScoreSettings(model="m", data="d", out="o", use_gpu=True), 10)
     assert not in_process(ScoreSettings(model="m", data="d", out="o", actors=2), 10)
@@ -254,6 +254,9 @@ def test_in_process_auto_is_for_small_jobs_that_would_start_a_ray_of_their_own(m
     assert in_process(ScoreSettings(model="m", data="d", out="o", in_process="on"), 10 ** 9)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert not in_process(s, 10)
+    with pytest.raises(ValueError, match="--in-process on scores without Ray, but RAY_ADDRESS names the cluster "
+                                         "10.0.0.1:6379; unset RAY_ADDRESS or use --in-process auto\\|off"):
+        in_process(ScoreSettings(model="m", data="d", out="o", in_process="on"), 10)
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setitem(sys.modules, "ray", ray_up)  # a Ray this process already runs (a notebook's): used
     assert not in_process(s, 10)

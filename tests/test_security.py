@@ -235,9 +235,7 @@ def test_killed_driver_leftovers_end_at_next_session(first_driver, root):
 
         assert second.wait(timeout=120) == 0
         assert not os.path.exists(os.path.join(info2["temp_dir"], runtime.OWNER_FILE))
-        deadline = time.monotonic() + 30
-        while runtime.processes_in(info2["temp_dir"]) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # The session ended its own Ray's leftovers before it returned (runtime._end_leftovers).
         assert not runtime.processes_in(info2["temp_dir"])
     finally:
         for decoy in decoys:
@@ -309,3 +307,24 @@ def test_private_temp_dir_and_loopback_switch(monkeypatch):
     with runtime._loopback_node_ip():
         assert ray_constants.ENABLE_RAY_CLUSTER is False
     assert ray_constants.ENABLE_RAY_CLUSTER == before
+
+
+def test_a_session_ends_what_its_private_ray_left_running(tmp_path):
+    """After ``ray.shutdown`` a private session ends the processes still writing in its own instance dir
+    (a replica seen to outlive its raylet by a minute), and nothing else."""
+    mine = str(tmp_path / f"{runtime.TEMP_PREFIX}{os.getpid()}")
+    other = str(tmp_path / "elsewhere")
+    os.makedirs(mine)
+    os.makedirs(other)
+    with open(os.path.join(mine, "worker.out"), "w") as w, open(os.path.join(other, "x.out"), "w") as o:
+        stuck = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 300"], stdout=w)
+        bystander = subprocess.Popen(["sleep", "300"], stdout=o)
+    try:
+        time.sleep(0.3)
+        runtime._end_leftovers(mine, term_wait=0.3, kill_wait=3)
+        assert stuck.wait(timeout=5) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for p in (stuck, bystander):
+            p.kill()
+            p.wait()
