@@ -6,7 +6,8 @@ Parquet shards and the same model and preprocessing:
 * baseline: one process reads each shard with pyarrow, decodes, preprocesses, runs the model (PyTorch's
   default threads) and writes one Parquet result per shard;
 * stampray: ``stampray score`` as a user runs it (a fresh process: Ray start-up, actor pool, compile,
-  Parquet out), wall clock;
+  Parquet out), wall clock; with ``-n`` under 200,000 that is an in-process run, without Ray (see
+  ``stampray score --in-process``);
 * the machine's forward limit: two processes (as many as the replicas of a 2-core machine), one thread
   each, running the checkpoint's preprocessing and the ``torch.compile``d model (channels-last, as the
   replicas run it) on in-memory batches of decoded stamps (no I/O, no Ray), their rates summed.

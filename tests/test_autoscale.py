@@ -212,8 +212,10 @@ def test_score_on_an_autoscaling_cluster_uses_the_nodes_it_brings(tmp_path):
 
         t1 = time.time()
         proc = subprocess.run(
+            # --tta 8: eight passes per stamp, so the job outlasts the autoscaler's launches (the nodes came
+            # 10-25 s into the job; one replica scored the plain job alone in less than that).
             [sys.executable, "-m", "stampray", "score", "--model", model, "--data", data, "--out", out,
-             "--address", address, "--compile", "off", "--no-progress"],
+             "--address", address, "--compile", "off", "--no-progress", "--tta", "8"],
             capture_output=True, text=True, timeout=400, env=env)
         t_score = time.time() - t1
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
