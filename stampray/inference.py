@@ -491,18 +491,16 @@ def run_pool(replica: type, model, data: str, shards: list[str], columns: list[s
         # A GPU replica keeps its one CPU for the GPU's feed: quarter-CPU read tasks decode the Parquet
         # beside it and hand it rows through the object store.
         ds = read_stamps(data, shards, columns, tag_shard=True, num_cpus=READ_CPUS, items=items)
-        ds = ds.map_batches(replica, batch_format="pyarrow", batch_size=batch_size, compute=strategy,
-                            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, zero_copy_batch=True,
-                            fn_constructor_kwargs=kwargs)
+        per_call, source = batch_size, {}
     else:
         # On CPUs each replica reads its own work items (one item per call: a row group, or a batch of rows
         # for occlusion): no read tasks competing for the cores, no hop of the decoded rows through the
         # object store; a replica spends about 1 % of its time reading.
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        ds = ds.map_batches(replica, batch_format="pyarrow", batch_size=1, compute=strategy,
-                            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, zero_copy_batch=True,
-                            fn_constructor_kwargs={**kwargs, "source": {"root": str(data),
-                                                                        "columns": list(columns)}})
+        per_call, source = 1, {"source": {"root": str(data), "columns": list(columns)}}
+    ds = ds.map_batches(replica, batch_format="pyarrow", batch_size=per_call, compute=strategy,
+                        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, zero_copy_batch=True,
+                        fn_constructor_kwargs={**kwargs, **source})
     # 2. The records, as the replicas return them; the replicas are created in this process.
     with dropped_stderr_lines(RAY_POOL_NOISE):
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -643,9 +643,10 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
     """Score the shards in ``todo``: in this process (:func:`run_here`) or through Ray (:func:`_run_ray`),
     as :func:`in_process` decides; (rows per node, the coordinating process's CPU seconds)."""
     check = None if trusted_unique(manifest) else [str(s["path"]) for s in manifest.shards]
-    if in_process(settings, sum(todo.values())):
+    rows = sum(todo.values())
+    if in_process(settings, rows):
         if settings.in_process == "auto":
-            logger.info(f"score: {sum(todo.values()):,} stamps: scoring in this process, without Ray "
+            logger.info(f"score: {rows:,} stamps: scoring in this process, without Ray "
                         f"(--in-process off: through Ray)")
         return run_here(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
     return _run_ray(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
@@ -655,10 +656,9 @@ def in_process(settings: ScoreSettings, rows: int) -> bool:
     """Whether the job runs in this process, without Ray (``--in-process``): ``on``; or ``auto`` for a job
     of fewer than ``IN_PROCESS_ROWS`` forward passes that would otherwise start a private Ray for itself (no
     ``--address`` or ``RAY_ADDRESS``, no Ray already running in this process, no ``--use-gpu`` and no
-    ``--actors`` pool asked for). Starting
-    Ray and a pool costs 10-20 s on a laptop, more than such a job's scoring: on the 2-core development
-    machine 2,000 stamps took 4 s wall in-process (19-21 s through the private Ray), 100,000 took 12 s
-    (24 s)."""
+    ``--actors`` pool asked for). Starting Ray and a pool costs 10-20 s on a laptop, more than such a job's
+    scoring: on the 2-core development machine 2,000 stamps took 4 s wall in-process (19-21 s through the
+    private Ray), 100,000 took 12 s (24 s)."""
     from .runtime import target_address
 
     if settings.in_process == "on" and target_address(settings.address):
