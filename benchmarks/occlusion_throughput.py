@@ -1,6 +1,10 @@
 """Occluded variants per second against the machine's forward limit, measured in one run.
 
-    python benchmarks/occlusion_throughput.py            # 200 tno stamps of 21x21, kernel 5, stride 1
+    python benchmarks/occlusion_throughput.py            # 2,000 tno stamps of 21x21, kernel 5, stride 1
+
+(2,000 stamps are 578,000 occluded variants, about 10 s of the two cores' forwards: enough for the job to
+compile its replicas and for a steady rate. 200, the default until 2026-12-01, were under a second's worth,
+which left nothing but Ray's start-up to measure.)
 
 * The limit: as in ``score_throughput.py``, two single-thread processes running the checkpoint's
   preprocessing and the ``torch.compile``d model on in-memory batches of decoded stamps, rates summed.
@@ -31,7 +35,7 @@ from score_throughput import forward_limit  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", type=int, default=200, help="stamps to map")
+    ap.add_argument("-n", type=int, default=2000, help="stamps to map")
     ap.add_argument("--kernel", type=int, default=5)
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--work", default="/tmp/stampray-occl-throughput")

@@ -13,8 +13,8 @@ How a job scales out
   decode beside them while the GPU computes.
 * **Reads and commits always get CPU.** On a node of ``c`` CPUs, ``floor(c)`` single-thread replicas each
   ask for ``(c - r) / floor(c)`` CPUs with ``r`` = 0.5 (0.25 on a 1-CPU node): one more replica never fits,
-  and the ``r`` left over runs the quarter-CPU read tasks (GPU pools) and score's committer actor, or
-  occlusion's commit task. (Measured on Ray 2.60: replicas
+  and the ``r`` left over runs the quarter-CPU read tasks (GPU pools) and the committer actor of score or
+  occlude. (Measured on Ray 2.60: replicas
   holding every CPU leave the read tasks unscheduled and the job hangs.) A 2-CPU laptop runs two replicas
   of 0.75 CPU.
 * **The workers write; the driver keeps the books.** A replica writes its results straight to the output
@@ -63,9 +63,12 @@ from .pieces import PARTS_DIR, TMP_DIR, delete_dir, list_files, reason_counts, w
 
 logger = logging.getLogger(__name__)
 
-READ_CPUS = 0.25  # each read task (GPU pools); score's committer actor; occlusion's commit task
+READ_CPUS = 0.25  # each read task (GPU pools); the committer actor of score or occlude
 LOCAL_NODE = "local"  # the node of a replica running without Ray (a job scored in-process)
 COMPILE = ("auto", "on", "off")  # --compile: torch.compile the replicas
+# A compiled replica runs a part of at most 1/EAGER_PART of its one shape uncompiled rather than padded: on one
+# CPU thread the compiled cnn is about 2.5x the eager forward, so the padded forward costs more from there.
+EAGER_PART = 3
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
@@ -167,7 +170,7 @@ class ModelActor:
         self.chunk = int(chunk)
         self.tta, self.mc_dropout, self.features = int(tta), int(mc_dropout), bool(features)
         self.rows = max(1, self.chunk // max(self.tta, self.mc_dropout, 1))  # stamps per forward
-        self.forward = Outputs(self.model, self.features)
+        self.forward = self.eager = Outputs(self.model, self.features)
         self.compiled = False
         self.source = dict(source) if source else None
         self.node_id = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() \
@@ -206,29 +209,32 @@ class ModelActor:
             self.forward, self.compiled = eager, False
             logger.warning(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode")
 
-    def _run(self, part: np.ndarray):
+    def _run(self, part: np.ndarray, eager: bool = False):
         """The passes over one chunk (at most ``self.rows`` preprocessed stamps), as tensors on the device;
-        the only place a replica calls its model, so warm-up and real batches take the same path."""
+        the only place a replica calls its model, so warm-up and real batches take the same path.
+        ``eager``: through the uncompiled model (a small part, see :meth:`passes`)."""
         import torch
 
         xb = torch.from_numpy(part)
         if self.device.type == "cuda":
             xb = xb.pin_memory().to(self.device, non_blocking=True)
-        return self._run_tensor(xb)
+        return self._run_tensor(xb, eager)
 
-    def _run_tensor(self, xb):
+    def _run_tensor(self, xb, eager: bool = False):
         """The passes (:func:`stampray.notebook.forward_passes`) over a preprocessed tensor already on the
-        device: the model runs channels-last when compiled and under autocast on a GPU; the one place a
-        replica calls its model, for warm-up and real batches alike."""
+        device: the model runs channels-last when compiled (``eager``: the uncompiled model, any shape) and
+        under autocast on a GPU; the one place a replica calls its model, for warm-up and real batches alike."""
         import torch
 
         from .notebook import forward_passes
 
+        compiled = self.compiled and not eager
+
         def call(x):
-            if self.compiled:
+            if compiled:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                return self.forward(x)
+                return (self.forward if compiled else self.eager)(x)
 
         return forward_passes(self.model, xb, tta=self.tta, mc_dropout=self.mc_dropout, features=self.features,
                               forward=call)
@@ -291,7 +297,11 @@ class ModelActor:
         return self.passes(x).probs
 
     def passes(self, x: np.ndarray):
-        """The passes over preprocessed stamps (N, C, H, W), as :meth:`predict` returns them."""
+        """The passes over preprocessed stamps (N, C, H, W), as :meth:`predict` returns them.
+
+        A compiled replica runs one shape, ``self.rows`` stamps, and pads a shorter part to it; a part of
+        at most ``1 / EAGER_PART`` of that (a shard's tail, an occlusion block's unoccluded stamps) goes
+        through the uncompiled model instead, which costs less than the padded forward."""
         import torch
 
         out = []
@@ -299,9 +309,10 @@ class ModelActor:
             for i in range(0, len(x), self.rows):
                 part = np.ascontiguousarray(x[i:i + self.rows])
                 n = len(part)
-                if self.compiled and n < self.rows:  # keep the one compiled shape
+                eager = self.compiled and n * EAGER_PART <= self.rows
+                if self.compiled and n < self.rows and not eager:  # keep the one compiled shape
                     part = np.concatenate([part, np.zeros((self.rows - n, *self.shape), np.float32)])
-                out.append(_host(self._run(part), n))
+                out.append(_host(self._run(part, eager), n))
         return self._collect(out)
 
     def _collect(self, out: list):

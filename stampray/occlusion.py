@@ -7,8 +7,8 @@ class when the stamp is unlabelled) at each position; the map is padded back to 
 even kernels both give an H×W map. All occluded variants of a batch of stamps go through the model as
 one large batch, on the same actor-pool machinery as ``stampray score``
 (:mod:`stampray.inference`): the replicas write their maps straight to ``MAPS/_parts/`` and return one
-small record per piece; once enough stamps are mapped (``--limit``) or the data is exhausted, one commit
-task joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and ``MAPS/_errors/``) and removes the
+small record per piece; once enough stamps are mapped (``--limit``) or the data is exhausted, the job's
+committer (an actor started with the pool) joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and ``MAPS/_errors/``) and removes the
 pieces, so no map passes through the driver and a new output replaces an old one only once complete.
 """
 
@@ -37,8 +37,8 @@ from .lock import output_lock
 from .provenance import provenance
 from .settings import non_negative, positive
 from .inference import READ_CPUS, ModelActor, Progress, open_model_for
-from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, commit_maps, delete_dir, list_files,  # noqa: F401
-                     write_atomic)
+from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, MapsCommitter, commit_maps,  # noqa: F401
+                     delete_dir, list_files, write_atomic)
 
 log = logging.getLogger(__name__)
 WHERE = ("misclassified",)
@@ -61,9 +61,10 @@ class OccludeSettings:
         limit: map at most N stamps.
         png: write stamp+heatmap overlays into this directory.
         png_limit: overlays to draw.
-        chunk: occluded variants built and scored per forward pass (default: 1 Mi pixels' worth, e.g. 2,377 at
-            21x21, 46 at 150x150), so memory does not grow with stamp size or --batch-size.
-        batch_size: stamps per actor call (each expands to one model batch of all its occlusions).
+        chunk: occluded variants built and scored per forward pass (default: about 1 Mi pixels' worth, in whole
+            stamps' windows: e.g. 2,312 at 21x21 with --kernel 5, 46 at 150x150), so memory does not grow with
+            stamp size or --batch-size.
+        batch_size: stamps per actor call (default 64, 512 with --use-gpu, rounded up to whole forwards).
         actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
         use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
             autoscaler for them and wait (see --wait-gpu).
@@ -131,6 +132,27 @@ def occlusion_grid(shape, kernel: int, stride: int) -> tuple[np.ndarray, np.ndar
 # time) and doubles its rate (11k -> 24k variants/s for cnn on one thread): it pays from a few 100k variants.
 COMPILE_VARIANTS = 200_000
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
+
+
+def forward_shape(pixels: int, windows: int, chunk: int | None = None) -> tuple[int, int]:
+    """(stamp, window) pairs per forward, and whole stamps per forward (1 when a stamp takes several).
+
+    ``chunk`` (``--chunk``) is taken as given; by default about ``OCCLUDE_PIXELS`` pixels' worth, rounded so
+    that forwards hold whole stamps' windows (or split one stamp's windows evenly): a block of whole stamps
+    then fills its compiled forwards without padding (e.g. 21x21, kernel 5: 8 stamps x 289 windows = 2,312
+    pairs, where 2,377 left each 64-stamp block's last forward a fifth empty)."""
+    if chunk:
+        return int(chunk), max(1, int(chunk) // windows)
+    budget = max(1, OCCLUDE_PIXELS // max(1, pixels))
+    if windows <= budget:
+        per = budget // windows
+        return per * windows, per
+    parts = -(-windows // budget)  # forwards per stamp
+    return -(-windows // parts), 1
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def occlusion_maps(raw: np.ndarray, target: np.ndarray, kernel: int, stride: int,
@@ -351,6 +373,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
     """Stream the stamps through the pool, keep the books, then commit: (maps, set aside, maps per node)."""
     import ray
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .data import work_items
     from .inference import check_gpu_nodes, run_pool
@@ -364,18 +387,19 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
             check_gpu_nodes("occlude")
-        batch_size = settings.batch_size or (512 if settings.use_gpu else 64)
+        # The (stamp, window) pairs of one forward; compiled, the model's one shape is that chunk too, so
+        # no forward is padded beyond it (an occlusion job is many forwards of exactly this size), and a
+        # block holds whole forwards' worth of stamps.
+        ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
+        windows = len(ys) * len(xs)
+        pairs, per_chunk = forward_shape(int(np.prod(manifest.spec.shape)), windows, settings.chunk)
+        batch_size = settings.batch_size or _round_up(512 if settings.use_gpu else 64, per_chunk)
         # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
         # row group given whole to one replica would leave the others idle.
         shards = [sh["path"] for sh in manifest.shards]
         items = work_items(settings.data, shards, rows=batch_size)
         # One block at a time per replica (tasks_in_flight=1): a block is seconds to minutes of work, and
         # blocks queued at a busy replica would leave the others idle.
-        # The (stamp, window) pairs of one forward; compiled, the model's one shape is that chunk too, so
-        # no forward is padded beyond it (an occlusion job is many forwards of exactly this size).
-        pairs = int(settings.chunk or max(1, OCCLUDE_PIXELS // int(np.prod(manifest.spec.shape))))
-        windows = len(occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)[0]) * \
-            len(occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)[1])
         variants = int(settings.limit or len(settings.ids) or manifest.num_rows) * windows
         compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
         stream = run_pool(Occluder, model_bytes, settings.data, shards, [st.ID, st.IMAGE, st.LABEL], items,
@@ -385,6 +409,11 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                                           "stride": settings.stride, "ids": list(settings.ids),
                                           "where": settings.where, "limit": settings.limit,
                                           "occlude_chunk": pairs, "compile": compile_model})
+        # The commit reads the maps, so it runs beside the replicas, not in the driver: in an actor started
+        # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        committer = ray.remote(num_cpus=READ_CPUS, max_restarts=3, max_task_retries=3)(MapsCommitter).options(
+            scheduling_strategy=here).remote()
         limit = int(settings.limit) if settings.limit else None
         accepted, total, nodes = [], 0, {}
         for records in stream:
@@ -400,10 +429,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                 break  # ends the dataset: the pool stops
         stream.close()
         progress.close()
-        # The commit reads the maps, so it runs as a task beside the replicas, not in the driver.
-        commit = ray.remote(num_cpus=READ_CPUS, max_retries=3)(commit_maps)
         total, set_aside, files, missing = ray.get(
-            commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
+            committer.commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
     return total, set_aside, nodes, files, missing
 
 

@@ -1,6 +1,6 @@
 """Pieces the replicas write and the commits that join them, with no torch import.
 
-Commits run in score's committer actor and occlusion's commit task, worker processes that never load a
+Commits run in the committer actors of score and occlude, worker processes that never load a
 model: importing this module takes a fraction of a second, where the model modules (torch) take several,
 which on a short job was a tenth of its time.
 """
@@ -68,7 +68,7 @@ MAP_FILE_ROWS = 10_000  # maps per output file
 
 def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[str] = (),
                 ids: list[str] = ()) -> tuple[int, int, list, list]:
-    """Ray task: join the accepted pieces (in order, each stamp once, at most ``limit`` maps) into
+    """Join the accepted pieces (in order, each stamp once, at most ``limit`` maps) into
     ``part-NNNNN`` files and ``_errors/part-00000.parquet``, then remove an earlier run's files beyond them
     (``old_files``, from its ``_maps.json``); returns (maps, set aside, files written, the asked-for ``ids``
     that no piece holds)."""
@@ -108,6 +108,15 @@ def commit_maps(out: str, pieces: list[str], limit: int | None, old_files: list[
         delete_dir(st.join(out, st.ERRORS_DIR))
     aside = st.write_errors(out, st.shard_name(0), pa.concat_tables(errors) if errors else [], tmp_root=out)
     return total, sum(aside.values()), files, [] if stopped else [i for i in ids if i not in found]
+
+
+class MapsCommitter:
+    """Ray actor: :func:`commit_maps` for ``stampray occlude``, started with the pool so that its process
+    (Python, Ray, pyarrow: 2-3 s on the development machine) is up by the time the maps are in."""
+
+    def commit(self, out: str, pieces: list[str], limit: int | None, old_files: list[str] = (),
+               ids: list[str] = ()) -> tuple[int, int, list, list]:
+        return commit_maps(out, pieces, limit, old_files, ids)
 
 
 def error_rows(piece: pa.Table) -> pa.Table:

@@ -57,10 +57,11 @@ def ray_shared():
     """A private local Ray with 2 CPUs, started once for the whole session (Ray's ray_start_regular_shared)."""
     import ray
 
-    from stampray.runtime import _quiet_data_context
+    from stampray.runtime import PRIVATE_SYSTEM_CONFIG, _quiet_data_context
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    if not ray.is_initialized():  # idle workers kept as in stampray's own private Ray
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 _system_config=dict(PRIVATE_SYSTEM_CONFIG))
     _quiet_data_context(private=True)  # the session Ray is private: no deprecation noise
     yield ray
     ray.shutdown()

@@ -232,7 +232,8 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
     kwargs = call["kwargs"]
     assert kwargs["address"] == "local" and kwargs["include_dashboard"] is True
     assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["_node_ip_address"] == "127.0.0.1"
-    assert kwargs["_system_config"] == {"enable_metrics_collection": False}
+    assert kwargs["_system_config"] == {"enable_metrics_collection": False,
+                                        "idle_worker_killing_time_threshold_ms": 60_000}
     assert kwargs["_temp_dir"] == runtime.private_temp_dir()
     if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # Linux: Ray keeps 127.0.0.1 only with this off
         assert call["ENABLE_RAY_CLUSTER"] is False

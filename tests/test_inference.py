@@ -209,3 +209,33 @@ def test_dropped_lines_on_stdout_too(capfd):
         os.write(2, b"submit failed, on stderr: not filtered\n")
     out = capfd.readouterr()
     assert (out.out, out.err) == ("[3/5] scored\n", "submit failed, on stderr: not filtered\n")
+
+
+def test_a_compiled_replica_runs_small_parts_uncompiled_and_pads_the_rest(tmp_path, make_checkpoint):
+    """A compiled replica has one shape (``rows`` stamps): parts of at most rows / EAGER_PART go through the
+    uncompiled model, longer ones are padded to that shape; both give the uncompiled model's numbers."""
+    from stampray.inference import EAGER_PART, ModelActor
+
+    make_checkpoint(tmp_path / "m.pt")
+    actor = ModelActor((tmp_path / "m.pt").read_bytes(), chunk=12)
+    assert (actor.rows, EAGER_PART) == (12, 3)
+    plain = actor.eager
+    calls = []
+
+    def recorded(name, fn):
+        def call(x):
+            calls.append((name, len(x)))
+            return fn(x)
+        return call
+
+    actor.compiled, actor.forward, actor.eager = True, recorded("compiled", plain), recorded("eager", plain)
+    x = np.random.default_rng(0).normal(size=(30, 1, 21, 21)).astype(np.float32)
+    with torch.inference_mode():
+        ref = torch.softmax(plain(torch.from_numpy(x))[0], 1).numpy()
+    for n, expected in [(4, [("eager", 4)]), (5, [("compiled", 12)]),
+                        (30, [("compiled", 12), ("compiled", 12), ("compiled", 12)]),
+                        (28, [("compiled", 12), ("compiled", 12), ("eager", 4)])]:
+        calls.clear()
+        got = actor.probabilities(x[:n])
+        assert calls == expected, n
+        np.testing.assert_allclose(got, ref[:n], rtol=1e-5, atol=1e-6)

@@ -195,3 +195,21 @@ def test_compiled_replicas_give_the_eager_maps(tno_small, tmp_path, ray_shared, 
     assert sorted(maps["on"]) == sorted(maps["off"]) and len(maps["on"]) == 3
     for k in maps["off"]:
         np.testing.assert_allclose(maps["on"][k], maps["off"][k], atol=1e-4)
+
+
+@pytest.mark.parametrize("pixels, windows, chunk, expected", [
+    (21 * 21, 17 * 17, None, (2312, 8)),       # 8 whole stamps' windows (2,377 pairs' worth of pixels)
+    (20 * 20, 16 * 16, None, (2560, 10)),      # jets: 10 stamps
+    (64 * 64, 60 * 60, None, (240, 1)),        # radio: a stamp's 3,600 windows in 15 forwards of 240
+    (150 * 150, 146 * 146, None, (46, 1)),     # 21,316 windows in 464 forwards
+    (21 * 21, 17 * 17, 100, (100, 1)),         # --chunk as given
+    (21 * 21, 17 * 17, 1000, (1000, 3)),
+])
+def test_forwards_hold_whole_stamps_windows(pixels, windows, chunk, expected):
+    from stampray.occlusion import OCCLUDE_PIXELS, forward_shape
+
+    pairs, per = forward_shape(pixels, windows, chunk)
+    assert (pairs, per) == expected
+    if chunk is None:
+        assert pairs * pixels <= OCCLUDE_PIXELS
+        assert pairs % windows == 0 if per > 1 else windows / pairs > 1
