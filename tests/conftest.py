@@ -77,7 +77,11 @@ def tno_small(tmp_path_factory):
     return out
 
 
-SCENARIO_ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+# Scenario clusters (ray.cluster_utils, `ray start`) keep idle workers for a minute as stampray's private Ray
+# does (stampray.runtime.PRIVATE_SYSTEM_CONFIG): with 0-1 CPUs a node, Ray ended each task's worker a second
+# after it, and the next task started a fresh Python.
+SCENARIO_ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1",
+                "RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
 def _run_scenario(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:

@@ -61,9 +61,9 @@ def test_compile_warm_up_takes_the_path_real_batches_take(monkeypatch):
     calls = []
     real = ModelActor._run
 
-    def spy(self, part):
-        calls.append((len(part), self.compiled))
-        return real(self, part)
+    def spy(self, part, eager=False):
+        calls.append((len(part), self.compiled and not eager))  # (rows, ran compiled)
+        return real(self, part, eager)
 
     monkeypatch.setattr(ModelActor, "_run", spy)
     monkeypatch.setattr("ray.get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n"})())
