@@ -195,7 +195,7 @@ class ModelActor:
         falls back to eager mode."""
         import torch
 
-        eager = self.forward
+        eager = self.eager
         try:
             # Channels-last: about 2.5x eager on one CPU thread for cnn. Inductor's ``freezing`` (weights
             # folded into the graph) is left off: measured here it gave no faster a forward (25-27k against
@@ -415,6 +415,17 @@ def replica_cpus(node_cpus: float) -> tuple[int, float]:
     per_node = max(1, int(math.floor(c)))
     reserve = 0.5 if c >= 2 else 0.25
     return per_node, round((c - reserve) / per_node, 4)
+
+
+def start_committer(cls: type, concurrency: int = 1):
+    """The job's committer: an actor of ``cls`` (a quarter CPU, restarted and its calls retried up to 3 times)
+    on this process's node if it has room, started at once so that its process is up by the first commit."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=READ_CPUS, max_restarts=3, max_task_retries=3, max_concurrency=concurrency)(
+        cls).options(scheduling_strategy=here).remote()
 
 
 def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: list[float],

@@ -8,8 +8,9 @@ even kernels both give an H×W map. All occluded variants of a batch of stamps g
 one large batch, on the same actor-pool machinery as ``stampray score``
 (:mod:`stampray.inference`): the replicas write their maps straight to ``MAPS/_parts/`` and return one
 small record per piece; once enough stamps are mapped (``--limit``) or the data is exhausted, the job's
-committer (an actor started with the pool) joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and ``MAPS/_errors/``) and removes the
-pieces, so no map passes through the driver and a new output replaces an old one only once complete.
+committer (an actor started with the pool) joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and
+``MAPS/_errors/``) and removes the pieces, so no map passes through the driver and a new output replaces
+an old one only once complete.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .data import ROW, SHARD
 from .lock import output_lock
 from .provenance import provenance
 from .settings import non_negative, positive
-from .inference import READ_CPUS, ModelActor, Progress, open_model_for
+from .inference import ModelActor, Progress, open_model_for
 from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, MapsCommitter, commit_maps,  # noqa: F401
                      delete_dir, list_files, write_atomic)
 
@@ -373,10 +374,9 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
     """Stream the stamps through the pool, keep the books, then commit: (maps, set aside, maps per node)."""
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .data import work_items
-    from .inference import check_gpu_nodes, run_pool
+    from .inference import check_gpu_nodes, run_pool, start_committer
     from .runtime import ensure_gpus, ray_session
 
     # A verb of tasks, actors and Ray Data only: the private Ray starts without the dashboard's modules.
@@ -411,9 +411,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                                           "occlude_chunk": pairs, "compile": compile_model})
         # The commit reads the maps, so it runs beside the replicas, not in the driver: in an actor started
         # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        committer = ray.remote(num_cpus=READ_CPUS, max_restarts=3, max_task_retries=3)(MapsCommitter).options(
-            scheduling_strategy=here).remote()
+        committer = start_committer(MapsCommitter)
         limit = int(settings.limit) if settings.limit else None
         accepted, total, nodes = [], 0, {}
         for records in stream:

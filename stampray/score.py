@@ -805,9 +805,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
 
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .inference import run_pool
+    from .inference import run_pool, start_committer
     from .runtime import _quiet_data_context
 
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -825,9 +824,7 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
     # task: a commit is tens of ms of pyarrow, where a fresh worker per commit task cost 2 s of CPU
     # (starting Python, importing Ray and pyarrow) as Ray ended idle workers between commits.
     books, commits, nodes, unsaid, said = Books(todo), {}, {}, 0, time.time()
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    committer = ray.remote(num_cpus=READ_CPUS, max_restarts=3, max_task_retries=3, max_concurrency=COMMITS_AT_ONCE)(
-        Committer).options(scheduling_strategy=here).remote()
+    committer = start_committer(Committer, COMMITS_AT_ONCE)
     for shard in todo:
         if todo[shard] == 0:
             commits[shard] = committer.commit.remote(settings.out, shard, 0, schema)
