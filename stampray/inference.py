@@ -171,7 +171,7 @@ class ModelActor:
         self.tta, self.mc_dropout, self.features = int(tta), int(mc_dropout), bool(features)
         self.rows = max(1, self.chunk // max(self.tta, self.mc_dropout, 1))  # stamps per forward
         self.forward = self.eager = Outputs(self.model, self.features)
-        self.compiled = False
+        self.compiled, self.compiled_how = False, "eager"
         self.source = dict(source) if source else None
         self.node_id = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() \
             else LOCAL_NODE
@@ -189,25 +189,42 @@ class ModelActor:
         return _read_items(batch, self.source["root"], self.source["columns"], True)
 
     def _compile(self) -> None:
-        """``torch.compile`` for one fixed batch shape (tails are padded), warmed up here through the very
+        """Compile the forward for one fixed batch shape (tails are padded), warmed up here through the very
         path real batches take (channels-last, the device copy and, on a GPU, ``autocast``), so that the
-        compile time is paid once per replica and the first real batch does not recompile; any failure
-        falls back to eager mode."""
+        compile time is paid once per replica and the first real batch does not recompile.
+
+        On a CPU the compiled forward comes from the node's compiled package (:mod:`stampray.aot`: built by
+        the first replica to need it, loaded in milliseconds by every later one); without one,
+        ``torch.compile``; any failure of either falls back to the next, and last to eager mode.
+        ``self.compiled_how``: ``"package loaded"``, ``"package built"``, ``"torch.compile"`` or ``"eager"``."""
         import torch
 
+        from . import aot
+
         eager = self.eager
-        try:
-            # Channels-last: about 2.5x eager on one CPU thread for cnn. Inductor's ``freezing`` (weights
-            # folded into the graph) is left off: measured here it gave no faster a forward (25-27k against
-            # 28-30k stamps/s), and a frozen graph bypasses Inductor's FX-graph cache, so every replica
-            # compiled afresh (4-8 s) where a cached compile takes under 2 s.
-            model = eager.to(memory_format=torch.channels_last)
-            self.forward, self.compiled = torch.compile(model, dynamic=False), True
-            with torch.inference_mode():
-                self._run(np.zeros((self.rows, *self.shape), np.float32))
-        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op: eager still works
-            self.forward, self.compiled = eager, False
-            logger.warning(f"[stampray] torch.compile unavailable ({type(e).__name__}); scoring in eager mode")
+        # Channels-last: about 2.5x eager on one CPU thread for cnn. Inductor's ``freezing`` (weights folded
+        # into the graph) is left off: measured here it gave no faster a forward (25-27k against 28-30k
+        # stamps/s), and a frozen graph bypasses Inductor's FX-graph cache, so every replica compiled afresh.
+        model = eager.to(memory_format=torch.channels_last)
+        tries = []
+        if self.device.type == "cpu":
+            # The one shape the compiled forward sees: a chunk of rows, times K with --tta K (pass-major).
+            shape = (self.rows * (self.tta if self.tta > 1 else 1), *self.shape)
+            packaged, how = aot.forward_for(model, shape, tag=f"features={self.features}")
+            if packaged is not None:
+                tries.append((packaged, f"package {how}"))
+        tries.append((None, "torch.compile"))
+        for forward, how in tries:
+            try:
+                forward = torch.compile(model, dynamic=False) if forward is None else forward
+                self.forward, self.compiled, self.compiled_how = forward, True, how
+                with torch.inference_mode():
+                    self._run(np.zeros((self.rows, *self.shape), np.float32))
+                return
+            except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, a package that fails to run
+                logger.warning(f"[stampray] {how} unavailable ({type(e).__name__}: {e})")
+        self.forward, self.compiled, self.compiled_how = eager, False, "eager"
+        logger.warning("[stampray] scoring in eager mode")
 
     def _run(self, part: np.ndarray, eager: bool = False):
         """The passes over one chunk (at most ``self.rows`` preprocessed stamps), as tensors on the device;

@@ -213,3 +213,16 @@ def test_forwards_hold_whole_stamps_windows(pixels, windows, chunk, expected):
     if chunk is None:
         assert pairs * pixels <= OCCLUDE_PIXELS
         assert pairs % windows == 0 if per > 1 else windows / pairs > 1
+
+
+def test_short_blocks_are_queued_two_at_a_time_long_ones_one():
+    """A replica gets a second block queued only when a block is short (at most QUEUE_VARIANTS occluded
+    variants): 64 stamps of 21x21 (289 windows with kernel 5) are; 64 cutouts of 150x150 (21,316) are not;
+    nor are any blocks of a job that stops at --limit (its maps come from the first blocks)."""
+    from stampray.occlusion import QUEUE_VARIANTS, blocks_in_flight
+
+    assert QUEUE_VARIANTS == 50_000
+    assert blocks_in_flight(64, 289) == 2
+    assert blocks_in_flight(64, 146 * 146) == 1
+    assert blocks_in_flight(1, QUEUE_VARIANTS) == 2 and blocks_in_flight(1, QUEUE_VARIANTS + 1) == 1
+    assert blocks_in_flight(64, 289, limited=True) == 1

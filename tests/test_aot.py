@@ -1,0 +1,160 @@
+"""Compiled model packages (stampray.aot): built once per node, loaded by every later replica, never the wrong
+model's code, and every failure falls back to torch.compile."""
+
+import fcntl
+import os
+import time
+
+import numpy as np
+import pytest
+
+
+def _cnn(seed=0, features=False):
+    import torch
+
+    from stampray.models import create_model
+    from stampray.notebook import Outputs
+
+    torch.manual_seed(seed)
+    return Outputs(create_model("cnn", 1, 21, 2).eval(), features).to(memory_format=torch.channels_last)
+
+
+def test_a_package_is_named_by_the_weights_the_shape_and_the_graph(monkeypatch):
+    """The same model and shape give the same name; another weight, shape, output set or thread count give
+    another (a package is native code for one graph, one shape and one thread count)."""
+    import torch
+
+    from stampray.aot import package_key
+
+    a = package_key(_cnn(0), (8, 1, 21, 21), "features=False")
+    assert a == package_key(_cnn(0), (8, 1, 21, 21), "features=False")
+    other = _cnn(0)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3  # one weight moved
+    names = {package_key(other, (8, 1, 21, 21), "features=False"), package_key(_cnn(0), (16, 1, 21, 21),
+             "features=False"), package_key(_cnn(0, True), (8, 1, 21, 21), "features=True")}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(saved + 1)
+    try:
+        names.add(package_key(_cnn(0), (8, 1, 21, 21), "features=False"))
+    finally:
+        torch.set_num_threads(saved)
+    assert a not in names and len(names) == 4
+
+
+def test_packages_off_or_a_build_under_way_mean_torch_compile(tmp_path, monkeypatch):
+    """``STAMPRAY_COMPILE_CACHE=off``: no package. A build lock held (another replica on the node is building
+    it): no package and no wait; nothing is built or written by this replica."""
+    from stampray import aot
+
+    monkeypatch.setenv(aot.CACHE_ENV, "off")
+    assert aot.cache_dir() is None
+    assert aot.forward_for(_cnn(), (8, 1, 21, 21)) == (None, "off")
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    model = _cnn()
+    lock = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX + ".lock")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        t = time.time()
+        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "another replica is building it")
+        assert time.time() - t < 5
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == [lock.name]
+
+
+def test_a_damaged_package_is_set_aside_and_compile_takes_over(tmp_path, monkeypatch, caplog):
+    """A package that does not load (a truncated file) gives no forward, a warning naming it, and is
+    removed, so that the next replica builds a sound one."""
+    from stampray import aot
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    model = _cnn()
+    path = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX)
+    path.write_bytes(b"PK\x03\x04 not a package")
+    with caplog.at_level("WARNING", logger="stampray.aot"):
+        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "load failed")
+    assert f"compiled package {path} does not load" in caplog.text
+    assert not path.exists()
+
+
+def test_a_failed_build_is_noted_and_not_tried_again_for_a_day(tmp_path, monkeypatch, caplog):
+    """A build that fails (no C++ compiler on the node, an op export cannot take) gives no package, a
+    warning, and a note beside the package's name; the next replicas skip the build (and its time) until the
+    note is a day old."""
+    from stampray import aot
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def broken(module, shape, path):
+        calls.append(shape)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(aot, "build", broken)
+    model = _cnn()
+    with caplog.at_level("WARNING", logger="stampray.aot"):
+        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "build failed")
+    assert "no compiled package (RuntimeError: no compiler here); using torch.compile" in caplog.text
+    note = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX + aot.FAILED)
+    assert note.read_text() == "RuntimeError: no compiler here\n"
+    assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "its build failed recently")
+    assert calls == [(8, 1, 21, 21)]
+    old = time.time() - aot.RETRY_S - 1
+    os.utime(note, (old, old))
+    assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "build failed")
+    assert len(calls) == 2
+
+
+def test_prune_keeps_the_most_recently_used_and_touches_only_its_own_files(tmp_path):
+    from stampray import aot
+
+    now = time.time()
+    ours = []
+    for i in range(4):
+        p = tmp_path / f"{aot.PREFIX}{i}{aot.SUFFIX}"
+        p.write_bytes(b"x")
+        (tmp_path / (p.name + ".lock")).write_bytes(b"")
+        os.utime(p, (now - 100 * i, now - 100 * i))  # 0 is the most recent
+        ours.append(p)
+    stale_tmp = tmp_path / f"{aot.PREFIX}9{aot.SUFFIX}.123.tmp{aot.SUFFIX}"
+    fresh_tmp = tmp_path / f"{aot.PREFIX}8{aot.SUFFIX}.124.tmp{aot.SUFFIX}"
+    for p, age in ((stale_tmp, 7200), (fresh_tmp, 10)):
+        p.write_bytes(b"x")
+        os.utime(p, (now - age, now - age))
+    (tmp_path / "notes.pt2").write_bytes(b"a user's file")
+    gone = aot.prune(str(tmp_path), keep=2)
+    assert sorted(gone) == sorted(str(p) for p in ours[2:])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [p.name for p in ours[:2]] + [p.name + ".lock" for p in ours[:2]] + [fresh_tmp.name, "notes.pt2"])
+
+
+@pytest.mark.slow
+def test_the_first_replica_builds_the_package_and_later_ones_load_it(tmp_path, monkeypatch, make_checkpoint):
+    """With packages on, a compiling replica builds its package once (``package built``), a second one loads
+    it (``package loaded``) without building, and both give the uncompiled model's probabilities, with
+    features too and with --tta (the package's shape is K x rows)."""
+    from stampray import aot
+    from stampray.inference import ModelActor
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path / "cache"))
+    ckpt = open(make_checkpoint(tmp_path / "m.pt"), "rb").read()
+    x = np.random.default_rng(0).normal(size=(21, 1, 21, 21)).astype(np.float32)
+    eager = ModelActor(ckpt, compile=False, chunk=8, tta=2, features=True)
+    first = ModelActor(ckpt, compile=True, chunk=8, tta=2, features=True)
+    assert first.compiled_how == "package built"
+    packages = [f for f in os.listdir(tmp_path / "cache") if f.endswith(aot.SUFFIX)]
+    assert len(packages) == 1
+    inode = os.stat(tmp_path / "cache" / packages[0]).st_ino
+    second = ModelActor(ckpt, compile=True, chunk=8, tta=2, features=True)
+    assert second.compiled_how == "package loaded" and second.compiled
+    assert [f for f in os.listdir(tmp_path / "cache") if f.endswith(aot.SUFFIX)] == packages
+    assert os.stat(tmp_path / "cache" / packages[0]).st_ino == inode  # read, not rewritten
+    want = eager.passes(x)
+    for actor in (first, second):
+        got = actor.passes(x)
+        np.testing.assert_allclose(got.probs, want.probs, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.std, want.std, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.features, want.features, rtol=1e-4, atol=1e-5)
