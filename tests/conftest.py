@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # No compiled-model packages (stampray.aot) unless a test asks for them: a package build takes 15-25 s per
 # model and shape, and the tests that compile check what torch.compile gives; tests/test_aot.py turns them on.
-os.environ.setdefault("STAMPRAY_COMPILE_CACHE", "off")
+os.environ["STAMPRAY_COMPILE_CACHE"] = "off"  # not a developer's own cache either
 
 
 @pytest.fixture(scope="module", autouse=True)

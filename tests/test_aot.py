@@ -3,6 +3,7 @@ model's code, and every failure falls back to torch.compile."""
 
 import fcntl
 import os
+import sys
 import time
 
 import numpy as np
@@ -75,9 +76,85 @@ def test_a_damaged_package_is_set_aside_and_compile_takes_over(tmp_path, monkeyp
     path = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX)
     path.write_bytes(b"PK\x03\x04 not a package")
     with caplog.at_level("WARNING", logger="stampray.aot"):
-        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "load failed")
-    assert f"compiled package {path} does not load" in caplog.text
-    assert not path.exists()
+        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "unusable")
+    assert f"compiled package {path} is unusable (" in caplog.text and "; removed; using torch.compile" in caplog.text
+    assert not path.exists() and not (tmp_path / (path.name + aot.FAILED)).exists()  # rebuilt by the next one
+
+
+def test_a_package_that_answers_otherwise_than_the_model_is_removed(tmp_path, monkeypatch, caplog):
+    """A package under the model's name whose outputs are not the model's (a stale or foreign file) is
+    caught by the check on load, removed, and the replica compiles; the packaged forward refuses inputs
+    of another shape, dtype or layout (its code does not check them)."""
+    import torch
+
+    from stampray import aot
+
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    model = _cnn()
+    path = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX)
+    path.write_bytes(b"a package of another model")
+    right = {"fn": lambda x: tuple(model(x))}
+    monkeypatch.setattr(aot, "_package_runner", lambda p: (lambda x: right["fn"](x)))
+    good, how = aot.forward_for(model, (8, 1, 21, 21))
+    assert how == "loaded" and path.exists()
+    x = torch.randn(8, 1, 21, 21)
+    for bad in (x.contiguous(memory_format=torch.channels_last)[:4], x.double().contiguous(
+            memory_format=torch.channels_last), torch.randn(8, 21, 21, 2).permute(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match="takes channels-last float32 CPU input of shape"):
+            good(bad)
+    right["fn"] = lambda x: (model(x)[0] + 0.01,)
+    with caplog.at_level("WARNING", logger="stampray.aot"):
+        assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "unusable")
+    assert "its outputs differ from the model's own" in caplog.text and not path.exists()
+    path.write_bytes(b"x")
+    right["fn"] = lambda x: (model(x)[0], model(x)[0])  # another set of outputs (features asked or not)
+    assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "unusable")
+
+
+def test_a_change_to_the_models_code_names_another_package(tmp_path, monkeypatch):
+    """Same class name, layers and weights, another ``forward``: another package (a package is the traced
+    code, not just the weights)."""
+    import importlib.util
+
+    import torch
+
+    from stampray.aot import package_key
+
+    keys = []
+    for i, body in enumerate(("return self.conv(x)", "return self.conv(x) * 2")):
+        (tmp_path / f"v{i}").mkdir()
+        src = tmp_path / f"v{i}" / "stampnet.py"
+        src.write_text("import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                       "        super().__init__()\n        self.conv = torch.nn.Conv2d(1, 2, 3)\n\n"
+                       f"    def forward(self, x):\n        {body}\n")
+        spec = importlib.util.spec_from_file_location("stampnet", src)
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "stampnet", mod)  # as an imported model module is
+        spec.loader.exec_module(mod)
+        torch.manual_seed(0)
+        keys.append(package_key(mod.Net(), (8, 1, 21, 21)))
+    assert keys[0] != keys[1]
+
+
+def test_the_cache_must_be_this_users_own_directory(tmp_path, monkeypatch, caplog):
+    """Packages are native code: a cache directory others can write, or a relative one (no home), means
+    no packages."""
+    from stampray import aot
+
+    mine = tmp_path / "mine"
+    monkeypatch.setenv(aot.CACHE_ENV, str(mine))
+    assert aot.cache_dir() == str(mine) and (mine.stat().st_mode & 0o777) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(aot.CACHE_ENV, str(shared))
+    with caplog.at_level("WARNING", logger="stampray.aot"):
+        assert aot.cache_dir() is None
+    assert (f"compiled-model cache {shared} is not a directory of this user's that only this user can write"
+            in caplog.text)
+    monkeypatch.setenv(aot.CACHE_ENV, "relative/cache")
+    monkeypatch.chdir(tmp_path)
+    assert aot.cache_dir() is None and not (tmp_path / "relative").exists()
 
 
 def test_a_failed_build_is_noted_and_not_tried_again_for_a_day(tmp_path, monkeypatch, caplog):
@@ -99,7 +176,7 @@ def test_a_failed_build_is_noted_and_not_tried_again_for_a_day(tmp_path, monkeyp
         assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "build failed")
     assert "no compiled package (RuntimeError: no compiler here); using torch.compile" in caplog.text
     note = tmp_path / (aot.PREFIX + aot.package_key(model, (8, 1, 21, 21)) + aot.SUFFIX + aot.FAILED)
-    assert note.read_text() == "RuntimeError: no compiler here\n"
+    assert note.read_text() == "no compiled package (RuntimeError: no compiler here)\n"
     assert aot.forward_for(model, (8, 1, 21, 21)) == (None, "its build failed recently")
     assert calls == [(8, 1, 21, 21)]
     old = time.time() - aot.RETRY_S - 1

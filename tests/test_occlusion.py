@@ -221,7 +221,6 @@ def test_short_blocks_are_queued_two_at_a_time_long_ones_one():
     nor are any blocks of a job that stops at --limit (its maps come from the first blocks)."""
     from stampray.occlusion import QUEUE_VARIANTS, blocks_in_flight
 
-    assert QUEUE_VARIANTS == 50_000
     assert blocks_in_flight(64, 289) == 2
     assert blocks_in_flight(64, 146 * 146) == 1
     assert blocks_in_flight(1, QUEUE_VARIANTS) == 2 and blocks_in_flight(1, QUEUE_VARIANTS + 1) == 1
