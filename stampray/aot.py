@@ -18,10 +18,12 @@ thread, against 27k).
   stampray, the machine, its CPU model and instruction flags (Inductor builds with ``-march=native``). On
   every load it is also run once on random stamps and compared with the model's own outputs on a few of
   them: a package that answers otherwise (stale, foreign) is removed and the replica compiles.
-* **Who builds.** On a miss the first replica on the node takes a lock (``flock``, released if it dies)
-  and builds the package (about 20-25 s here for ``cnn``, against 15 s for a cold ``torch.compile``); the
-  others, finding the lock taken, compile with ``torch.compile`` meanwhile and nobody waits. The package is
-  written under a temporary name and renamed when complete, so a killed build leaves no half package.
+* **Who builds.** On a miss, in a job long enough for the build to land before the pool ends
+  (:func:`stampray.inference.build_packages`; in a shorter one every replica compiles), the first replica
+  on the node takes a lock (``flock``, released if it dies) and builds the package (about 20-25 s here
+  for ``cnn``, against 15 s for a cold ``torch.compile``); the others, finding the lock taken, compile
+  with ``torch.compile`` meanwhile and nobody waits. The package is written under a temporary name and
+  renamed when complete, so a killed build leaves no half package.
 * **Housekeeping.** A package used is touched; after a build, packages beyond the ``KEEP`` most recently
   used are removed (only files of this module's own naming, in its own directory).
 * **Failure.** Any error while building, loading or checking gives ``None`` and a warning, never an
@@ -124,26 +126,29 @@ def package_key(module, shape: tuple[int, ...], tag: str = "") -> str:
     return h.hexdigest()[:32]
 
 
-def forward_for(module, shape: tuple[int, ...], tag: str = "") -> tuple[Callable | None, str]:
+def forward_for(module, shape: tuple[int, ...], tag: str = "", may_build: bool = True) -> tuple[Callable | None, str]:
     """``module``'s compiled forward for channels-last float32 CPU inputs of exactly ``shape`` from its
     package, built here first when no replica has and none is building it, and checked against ``module``
     itself: ``(forward, how)`` with ``how`` ``"loaded"`` or ``"built"``; ``(None, why)`` when the caller
     should ``torch.compile`` instead (packages off, another replica building it, any error). ``forward(x)``
-    returns the tuple of outputs ``module`` returns. Never raises."""
+    returns the tuple of outputs ``module`` returns. ``may_build``: False to only load a package that exists
+    (``(None, "not built")`` otherwise). Never raises."""
     try:
-        return _forward_for(module, tuple(int(s) for s in shape), tag)
+        return _forward_for(module, tuple(int(s) for s in shape), tag, may_build)
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation: no error of its may fail a replica
         logger.warning(f"[stampray] compiled package unavailable ({type(e).__name__}: {e}); using torch.compile")
         return None, "error"
 
 
-def _forward_for(module, shape: tuple[int, ...], tag: str) -> tuple[Callable | None, str]:
+def _forward_for(module, shape: tuple[int, ...], tag: str, may_build: bool) -> tuple[Callable | None, str]:
     root = cache_dir()
     if root is None:
         return None, "off"
     path = os.path.join(root, PREFIX + package_key(module, shape, tag) + SUFFIX)
     if os.path.exists(path):
         return _checked(module, shape, path, "loaded")
+    if not may_build:
+        return None, "not built"
     if _failed_recently(path):
         return None, "its build failed recently"
     with _build_lock(path + ".lock") as mine:

@@ -69,6 +69,11 @@ COMPILE = ("auto", "on", "off")  # --compile: torch.compile the replicas
 # A compiled replica runs a part of at most 1/EAGER_PART of its one shape uncompiled rather than padded: on one
 # CPU thread the compiled cnn is about 2.5x the eager forward, so the padded forward costs more from there.
 EAGER_PART = 3
+# A replica builds the node's compiled package (stampray.aot: 20-25 s of one core for cnn here, during which it
+# scores nothing) only in a job whose other replicas have at least this many forwards each to do meanwhile
+# (about 30 s of one CPU replica): in a shorter job the pool ends, and the build with it, before the package
+# is complete, and every such job would lose a replica to a build that never lands.
+PACKAGE_BUILD_FORWARDS = 750_000
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
@@ -142,10 +147,12 @@ class ModelActor:
 
     def __init__(self, model_bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
                  chunk: int = 4096, *, tta: int = 0, mc_dropout: int = 0, features: bool = False,
-                 source: dict | None = None):
+                 source: dict | None = None, build_package: bool = False):
         """``model_bytes``: the checkpoint's bytes, or the ObjectRef of them :func:`run_pool` passes.
         ``source``: ``{"root": table, "columns": [...]}`` when the replica reads its own work items (see
-        :meth:`stamps`)."""
+        :meth:`stamps`). ``build_package``: a compiling CPU replica may build the node's compiled package
+        when there is none (:func:`build_packages` says when a job is long enough); without it, it loads
+        one that exists and otherwise runs ``torch.compile``."""
         import torch
 
         from .notebook import Outputs
@@ -173,6 +180,7 @@ class ModelActor:
         self.forward = self.eager = Outputs(self.model, self.features)
         self.compiled, self.compiled_how = False, "eager"
         self.source = dict(source) if source else None
+        self.build_package = bool(build_package)
         self.node_id = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() \
             else LOCAL_NODE
         if compile and not self.mc_dropout:
@@ -210,7 +218,8 @@ class ModelActor:
         if self.device.type == "cpu":
             # The one shape the compiled forward sees: a chunk of rows, times K with --tta K (pass-major).
             shape = (self.rows * (self.tta if self.tta > 1 else 1), *self.shape)
-            packaged, how = aot.forward_for(model, shape, tag=f"features={self.features}")
+            packaged, how = aot.forward_for(model, shape, tag=f"features={self.features}",
+                                            may_build=self.build_package)
             if packaged is not None:
                 tries.append((packaged, f"package {how}"))
         tries.append((None, "torch.compile"))
@@ -434,6 +443,14 @@ def replica_cpus(node_cpus: float) -> tuple[int, float]:
     return per_node, round((c - reserve) / per_node, 4)
 
 
+def build_packages(forwards: int | None, replicas: int) -> bool:
+    """Whether a job of ``forwards`` forward passes on a pool of up to ``replicas`` CPU replicas lets one of
+    them build the node's compiled package: not with a single replica (the whole job would wait for the
+    build), and only when the others have ``PACKAGE_BUILD_FORWARDS`` each meanwhile."""
+    replicas = int(replicas)
+    return bool(forwards) and replicas >= 2 and int(forwards) >= PACKAGE_BUILD_FORWARDS * (replicas - 1)
+
+
 def start_committer(cls: type, concurrency: int = 1):
     """The job's committer: an actor of ``cls`` (a quarter CPU, restarted and its calls retried up to 3 times)
     on this process's node if it has room, started at once so that its process is up by the first commit."""
@@ -502,14 +519,17 @@ def _fits(node_cpus: float, per: float) -> int:
 def run_pool(replica: type, model, data: str, shards: list[str], columns: list[str], items: list, *,
              use_gpu: bool, max_actors: int | None, actors: int | None, batch_size: int | None,
              chunk: int | None = None, tasks_in_flight: int | None = None,
-             replica_kwargs: dict | None = None, read_tasks: bool | None = None) -> Iterator[pa.Table]:
+             replica_kwargs: dict | None = None, read_tasks: bool | None = None,
+             forwards: int | None = None) -> Iterator[pa.Table]:
     """Stream the read ``items`` of ``shards`` of ``data`` through a pool of ``replica`` (a
     :class:`ModelActor`) and yield the small record tables the replicas return, as they come.
 
     ``model``: the checkpoint's bytes or an ObjectRef of them. ``batch_size``: rows per replica call (None:
     a whole block). ``chunk``: stamps per forward pass (None: the plan's). ``tasks_in_flight``: blocks
     queued at one replica (None: Ray's default). ``actors``: a fixed pool of that size instead of the
-    autoscaling one. ``replica_kwargs``: the verb's own constructor arguments. ``read_tasks``: read the
+    autoscaling one. ``forwards``: the job's forward passes (:func:`build_packages` decides from them
+    whether a replica may build the compiled package). ``replica_kwargs``: the verb's own constructor
+    arguments. ``read_tasks``: read the
     stamps in read tasks of their own (default on GPUs only; else each replica reads its items, one item
     per call). Stopping the iteration
     (``break``) ends the job and the pool.
@@ -525,7 +545,9 @@ def run_pool(replica: type, model, data: str, shards: list[str], columns: list[s
         size=int(actors), max_tasks_in_flight_per_actor=tasks_in_flight)
     model_ref = model if isinstance(model, ray.ObjectRef) else ray.put(model)
     kwargs = {"model_bytes": model_ref, "threads": plan.threads, "use_gpu": use_gpu,
-              "chunk": int(chunk or plan.batch_size), **(replica_kwargs or {})}
+              "chunk": int(chunk or plan.batch_size),
+              "build_package": not use_gpu and build_packages(forwards, int(actors) if actors else plan.max_size),
+              **(replica_kwargs or {})}
     if use_gpu if read_tasks is None else read_tasks:
         # A GPU replica keeps its one CPU for the GPU's feed: quarter-CPU read tasks decode the Parquet
         # beside it and hand it rows through the object store.

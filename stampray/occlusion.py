@@ -224,8 +224,9 @@ class Occluder(ModelActor):
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
                  threads: int = 1, use_gpu: bool = False, limit: int | None = None, occlude_chunk: int | None = None,
-                 chunk: int = 4096, compile: bool = False, source: dict | None = None):
-        super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk, source=source)
+                 chunk: int = 4096, compile: bool = False, source: dict | None = None, build_package: bool = False):
+        super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk, source=source,
+                         build_package=build_package)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
         self.occlude_chunk = int(occlude_chunk) if occlude_chunk else None  # (stamp, window) pairs per forward
@@ -420,7 +421,8 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
                           replica_kwargs={"out": settings.out, "kernel": settings.kernel,
                                           "stride": settings.stride, "ids": list(settings.ids),
                                           "where": settings.where, "limit": settings.limit,
-                                          "occlude_chunk": pairs, "compile": compile_model})
+                                          "occlude_chunk": pairs, "compile": compile_model},
+                          forwards=variants)
         # The commit reads the maps, so it runs beside the replicas, not in the driver: in an actor started
         # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
         committer = start_committer(MapsCommitter)

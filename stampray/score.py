@@ -180,9 +180,9 @@ class Scorer(ModelActor):
     def __init__(self, model_bytes: bytes, out: str, keep: list[str], fractions, model_tag: str,
                  threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096,
                  duplicates: dict | None = None, tta: int = 0, mc_dropout: int = 0, features: bool = False,
-                 source: dict | None = None):
+                 source: dict | None = None, build_package: bool = False):
         super().__init__(model_bytes, threads, use_gpu, compile, chunk, tta=tta, mc_dropout=mc_dropout,
-                         features=features, source=source)
+                         features=features, source=source, build_package=build_package)
         self.out, self.keep, self.fractions, self.model_tag = out, list(keep), tuple(fractions), model_tag
         if duplicates is not None and not isinstance(duplicates, dict):  # an ObjectRef: shared by the replicas
             import ray
@@ -819,7 +819,8 @@ def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, in
                       max_actors=settings.max_actors, actors=settings.actors, batch_size=None,
                       chunk=settings.batch_size,
                       replica_kwargs={**kwargs, "model_tag": tag,
-                                      "duplicates": ray.put(duplicates) if duplicates else None})
+                                      "duplicates": ray.put(duplicates) if duplicates else None},
+                      forwards=sum(todo.values()) * settings.passes)
     # 2. The books, and a commit for every shard whose rows are all in, by one committer actor beside this
     # task: a commit is tens of ms of pyarrow, where a fresh worker per commit task cost 2 s of CPU
     # (starting Python, importing Ray and pyarrow) as Ray ended idle workers between commits.

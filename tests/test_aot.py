@@ -66,6 +66,31 @@ def test_packages_off_or_a_build_under_way_mean_torch_compile(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == [lock.name]
 
 
+def test_a_replica_not_allowed_to_build_only_loads():
+    """``may_build=False`` (a job too short for a build to land): a missing package is neither built nor locked."""
+    import tempfile
+
+    from stampray import aot
+
+    with tempfile.TemporaryDirectory() as d:
+        os.environ[aot.CACHE_ENV] = d
+        try:
+            assert aot.forward_for(_cnn(), (8, 1, 21, 21), may_build=False) == (None, "not built")
+            assert os.listdir(d) == []
+        finally:
+            os.environ[aot.CACHE_ENV] = "off"
+
+
+def test_a_job_builds_packages_only_when_the_build_can_land():
+    """One replica builds while the others score: only in a pool of two or more, and only when each of the
+    others has PACKAGE_BUILD_FORWARDS forwards meanwhile (750,000: about 30 s of one CPU replica here)."""
+    from stampray.inference import build_packages
+
+    assert [build_packages(n, 2) for n in (None, 0, 749_999, 750_000, 1_000_000)] == [False, False, False, True, True]
+    assert build_packages(10**9, 1) is False  # a lone replica: the whole job would wait for the build
+    assert build_packages(1_499_999, 3) is False and build_packages(1_500_000, 3) is True
+
+
 def test_a_damaged_package_is_set_aside_and_compile_takes_over(tmp_path, monkeypatch, caplog):
     """A package that does not load (a truncated file) gives no forward, a warning naming it, and is
     removed, so that the next replica builds a sound one."""
@@ -210,9 +235,9 @@ def test_prune_keeps_the_most_recently_used_and_touches_only_its_own_files(tmp_p
 
 @pytest.mark.slow
 def test_the_first_replica_builds_the_package_and_later_ones_load_it(tmp_path, monkeypatch, make_checkpoint):
-    """With packages on, a compiling replica builds its package once (``package built``), a second one loads
-    it (``package loaded``) without building, and both give the uncompiled model's probabilities, with
-    features too and with --tta (the package's shape is K x rows)."""
+    """With packages on, a compiling replica allowed to build builds its package once (``package built``),
+    a second one (not allowed to build) loads it (``package loaded``), and both give the uncompiled model's
+    probabilities, with features too and with --tta (the package's shape is K x rows)."""
     from stampray import aot
     from stampray.inference import ModelActor
 
@@ -220,7 +245,7 @@ def test_the_first_replica_builds_the_package_and_later_ones_load_it(tmp_path, m
     ckpt = open(make_checkpoint(tmp_path / "m.pt"), "rb").read()
     x = np.random.default_rng(0).normal(size=(21, 1, 21, 21)).astype(np.float32)
     eager = ModelActor(ckpt, compile=False, chunk=8, tta=2, features=True)
-    first = ModelActor(ckpt, compile=True, chunk=8, tta=2, features=True)
+    first = ModelActor(ckpt, compile=True, chunk=8, tta=2, features=True, build_package=True)
     assert first.compiled_how == "package built"
     packages = [f for f in os.listdir(tmp_path / "cache") if f.endswith(aot.SUFFIX)]
     assert len(packages) == 1
