@@ -573,12 +573,15 @@ RAY_POOL_NOISE = (b"has constructor arguments in the object store and max_restar
 # about: the pool line above from Ray Train's internal actors; Ray Data's "progress bars disabled" note from
 # Train's dataset actors; a Ray Data deprecation warning (and the source line Python prints under it) raised
 # inside Ray Train's own DatasetManager; the raylet's note that a task queued at a replica is retried after
-# the pool was shut down by design (occlude stopping at --limit).
+# the pool was shut down by design (occlude stopping at --limit); the raylet's warning that a node runs over
+# 4x as many Python workers as it has CPUs (on a 2-CPU laptop the demo's Train run, Ray Data's actors and a
+# pool are 8-10 processes by design, idle ones kept a minute: runtime.PRIVATE_SYSTEM_CONFIG).
 RAY_PRIVATE_NOISE = RAY_POOL_NOISE + (
     b"Progress bars disabled. To enable, set",
     b"RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated",
     b"  self.exclude_resources = exclude_resources",
     b"The actor is dead because it was killed by `ray.kill`",
+    b"PYTHON worker processes have been started on node",
 )
 
 

@@ -211,6 +211,17 @@ def test_dropped_lines_on_stdout_too(capfd):
     assert (out.out, out.err) == ("[3/5] scored\n", "submit failed, on stderr: not filtered\n")
 
 
+def test_the_private_ray_drops_the_raylets_worker_count_warning(capfd):
+    """The raylet's "N PYTHON worker processes have been started" warning (a 2-CPU laptop's private Ray runs
+    Train's, Ray Data's and the pool's actors by design) is one of the private Ray's dropped lines."""
+    from stampray.inference import RAY_PRIVATE_NOISE, dropped_stderr_lines
+
+    with dropped_stderr_lines(RAY_PRIVATE_NOISE):
+        os.write(2, b"(raylet) WARNING: 8 PYTHON worker processes have been started on node: 7b14 with address: "
+                    b"127.0.0.1, which is 4x the maximum expected startup concurrency (2).\ntrain: epoch 1\n")
+    assert capfd.readouterr().err == "train: epoch 1\n"
+
+
 def test_a_compiled_replica_runs_small_parts_uncompiled_and_pads_the_rest(tmp_path, make_checkpoint):
     """A compiled replica has one shape (``rows`` stamps): parts of at most rows / EAGER_PART go through the
     uncompiled model, longer ones are padded to that shape; both give the uncompiled model's numbers."""
