@@ -30,7 +30,7 @@ from stampray.models import create_model
 from stampray.synth import SynthSettings, synth
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from score_throughput import forward_limit  # noqa: E402
+from score_throughput import forward_limit, steady_rate  # noqa: E402
 
 
 def main() -> None:
@@ -59,13 +59,14 @@ def main() -> None:
     for line in proc.stderr:
         m = re.match(r"occlude: ([\d,]+)/[\d,]+ maps", line.strip())
         if m:
-            marks.append((time.time(), int(m.group(1).replace(",", ""))))
+            marks.append((time.time() - t0, int(m.group(1).replace(",", ""))))
     if proc.wait(timeout=3600) != 0:
         raise SystemExit("stampray occlude failed")
     wall = time.time() - t0
     rate = variants / wall
-    steady = ((marks[-1][1] - marks[0][1]) * positions / (marks[-1][0] - marks[0][0])
-              if len(marks) > 2 else float("nan"))
+    # Maps per second after start-up, as score_throughput's: between the first progress line and the last, or
+    # for a job of two lines or fewer (one every ~10 s) from the first line to the end of the run.
+    steady = steady_rate(marks, args.n, wall) * positions
     print(f"{args.n} stamps of 21x21, kernel {args.kernel}, stride {args.stride}: {positions} windows each, "
           f"{variants:,} occluded variants")
     print(f"forward limit (2 processes x 1 thread, preprocessing + compiled channels-last model): {limit:,.0f} "

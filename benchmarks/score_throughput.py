@@ -138,10 +138,10 @@ def tta_cost(model_path: str, work: str, n: int, k: int = 8) -> None:
 
 
 def steady_rate(marks: list[tuple[float, int]], n: int | None = None, wall: float | None = None) -> float:
-    """Stamps per second after start-up: between the first progress line and the last; for a short job with
-    two lines or fewer (one every ~10 s), from the first line to the end of the run, when ``n`` and ``wall``
-    are given (NaN otherwise)."""
-    if len(marks) > 2:
+    """Stamps per second after start-up: between the first progress line and the last (a line every ~10 s,
+    and one when the last stamp is in); for a job that printed one line, from it to the end of the run, when
+    ``n`` and ``wall`` are given (NaN otherwise)."""
+    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
         return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
     if marks and n and wall and wall > marks[0][0]:
         return (n - marks[0][1]) / (wall - marks[0][0])
