@@ -91,18 +91,27 @@ def _run_scenario(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:
     """Run ``code`` in a fresh Python process; return the JSON after its last ``RESULT `` line and its output.
 
     Scenarios that start their own Ray (a simulated cluster, workers that must inherit S3 credentials)
-    run apart from the test session's Ray instance.
+    run apart from the test session's Ray instance, in a process group of their own: whatever of it is left
+    when the scenario ends is killed (a simulated cluster's dashboard and runtime-env agents outlive the
+    scenario's ``os._exit``, 140 MB and a little CPU each, for the rest of the suite).
     """
     import json
+    import signal
     import subprocess
     import sys
     import textwrap
 
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=timeout, env=env or SCENARIO_ENV)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-4000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][7:]), out.stdout + out.stderr
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or SCENARIO_ENV, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group is the scenario's own (start_new_session)
+        proc.wait()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, stdout[-4000:] + stderr[-4000:]
+    return json.loads(lines[-1][7:]), stdout + stderr
 
 
 @pytest.fixture
@@ -115,6 +124,65 @@ def scenario_env():
 def run_scenario():
     """``run_scenario(code, timeout=420, env=None)``: see :func:`_run_scenario`."""
     return _run_scenario
+
+
+def _processes_naming(temp_dir: str) -> list:
+    """The processes of a test's own Ray head: every one whose command line names its temp dir."""
+    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with_dir = any(temp_dir in str(a) for a in (p.info.get("cmdline") or []))
+        if with_dir and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
+def _stop_ray_head(head, temp_dir: str, grace_s: float = 3.0) -> None:
+    """Stop a test's own ``ray start --head --block`` (started with ``start_new_session=True`` and its own
+    ``--temp-dir``) and only what it started: its process group and every process naming its temp dir (an
+    autoscaler's fake worker nodes, started by its monitor, outlive the group); then remove the temp dir.
+
+    SIGTERM, then SIGKILL for whatever is left after ``grace_s``: `ray start --block` takes 30-35 s to wind
+    down after a SIGTERM (measured: 33 s), time a throw-away test cluster need not be given."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    def signal_all(procs, sig):
+        if head.poll() is None:  # not reaped yet, so its process group id is still ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+
+    procs = [p for p in _processes_naming(temp_dir) if p.pid != head.pid]
+    signal_all(procs, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=grace_s)
+    procs += [p for p in _processes_naming(temp_dir) if p.pid != head.pid and p not in procs]
+    signal_all(procs, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=10)
+    psutil.wait_procs(procs, timeout=10)
+    import shutil
+
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def stop_ray_head():
+    """``stop_ray_head(head, temp_dir)``: see :func:`_stop_ray_head`."""
+    return _stop_ray_head
+
+
+@pytest.fixture
+def processes_naming():
+    """``processes_naming(temp_dir)``: see :func:`_processes_naming`."""
+    return _processes_naming
 
 
 def free_port() -> int:

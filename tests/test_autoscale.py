@@ -11,12 +11,9 @@ group and every process whose command line names its temp dir (the fake worker n
 workers, which the monitor starts).
 """
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -77,7 +74,7 @@ def cluster_env() -> dict:
 
 def start_fake_cluster(workdir: str, env: dict) -> tuple[subprocess.Popen, str, str]:
     """Start the head (blocking ``ray start`` in its own process group); returns it, its GCS address and
-    its temp dir. The caller stops it with :func:`stop_fake_cluster`."""
+    its temp dir. The caller stops it with the ``stop_ray_head`` fixture."""
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     gcs = free_port()
     address = f"127.0.0.1:{gcs}"
@@ -98,45 +95,6 @@ def start_fake_cluster(workdir: str, env: dict) -> tuple[subprocess.Popen, str, 
     return head, address, temp_dir
 
 
-def processes_of(temp_dir: str) -> list:
-    """This cluster's processes: every one whose command line names its temp dir."""
-    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with_dir = any(temp_dir in str(a) for a in (p.info.get("cmdline") or []))
-        if with_dir and p.pid != os.getpid():
-            found.append(p)
-    return found
-
-
-def stop_fake_cluster(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only what this cluster started: the head's process group and every process that names the
-    cluster's temp dir (the fake worker nodes' raylets and workers, started by the monitor, outlive it)."""
-    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
-    import psutil
-
-    def signal_all(procs, sig):
-        if head.poll() is None:  # not reaped yet, so its process group id is still ours
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, sig)
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.send_signal(sig)
-
-    procs = [p for p in processes_of(temp_dir) if p.pid != head.pid]
-    signal_all(procs, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=10)
-    # `ray start --block` takes ~30 s to wind down (its GCS outlives a SIGTERM by that long): for this
-    # throw-away cluster, SIGKILL whatever of it is left after 10 s.
-    procs += [p for p in processes_of(temp_dir) if p.pid != head.pid and p not in procs]
-    signal_all(procs, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=10)
-    psutil.wait_procs(procs, timeout=10)
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def driver(address: str, code: str, env: dict, timeout: float) -> dict:
@@ -177,7 +135,7 @@ def launches(temp_dir: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_score_on_an_autoscaling_cluster_uses_the_nodes_it_brings(tmp_path):
+def test_score_on_an_autoscaling_cluster_uses_the_nodes_it_brings(tmp_path, stop_ray_head, processes_naming):
     from stampray import checkpoint as ck
     from stampray import table as st
     from stampray.models import create_model
@@ -241,6 +199,6 @@ def test_score_on_an_autoscaling_cluster_uses_the_nodes_it_brings(tmp_path):
         assert len(manifest["nodes"]) >= 2, manifest["nodes"]  # the pool grew onto the nodes the autoscaler brought
     finally:
         t2 = time.time()
-        stop_fake_cluster(head, temp_dir)
+        stop_ray_head(head, temp_dir)
         print(f"autoscale: the cluster stopped in {time.time() - t2:.0f} s; the test took {time.time() - t0:.0f} s")
-    assert processes_of(temp_dir) == []  # nothing of this cluster is left running
+    assert processes_naming(temp_dir) == []  # nothing of this cluster is left running

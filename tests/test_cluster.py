@@ -133,7 +133,7 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_job_submitted_to_a_local_ray_head(tmp_path):
+def test_job_submitted_to_a_local_ray_head(tmp_path, stop_ray_head):
     """`ray start --head`, then `ray job submit --working-dir . -- python jobs/synth.py ...` as the README says."""
     import secrets
     import tempfile
@@ -181,8 +181,7 @@ def test_job_submitted_to_a_local_ray_head(tmp_path):
 
         assert st.read_manifest(out).num_rows == 300
     finally:
-        os.killpg(head.pid, 15)
-        head.wait(timeout=60)
+        stop_ray_head(head, short_tmp)
 
 
 @pytest.fixture
