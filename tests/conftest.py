@@ -60,14 +60,22 @@ def ray_shared():
     """A private local Ray with 2 CPUs, started once for the whole session (Ray's ray_start_regular_shared)."""
     import ray
 
-    from stampray.runtime import PRIVATE_SYSTEM_CONFIG, _quiet_data_context
+    from stampray.runtime import API_SERVER_ENV, PRIVATE_SYSTEM_CONFIG, _quiet_data_context, _restore_env, \
+        own_api_server
 
+    saved = None
     if not ray.is_initialized():  # idle workers kept as in stampray's own private Ray
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+        # Its own API server address, as stampray's private Ray (runtime.own_api_server): a scenario's
+        # simulated cluster leaves Ray's ray_current_cluster naming a dead GCS, on which Ray Train's
+        # placement-group cleaner then waited 10-12 s at the end of every later fit.
+        port, saved = own_api_server()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=port, logging_level="ERROR",
                  _system_config=dict(PRIVATE_SYSTEM_CONFIG))
     _quiet_data_context(private=True)  # the session Ray is private: no deprecation noise
     yield ray
     ray.shutdown()
+    if saved is not None:
+        _restore_env(API_SERVER_ENV, saved)
 
 
 @pytest.fixture(scope="session")

@@ -200,7 +200,8 @@ def ray_init_calls(monkeypatch):
 
     def init(**kwargs):
         calls.append({"kwargs": kwargs, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE"),
-                      "ENABLE_RAY_CLUSTER": getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)})
+                      "ENABLE_RAY_CLUSTER": getattr(ray_constants, "ENABLE_RAY_CLUSTER", None),
+                      "RAY_API_SERVER_ADDRESS": os.environ.get("RAY_API_SERVER_ADDRESS")})
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
@@ -212,6 +213,7 @@ def ray_init_calls(monkeypatch):
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "WARNING")  # ray_session sets a default; restored afterwards
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # the test session's Ray may have set it
     yield calls
     import shutil
 
@@ -249,6 +251,87 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
     kwargs = ray_init_calls[2]["kwargs"]
     assert kwargs["address"] == "10.0.0.1:6379"
     assert not {"dashboard_host", "_node_ip_address", "_system_config", "_temp_dir", "num_cpus"} & set(kwargs)
+
+
+def test_a_private_ray_names_its_own_api_server_to_its_processes(ray_init_calls, monkeypatch):
+    """A private Ray's dashboard port is chosen before it starts and RAY_API_SERVER_ADDRESS names it while
+    ray.init starts the raylet (whose workers inherit it: Ray's state API then asks this Ray, not the cluster
+    named in Ray's ray_current_cluster file); afterwards the variable is as the user had it. A cluster given
+    by address is left to its own settings."""
+    import os
+
+    from stampray import runtime
+
+    with runtime.ray_session():
+        inside = os.environ.get("RAY_API_SERVER_ADDRESS")
+    port = ray_init_calls[0]["kwargs"]["dashboard_port"]
+    assert isinstance(port, int) and port > 0
+    assert ray_init_calls[0]["RAY_API_SERVER_ADDRESS"] == inside == f"http://127.0.0.1:{port}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")  # the user's, for their cluster
+    with runtime.ray_session():
+        pass
+    port = ray_init_calls[1]["kwargs"]["dashboard_port"]
+    assert ray_init_calls[1]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+
+    def failing_init(**kwargs):
+        raise RuntimeError("ray.init failed")
+
+    import ray
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(RuntimeError, match="ray.init failed"), runtime.ray_session():
+        pass
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"  # restored when the start fails too
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setattr(ray, "init", lambda **kwargs: ray_init_calls.append(
+        {"kwargs": kwargs, "RAY_API_SERVER_ADDRESS": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+    with runtime.ray_session(address="10.0.0.1:6379"):
+        pass
+    assert ray_init_calls[-1]["RAY_API_SERVER_ADDRESS"] is None and "dashboard_port" not in ray_init_calls[-1]["kwargs"]
+
+
+@pytest.mark.slow
+def test_the_private_rays_state_api_ignores_a_stale_current_cluster_file(tmp_path, run_scenario):
+    """Ray's ray_current_cluster names a cluster whose GCS is gone (one that did not shut down cleanly): a
+    task of stampray's private Ray still reads its own actor's state through Ray's state API, as Ray Train's
+    placement-group cleaner does every few seconds of a run (it waited on the dead address, 10-12 s at the
+    end of every fit)."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: Ray's socket paths must fit
+    try:
+        os.makedirs(os.path.join(root, "ray"))
+        with open(os.path.join(root, "ray", "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{free_port()}")  # nothing listens there
+        result, log = run_scenario("""
+            import json, os, ray
+            from stampray.runtime import ray_session
+            with ray_session():
+                @ray.remote(num_cpus=0)
+                class Alive:
+                    def ping(self):
+                        return 1
+
+                @ray.remote(num_cpus=0)
+                def state_of(actor_id):
+                    from ray.util.state import get_actor
+                    return get_actor(actor_id, timeout=10).state
+
+                a = Alive.remote()
+                ray.get(a.ping.remote())
+                state = ray.get(state_of.remote(a._actor_id.hex()), timeout=90)
+            print("RESULT", json.dumps({"state": state, "left": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+        """, env={**{k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"},  # the session Ray's
+                  "RAY_ADDRESS": "", "RAY_TMPDIR": root, "PYTHONUNBUFFERED": "1"}, timeout=240)
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    assert result == {"state": "ALIVE", "left": None}, log[-3000:]
 
 
 def test_a_verb_that_needs_less_starts_less(ray_init_calls, monkeypatch):
