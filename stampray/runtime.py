@@ -95,7 +95,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         return
     addr = target_address(address)
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
-    marker, api_saved = None, None  # api_saved: see own_api_server (None: not set by this session)
+    marker = None
     if addr:
         ray.init(address=addr, **kwargs)
     else:
@@ -111,17 +111,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         # which Ray Train uses) on 127.0.0.1, and no per-node Prometheus endpoint (it answers without the
         # token and names datasets, the node and the session).
         # Token authentication stays on (Ray's default); only its "is enabled ... opt out" notice is not shown.
-        # Its own API server address, for its own processes: see own_api_server.
-        port, api_saved = own_api_server()
-        try:
-            with _loopback_node_ip(), _logger_level("ray._private.authentication.authentication_token_setup",
-                                                    logging.ERROR):
-                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=bool(dashboard),
-                         dashboard_host="127.0.0.1", dashboard_port=port, _node_ip_address="127.0.0.1",
-                         _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
-        except BaseException:
-            _restore_env(API_SERVER_ENV, api_saved)
-            raise
+        # With the dashboard (Ray's state API): its address named to the Ray's own processes (own_api_server).
+        if dashboard:
+            kwargs["dashboard_port"] = free_loopback_port()
+        with _loopback_node_ip(), _logger_level("ray._private.authentication.authentication_token_setup",
+                                                logging.ERROR), own_api_server(kwargs.get("dashboard_port")):
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=bool(dashboard),
+                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
     try:
         if data:
             _quiet_data_context(private=not addr)
@@ -130,8 +127,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         if not addr:
             _stop_monitor()
         ray.shutdown()
-        if api_saved is not None:
-            _restore_env(API_SERVER_ENV, api_saved)
         if marker:
             try:
                 _end_leftovers(os.path.dirname(marker))
@@ -181,14 +176,24 @@ def _stop_monitor() -> None:
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-_UNSET = object()
 
 
-def own_api_server() -> tuple[int, object]:
-    """A free loopback port for a private Ray's API server (its dashboard process), and
-    ``RAY_API_SERVER_ADDRESS`` set to it in this process's environment, which the Ray's raylet and so every
-    worker inherit when ``ray.init`` starts them; returns (the port, the variable's earlier value or
-    ``_UNSET``) for :func:`_restore_env` once the Ray is shut down.
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (Ray picks its own ports the same way)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def own_api_server(port: int | None) -> Iterator[None]:
+    """``RAY_API_SERVER_ADDRESS`` naming a private Ray's API server (``http://127.0.0.1:<port>``, its dashboard
+    port) while ``ray.init`` starts it: the raylet copies this process's environment as it starts and every
+    worker inherits the raylet's. Put back as it was as soon as ``ray.init`` returns (or fails), so that
+    nothing else this process starts inherits it (the variable overrides any address a Jobs or state-API
+    client is given). ``port=None`` (no dashboard, so no state API): nothing is set.
 
     Ray's state API (``ray.util.state``) finds the cluster it asks from that variable, else from
     ``RAY_ADDRESS``, else from Ray's ``<temp>/ray_current_cluster`` file, which names the last cluster
@@ -198,22 +203,18 @@ def own_api_server() -> tuple[int, object]:
     and every ``stampray train`` ended 10-12 s late (600 stamps, 2 epochs: 40.9 s against 30.8 s without the
     file). With a file naming another live cluster the controller would, by Ray Train's code, be looked up
     there, not found, and the run's placement group removed as an orphan's."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    saved = os.environ.get(API_SERVER_ENV, _UNSET)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    return port, saved
-
-
-def _restore_env(name: str, saved: object) -> None:
-    """Put an environment variable back as it was (``_UNSET``: absent)."""
-    if saved is _UNSET:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = saved  # type: ignore[assignment]
+    if port is None:
+        yield
+        return
+    saved = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{int(port)}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = saved
 
 
 @contextlib.contextmanager

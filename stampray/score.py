@@ -67,8 +67,8 @@ ERRORS_META = b"stampray_errors"  # per-shard counts of set-aside rows by reason
 PROGRESS_EVERY_S = 2.0  # the coordinator streams the count of rows accounted for this often
 COMMITS_AT_ONCE = 4  # threads of the job's committer actor
 # Work items queued at one CPU replica (Ray Data's default is 2): with 2 a replica waited for its next item
-# 12 % of the time on the 2-core machine (py-spy); with 4, 1,000,000 stamps took 20.2 s against 21.2 s
-# (5 and 7 runs). GPU pools keep Ray's default: their blocks come from read tasks.
+# 12 % of the time on the 2-core machine (py-spy); with 4, 1,000,000 stamps took 19.8 s against 21.0 s
+# (means of 8 and 6 runs). GPU pools keep Ray's default: their blocks come from read tasks.
 ITEMS_IN_FLIGHT = 4
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
 IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray

@@ -60,22 +60,20 @@ def ray_shared():
     """A private local Ray with 2 CPUs, started once for the whole session (Ray's ray_start_regular_shared)."""
     import ray
 
-    from stampray.runtime import API_SERVER_ENV, PRIVATE_SYSTEM_CONFIG, _quiet_data_context, _restore_env, \
-        own_api_server
+    from stampray.runtime import PRIVATE_SYSTEM_CONFIG, _quiet_data_context, free_loopback_port, own_api_server
 
-    saved = None
     if not ray.is_initialized():  # idle workers kept as in stampray's own private Ray
-        # Its own API server address, as stampray's private Ray (runtime.own_api_server): a scenario's
-        # simulated cluster leaves Ray's ray_current_cluster naming a dead GCS, on which Ray Train's
-        # placement-group cleaner then waited 10-12 s at the end of every later fit.
-        port, saved = own_api_server()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=port, logging_level="ERROR",
-                 _system_config=dict(PRIVATE_SYSTEM_CONFIG))
+        # With the dashboard (Ray's state API, which Ray Train's placement-group cleaner asks about every run),
+        # named to the Ray's own processes as stampray's private Ray does (runtime.own_api_server): a
+        # scenario's simulated cluster leaves Ray's ray_current_cluster naming a dead GCS, on which the
+        # cleaner waited 10-12 s at the end of every later fit.
+        port = free_loopback_port()
+        with own_api_server(port):
+            ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, logging_level="ERROR", _system_config=dict(PRIVATE_SYSTEM_CONFIG))
     _quiet_data_context(private=True)  # the session Ray is private: no deprecation noise
     yield ray
     ray.shutdown()
-    if saved is not None:
-        _restore_env(API_SERVER_ENV, saved)
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +111,11 @@ def _run_scenario(code: str, timeout: int = 420, env=None) -> tuple[dict, str]:
                             stderr=subprocess.PIPE, text=True, env=env or SCENARIO_ENV, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the scenario ran past {timeout} s:\n{stdout[-4000:]}{stderr[-4000:]}") from None
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # the group is the scenario's own (start_new_session)

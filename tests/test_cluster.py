@@ -256,9 +256,12 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
 def test_a_private_ray_names_its_own_api_server_to_its_processes(ray_init_calls, monkeypatch):
     """A private Ray's dashboard port is chosen before it starts and RAY_API_SERVER_ADDRESS names it while
     ray.init starts the raylet (whose workers inherit it: Ray's state API then asks this Ray, not the cluster
-    named in Ray's ray_current_cluster file); afterwards the variable is as the user had it. A cluster given
-    by address is left to its own settings."""
+    named in Ray's ray_current_cluster file); once ray.init returns, or fails, the variable is as the user had
+    it, so nothing else the verb starts inherits it. Without the dashboard (no state API), and for a cluster
+    given by address, nothing is set."""
     import os
+
+    import ray
 
     from stampray import runtime
 
@@ -266,25 +269,28 @@ def test_a_private_ray_names_its_own_api_server_to_its_processes(ray_init_calls,
         inside = os.environ.get("RAY_API_SERVER_ADDRESS")
     port = ray_init_calls[0]["kwargs"]["dashboard_port"]
     assert isinstance(port, int) and port > 0
-    assert ray_init_calls[0]["RAY_API_SERVER_ADDRESS"] == inside == f"http://127.0.0.1:{port}"
-    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    assert ray_init_calls[0]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    assert inside is None and "RAY_API_SERVER_ADDRESS" not in os.environ
 
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")  # the user's, for their cluster
     with runtime.ray_session():
-        pass
+        inside = os.environ.get("RAY_API_SERVER_ADDRESS")
     port = ray_init_calls[1]["kwargs"]["dashboard_port"]
     assert ray_init_calls[1]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+    assert inside == os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+
+    with runtime.ray_session(dashboard=False):
+        pass
+    assert ray_init_calls[2]["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+    assert "dashboard_port" not in ray_init_calls[2]["kwargs"]
 
     def failing_init(**kwargs):
         raise RuntimeError("ray.init failed")
 
-    import ray
-
     monkeypatch.setattr(ray, "init", failing_init)
     with pytest.raises(RuntimeError, match="ray.init failed"), runtime.ray_session():
         pass
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"  # restored when the start fails too
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"  # put back when the start fails too
 
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
     monkeypatch.setattr(ray, "init", lambda **kwargs: ray_init_calls.append(
@@ -324,14 +330,15 @@ def test_the_private_rays_state_api_ignores_a_stale_current_cluster_file(tmp_pat
                 a = Alive.remote()
                 ray.get(a.ping.remote())
                 state = ray.get(state_of.remote(a._actor_id.hex()), timeout=90)
-            print("RESULT", json.dumps({"state": state, "left": os.environ.get("RAY_API_SERVER_ADDRESS")}))
-        """, env={**{k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"},  # the session Ray's
-                  "RAY_ADDRESS": "", "RAY_TMPDIR": root, "PYTHONUNBUFFERED": "1"}, timeout=240)
+                inside = os.environ.get("RAY_API_SERVER_ADDRESS")  # this process's own: never set
+            print("RESULT", json.dumps({"state": state, "inside": inside,
+                                        "left": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+        """, env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": root, "PYTHONUNBUFFERED": "1"}, timeout=240)
     finally:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    assert result == {"state": "ALIVE", "left": None}, log[-3000:]
+    assert result == {"state": "ALIVE", "inside": None, "left": None}, log[-3000:]
 
 
 def test_a_verb_that_needs_less_starts_less(ray_init_calls, monkeypatch):
