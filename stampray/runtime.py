@@ -112,13 +112,26 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         # token and names datasets, the node and the session).
         # Token authentication stays on (Ray's default); only its "is enabled ... opt out" notice is not shown.
         # With the dashboard (Ray's state API): its address named to the Ray's own processes (own_api_server).
-        if dashboard:
-            kwargs["dashboard_port"] = free_loopback_port()
-        with _loopback_node_ip(), _logger_level("ray._private.authentication.authentication_token_setup",
-                                                logging.ERROR), own_api_server(kwargs.get("dashboard_port")):
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=bool(dashboard),
-                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                     _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
+        # The port is free when chosen; should another process take it before the dashboard binds it, the
+        # start is retried on a new one (what the failed start left of the instance is ended first).
+        for attempt in range(1, DASHBOARD_PORT_TRIES + 1):
+            if dashboard:
+                kwargs["dashboard_port"] = free_loopback_port()
+            try:
+                with _loopback_node_ip(), own_api_server(kwargs.get("dashboard_port")), _logger_level(
+                        "ray._private.authentication.authentication_token_setup", logging.ERROR):
+                    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                             include_dashboard=bool(dashboard), dashboard_host="127.0.0.1",
+                             _node_ip_address="127.0.0.1", _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
+                break
+            except ValueError as e:
+                if not dashboard or "already occupied" not in str(e) or attempt == DASHBOARD_PORT_TRIES:
+                    raise
+                log.warning("stampray: the private Ray's dashboard port %s was taken as it started (%s); "
+                            "starting it again on another", kwargs["dashboard_port"], e)
+                ray.shutdown()
+                if marker:
+                    _end_leftovers(os.path.dirname(marker))
     try:
         if data:
             _quiet_data_context(private=not addr)
@@ -176,6 +189,7 @@ def _stop_monitor() -> None:
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+DASHBOARD_PORT_TRIES = 3  # starts of a private Ray whose chosen dashboard port another process took first
 
 
 def free_loopback_port() -> int:

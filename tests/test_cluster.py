@@ -300,6 +300,55 @@ def test_a_private_ray_names_its_own_api_server_to_its_processes(ray_init_calls,
     assert ray_init_calls[-1]["RAY_API_SERVER_ADDRESS"] is None and "dashboard_port" not in ray_init_calls[-1]["kwargs"]
 
 
+def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced(ray_init_calls, monkeypatch):
+    """The private Ray's dashboard port is free when chosen; if another process takes it before the
+    dashboard binds it (Ray's ValueError "... already occupied ..."), the start is retried on a new port,
+    at most runtime.DASHBOARD_PORT_TRIES times; any other failure of ray.init is not retried."""
+    import os
+
+    import ray
+
+    from stampray import runtime
+
+    attempts = []
+
+    def init(**kwargs):
+        attempts.append(dict(kwargs, api=os.environ.get("RAY_API_SERVER_ADDRESS")))
+        if len(attempts) == 1:
+            raise ValueError(f"Failed to bind to 127.0.0.1:{kwargs['dashboard_port']} because it's already "
+                             "occupied. You can use `ray start --dashboard-port ...`")
+
+    monkeypatch.setattr(ray, "init", init)
+    with runtime.ray_session():
+        pass
+    assert len(attempts) == 2 and attempts[0]["dashboard_port"] != attempts[1]["dashboard_port"]
+    assert attempts[1]["api"] == f"http://127.0.0.1:{attempts[1]['dashboard_port']}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+    taken = []
+
+    def always_taken(**kwargs):
+        taken.append(kwargs["dashboard_port"])
+        raise ValueError(f"Failed to bind to 127.0.0.1:{kwargs['dashboard_port']} because it's already occupied.")
+
+    monkeypatch.setattr(ray, "init", always_taken)
+    with pytest.raises(ValueError, match="already occupied"), runtime.ray_session():
+        pass
+    assert len(taken) == runtime.DASHBOARD_PORT_TRIES == 3
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+    calls = []
+
+    def other_failure(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("Invalid address format")
+
+    monkeypatch.setattr(ray, "init", other_failure)
+    with pytest.raises(ValueError, match="Invalid address format"), runtime.ray_session():
+        pass
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 def test_the_private_rays_state_api_ignores_a_stale_current_cluster_file(tmp_path, run_scenario):
     """Ray's ray_current_cluster names a cluster whose GCS is gone (one that did not shut down cleanly): a
