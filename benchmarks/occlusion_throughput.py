@@ -65,7 +65,7 @@ def main() -> None:
     wall = time.time() - t0
     rate = variants / wall
     # Maps per second after start-up, as score_throughput's: between the first progress line and the last, or
-    # for a job of two lines or fewer (one every ~10 s) from the first line to the end of the run.
+    # for a job that printed one line, from it to the end of the run.
     steady = steady_rate(marks, args.n, wall) * positions
     print(f"{args.n} stamps of 21x21, kernel {args.kernel}, stride {args.stride}: {positions} windows each, "
           f"{variants:,} occluded variants")

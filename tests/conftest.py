@@ -157,6 +157,7 @@ def _stop_ray_head(head, temp_dir: str, grace_s: float = 3.0) -> None:
 
     SIGTERM, then SIGKILL for whatever is left after ``grace_s``: `ray start --block` takes 30-35 s to wind
     down after a SIGTERM (measured: 33 s), time a throw-away test cluster need not be given."""
+    import shutil
     import signal
     import subprocess
 
@@ -179,8 +180,6 @@ def _stop_ray_head(head, temp_dir: str, grace_s: float = 3.0) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(timeout=10)
     psutil.wait_procs(procs, timeout=10)
-    import shutil
-
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -197,11 +196,9 @@ def processes_naming():
 
 
 def free_port() -> int:
-    import socket
+    from stampray.runtime import free_loopback_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_loopback_port()
 
 
 @pytest.fixture(scope="session")
