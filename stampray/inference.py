@@ -147,12 +147,14 @@ class ModelActor:
 
     def __init__(self, model_bytes, threads: int = 1, use_gpu: bool = False, compile: bool = False,
                  chunk: int = 4096, *, tta: int = 0, mc_dropout: int = 0, features: bool = False,
-                 source: dict | None = None, build_package: bool = False):
+                 source: dict | None = None, build_package: bool = False, use_package: bool = True):
         """``model_bytes``: the checkpoint's bytes, or the ObjectRef of them :func:`run_pool` passes.
         ``source``: ``{"root": table, "columns": [...]}`` when the replica reads its own work items (see
         :meth:`stamps`). ``build_package``: a compiling CPU replica may build the node's compiled package
         when there is none (:func:`build_packages` says when a job is long enough); without it, it loads
-        one that exists and otherwise runs ``torch.compile``."""
+        one that exists and otherwise runs ``torch.compile``. ``use_package=False``: ``torch.compile`` only,
+        for replicas that share a process (threads): a package's forward holds the GIL throughout (two
+        threads did no more than one), ``torch.compile``'s kernels release it."""
         import torch
 
         from .notebook import Outputs
@@ -180,7 +182,7 @@ class ModelActor:
         self.forward = self.eager = Outputs(self.model, self.features)
         self.compiled, self.compiled_how = False, "eager"
         self.source = dict(source) if source else None
-        self.build_package = bool(build_package)
+        self.build_package, self.use_package = bool(build_package), bool(use_package)
         self.node_id = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() \
             else LOCAL_NODE
         if compile and not self.mc_dropout:
@@ -215,7 +217,7 @@ class ModelActor:
         # stamps/s), and a frozen graph bypasses Inductor's FX-graph cache, so every replica compiled afresh.
         model = eager.to(memory_format=torch.channels_last)
         tries = []
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.use_package:
             # The one shape the compiled forward sees: a chunk of rows, times K with --tta K (pass-major).
             shape = (self.rows * (self.tta if self.tta > 1 else 1), *self.shape)
             packaged, how = aot.forward_for(model, shape, tag=f"features={self.features}",

@@ -19,8 +19,9 @@ results land as one Parquet file per input shard. The workers write; the driver 
    them, so a job whose driver was killed at any moment finishes with every stamp exactly once; rerunning
    a finished job does no work.
 
-A small job (``--in-process``, :func:`in_process`) runs the same replica, books and commits in the driver's
-own process, without Ray: starting Ray and a pool would cost it more than its scoring.
+A small job (``--in-process``, :func:`in_process`) runs the same replica class (one per thread,
+:func:`here_workers`), books and commits in the driver's own process, without Ray: starting Ray and a pool
+would cost it more than its scoring.
 
 No result row passes through the driver or the coordinator: the coordinator handles one small record per
 block (a few per 16,384 stamps) and the driver only prints the progress it streams back, so neither's
@@ -74,6 +75,7 @@ COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least
 IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray
 FEATURES = "features"  # --features: the forward_features vector
 IN_PROCESS = ("auto", "on", "off")  # --in-process
+HERE_WORKERS = 4  # at most this many scoring threads in a job scored in-process (see here_workers)
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
                            ("errors", pa.int64()), ("node", pa.string())])
 
@@ -111,7 +113,7 @@ class ScoreSettings:
             a model without dropout); K of 2 or more adds p_<class>_std. Costs K times the work.
         features: add a 'features' column: the model's forward_features vector (float32, the embedding) of
             every stamp, from its plain (first) pass.
-        in_process: score in this process, without Ray (torch on every core it may use): auto for jobs of
+        in_process: score in this process, without Ray (a thread per core it may use, at most 4): auto for jobs of
             under 200,000 forward passes that would otherwise start a private Ray of their own (no --address or
             RAY_ADDRESS, no --use-gpu or --actors, no Ray running in this Python process); on: always; off:
             never. The results, the books and a resumed run are the same either way.
@@ -184,9 +186,9 @@ class Scorer(ModelActor):
     def __init__(self, model_bytes: bytes, out: str, keep: list[str], fractions, model_tag: str,
                  threads: int = 1, use_gpu: bool = False, compile: bool = False, chunk: int = 4096,
                  duplicates: dict | None = None, tta: int = 0, mc_dropout: int = 0, features: bool = False,
-                 source: dict | None = None, build_package: bool = False):
+                 source: dict | None = None, build_package: bool = False, use_package: bool = True):
         super().__init__(model_bytes, threads, use_gpu, compile, chunk, tta=tta, mc_dropout=mc_dropout,
-                         features=features, source=source, build_package=build_package)
+                         features=features, source=source, build_package=build_package, use_package=use_package)
         self.out, self.keep, self.fractions, self.model_tag = out, list(keep), tuple(fractions), model_tag
         if duplicates is not None and not isinstance(duplicates, dict):  # an ObjectRef: shared by the replicas
             import ray
@@ -761,37 +763,95 @@ def _check_books(books: Books, todo: dict[str, int]) -> None:
 
 def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], columns_present: list,
              check_ids: list | None = None, schema: pa.Schema | None = None) -> tuple[dict[str, int], float]:
-    """Score in this process, without Ray: one :class:`Scorer` (torch on every core of this process) takes
-    the work items one by one and writes the same pieces, books and commits as the Ray job, so a killed
-    run resumes, and mixes with Ray runs, the same way. (rows per node, 0.0: there is no coordinator task).
-    torch's thread count, which the replica sets for the process, is put back afterwards."""
+    """Score in this process, without Ray: :func:`here_workers` threads, each with its own :class:`Scorer`,
+    take the work items from one queue and write the same pieces as the Ray job's replicas; this thread keeps
+    the books and commits each complete shard, so a killed run resumes, and mixes with Ray runs, the same
+    way. (rows per node, 0.0: there is no coordinator task). torch's thread count, which the scorers set for
+    the process, is put back afterwards."""
     import torch
 
     items, columns, duplicates, kwargs = _plan(settings, todo, columns_present, check_ids)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     saved_threads = torch.get_num_threads()
     try:
-        return _score_here(settings, model_bytes, tag, todo, schema, items, columns, duplicates, kwargs, threads)
+        return _score_here(settings, model_bytes, tag, todo, schema, items, columns, duplicates, kwargs,
+                           *here_workers(cores, settings.use_gpu, len(items), settings.mc_dropout > 0))
     finally:
         torch.set_num_threads(saved_threads)
 
 
+def here_workers(cores: int, use_gpu: bool, items: int, mc_dropout: bool = False) -> tuple[int, int]:
+    """(scoring threads, torch threads each) for a job scored in-process on ``cores`` cores: on a CPU one
+    thread per core up to ``HERE_WORKERS``, each running its forward on its own core (torch releases the GIL
+    there: two threads of one torch thread each did 96,700 stamps/s on the 2-core development machine, one
+    thread of two torch threads 71,000, two processes 109,500), never more than there are work items; the
+    cores left over go to torch inside each. A GPU job: one thread, which keeps the device busy; an MC
+    dropout job (``mc_dropout``): one thread, as its seeded passes draw from torch's one random generator."""
+    cores = max(1, int(cores))
+    workers = 1 if use_gpu or mc_dropout else max(1, min(cores, HERE_WORKERS, int(items)))
+    return workers, max(1, cores // workers)
+
+
 def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], schema, items: list,
-                columns: list, duplicates: dict, kwargs: dict, threads: int) -> tuple[dict[str, int], float]:
-    """:func:`run_here`'s loop: one replica, the items in order, the books and a commit per complete shard."""
-    scorer = Scorer(model_bytes, model_tag=tag, threads=threads, use_gpu=settings.use_gpu,
-                    chunk=settings.batch_size or (16384 if settings.use_gpu else 4096), duplicates=duplicates,
-                    source={"root": settings.data, "columns": columns}, **kwargs)
-    scorer.node_id = LOCAL_NODE  # even where this process has Ray up (--in-process on): no Ray node did it
+                columns: list, duplicates: dict, kwargs: dict, workers: int, threads: int) -> tuple[dict[str, int], float]:
+    """:func:`run_here`'s loop: the scorers (built one after another, so only the first compiles or loads
+    a package), their threads, and the books and a commit per complete shard here. A scorer that fails
+    stops the others after their current item and its error is raised here."""
+    import queue
+    import threading
+
+    def make() -> Scorer:
+        s = Scorer(model_bytes, model_tag=tag, threads=threads, use_gpu=settings.use_gpu,
+                   chunk=settings.batch_size or (16384 if settings.use_gpu else 4096), duplicates=duplicates,
+                   source={"root": settings.data, "columns": columns}, use_package=workers == 1, **kwargs)
+        s.node_id = LOCAL_NODE  # even where this process has Ray up (--in-process on): no Ray node did it
+        return s
+
+    scorers = [make() for _ in range(workers)]
     books, commits, nodes = Books(todo), {}, {}
     progress = Progress("score", sum(todo.values()), settings.progress)
     for shard in todo:
         if todo[shard] == 0:
             commits[shard] = commit_shard(settings.out, shard, 0, schema)
+    work: queue.SimpleQueue = queue.SimpleQueue()
     for item in items:
-        records = scorer(pa.Table.from_pylist([item]))
-        progress.update(_account(records, books, todo, nodes, commits,
-                                 lambda shard: commit_shard(settings.out, shard, todo[shard])))
+        work.put(item)
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (records, None) per item; (None, error); None at a thread's end
+    stop = threading.Event()
+
+    def loop(scorer: Scorer) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    item = work.get_nowait()
+                except queue.Empty:
+                    return
+                done.put((scorer(pa.Table.from_pylist([item])), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the accounting thread, which raises it
+            done.put((None, e))
+        finally:
+            done.put(None)
+
+    pool = [threading.Thread(target=loop, args=(s,), name=f"stampray-score-{i}", daemon=True)
+            for i, s in enumerate(scorers)]
+    for t in pool:
+        t.start()
+    try:
+        running = len(pool)
+        while running:
+            msg = done.get()
+            if msg is None:
+                running -= 1
+                continue
+            records, error = msg
+            if error is not None:
+                raise error
+            progress.update(_account(records, books, todo, nodes, commits,
+                                     lambda shard: commit_shard(settings.out, shard, todo[shard])))
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
     progress.close()
     _check_books(books, todo)
     return nodes, 0.0

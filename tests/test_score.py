@@ -234,6 +234,74 @@ def test_a_small_job_scores_in_this_process_with_the_same_books(cnn_ckpt, tno_sm
         ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", address="ray://h:10001")
 
 
+def test_in_process_threads_take_one_core_each_up_to_four():
+    from stampray.score import HERE_WORKERS, here_workers
+
+    assert HERE_WORKERS == 4
+    assert here_workers(2, False, 50) == (2, 1)
+    assert here_workers(1, False, 50) == (1, 1)
+    assert here_workers(3, False, 50) == (3, 1)
+    assert here_workers(8, False, 50) == (4, 2)
+    assert here_workers(16, False, 50) == (4, 4)
+    assert here_workers(8, False, 3) == (3, 2)  # no more threads than work items
+    assert here_workers(8, False, 0) == (1, 8)
+    assert here_workers(8, True, 50) == (1, 8)  # a GPU job: one thread
+    assert here_workers(8, False, 50, mc_dropout=True) == (1, 8)  # seeded passes share torch's generator
+
+
+def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ckpt, tno_small, tmp_path,
+                                                                          monkeypatch):
+    """Two scoring threads run items at the same time (both reach a barrier); an item that fails stops the
+    job with its error, its shard uncommitted, and a rerun scores every stamp once."""
+    import threading
+
+    from stampray import score as sc
+
+    monkeypatch.setattr(sc, "here_workers", lambda cores, use_gpu, items, mc_dropout=False: (2, 1))
+    both = threading.Barrier(2, timeout=60)
+    seen: list[tuple[str, str]] = []
+    call = sc.Scorer.__call__
+
+    def flaky(self, batch):
+        shard = batch.column("shard")[0].as_py()
+        seen.append((threading.current_thread().name, shard))
+        if len(seen) <= 2:
+            both.wait()  # raises BrokenBarrierError unless a second thread gets here too
+        if shard == "part-00001.parquet":
+            raise RuntimeError("disk gone while scoring part-00001")
+        return call(self, batch)
+
+    monkeypatch.setattr(sc.Scorer, "__call__", flaky)
+    out = str(tmp_path / "scores")
+    settings = ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", progress=False)
+    with pytest.raises(RuntimeError, match="disk gone while scoring part-00001"):
+        score(settings)
+    assert {name for name, _ in seen[:2]} == {"stampray-score-0", "stampray-score-1"}
+    committed = sorted(f for f in os.listdir(out) if f.startswith("part-"))
+    assert "part-00001.parquet" not in committed
+    monkeypatch.setattr(sc.Scorer, "__call__", call)
+    rows = {"part-00000.parquet": 250, "part-00002.parquet": 100}
+    r = score(settings)
+    assert (r.scored, r.scored_now) == (600, 600 - sum(rows[f] for f in committed))
+    ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
+    assert sorted(ids) == sorted(st.read_table(tno_small, columns=["stamp_id"]).column("stamp_id").to_pylist())
+
+
+def test_replicas_sharing_a_process_compile_rather_than_load_a_package(cnn_ckpt, monkeypatch):
+    """A package's forward holds the GIL: threads of one process (use_package=False) use torch.compile."""
+    from stampray import aot
+    from stampray.inference import ModelActor
+
+    asked = []
+    monkeypatch.setattr(aot, "forward_for", lambda *a, **k: asked.append(a) or (None, "not built"))
+    monkeypatch.setattr(torch, "compile", lambda model, **k: model)
+    model_bytes = open(cnn_ckpt, "rb").read()
+    shared = ModelActor(model_bytes, compile=True, chunk=64, use_package=False)
+    assert (shared.compiled_how, asked) == ("torch.compile", [])
+    alone = ModelActor(model_bytes, compile=True, chunk=64)
+    assert alone.compiled_how == "torch.compile" and [a[1] for a in asked] == [(64, 1, 21, 21)]
+
+
 def test_in_process_auto_is_for_small_jobs_that_would_start_a_ray_of_their_own(monkeypatch):
     import types
 
