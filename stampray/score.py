@@ -40,6 +40,7 @@ import logging
 import os
 import posixpath
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -76,6 +77,7 @@ IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of fewer forward passes tha
 FEATURES = "features"  # --features: the forward_features vector
 IN_PROCESS = ("auto", "on", "off")  # --in-process
 HERE_WORKERS = 4  # at most this many scoring threads in a job scored in-process (see here_workers)
+HERE_THREAD = "stampray-score-"  # the names of those threads: stampray-score-0, -1, ...
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
                            ("errors", pa.int64()), ("node", pa.string())])
 
@@ -113,7 +115,7 @@ class ScoreSettings:
             a model without dropout); K of 2 or more adds p_<class>_std. Costs K times the work.
         features: add a 'features' column: the model's forward_features vector (float32, the embedding) of
             every stamp, from its plain (first) pass.
-        in_process: score in this process, without Ray (a thread per core it may use, at most 4): auto for jobs of
+        in_process: score in this process, without Ray (up to 4 threads sharing its cores): auto for jobs of
             under 200,000 forward passes that would otherwise start a private Ray of their own (no --address or
             RAY_ADDRESS, no --use-gpu or --actors, no Ray running in this Python process); on: always; off:
             never. The results, the books and a resumed run are the same either way.
@@ -767,7 +769,7 @@ def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[s
     take the work items from one queue and write the same pieces as the Ray job's replicas; this thread keeps
     the books and commits each complete shard, so a killed run resumes, and mixes with Ray runs, the same
     way. (rows per node, 0.0: there is no coordinator task). torch's thread count, which the scorers set for
-    the process, is put back afterwards."""
+    the process, is put back afterwards, once no scoring thread is left running."""
     import torch
 
     items, columns, duplicates, kwargs = _plan(settings, todo, columns_present, check_ids)
@@ -777,28 +779,39 @@ def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[s
         return _score_here(settings, model_bytes, tag, todo, schema, items, columns, duplicates, kwargs,
                            *here_workers(cores, settings.use_gpu, len(items), settings.mc_dropout > 0))
     finally:
-        torch.set_num_threads(saved_threads)
+        # The count is one setting of the whole process, and a compiled forward is guarded on it: changed
+        # under a running scorer (a second Ctrl-C cut the wait for them short), it would recompile there.
+        if not any(t.name.startswith(HERE_THREAD) and t.is_alive() for t in threading.enumerate()):
+            torch.set_num_threads(saved_threads)
 
 
 def here_workers(cores: int, use_gpu: bool, items: int, mc_dropout: bool = False) -> tuple[int, int]:
-    """(scoring threads, torch threads each) for a job scored in-process on ``cores`` cores: on a CPU one
-    thread per core up to ``HERE_WORKERS``, each running its forward on its own core (torch releases the GIL
-    there: two threads of one torch thread each did 96,700 stamps/s on the 2-core development machine, one
-    thread of two torch threads 71,000, two processes 109,500), never more than there are work items; the
-    cores left over go to torch inside each. A GPU job: one thread, which keeps the device busy; an MC
-    dropout job (``mc_dropout``): one thread, as its seeded passes draw from torch's one random generator."""
+    """(scoring threads, torch threads for the process) for a job scored in-process on ``cores`` cores.
+
+    On a CPU, up to ``HERE_WORKERS`` threads with the cores shared evenly among them (torch's thread count
+    is one setting for the whole process), as many as keeps most cores busy (2 cores: 2 x 1; 6: 3 x 2;
+    5: 1 x 5), never more than there are work items. Threads pay because torch releases the GIL in its
+    kernels: on the 2-core development machine two threads of one torch thread each ran preprocessing and
+    the compiled forward at 96,700-102,200 stamps/s together, one thread 49,700-51,100. A GPU job: one
+    thread, which keeps the device busy; an MC dropout job (``mc_dropout``): one thread, as its seeded
+    passes draw from torch's one random generator."""
     cores = max(1, int(cores))
-    workers = 1 if use_gpu or mc_dropout else max(1, min(cores, HERE_WORKERS, int(items)))
-    return workers, max(1, cores // workers)
+    if use_gpu or mc_dropout:
+        return 1, cores
+    most = max(1, min(cores, HERE_WORKERS, int(items)))
+    workers = max(range(1, most + 1), key=lambda w: (w * (cores // w), w))
+    return workers, cores // workers
 
 
 def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], schema, items: list,
                 columns: list, duplicates: dict, kwargs: dict, workers: int, threads: int) -> tuple[dict[str, int], float]:
-    """:func:`run_here`'s loop: the scorers (built one after another, so only the first compiles or loads
-    a package), their threads, and the books and a commit per complete shard here. A scorer that fails
-    stops the others after their current item and its error is raised here."""
-    import queue
-    import threading
+    """:func:`run_here`'s loop: the scorers (built one after another: the first compiles, the others find
+    Dynamo's graph already made), and the books and a commit per complete shard, kept in this thread.
+
+    One scorer runs here, in this thread. Several run in threads of their own (:data:`HERE_THREAD`), and
+    run ``torch.compile`` rather than a compiled package, whose forward holds the GIL. A scorer that fails
+    stops the others after their current item; what they finished is booked (and complete shards
+    committed) before its error is raised here, as it is on Ctrl-C."""
 
     def make() -> Scorer:
         s = Scorer(model_bytes, model_tag=tag, threads=threads, use_gpu=settings.use_gpu,
@@ -813,13 +826,34 @@ def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dic
     for shard in todo:
         if todo[shard] == 0:
             commits[shard] = commit_shard(settings.out, shard, 0, schema)
+
+    def account(records: pa.Table) -> None:
+        progress.update(_account(records, books, todo, nodes, commits,
+                                 lambda shard: commit_shard(settings.out, shard, todo[shard])))
+
+    if workers == 1:
+        for item in items:
+            account(scorers[0](pa.Table.from_pylist([item])))
+    else:
+        _score_on_threads(scorers, items, account)
+    progress.close()
+    _check_books(books, todo)
+    return nodes, 0.0
+
+
+def _score_on_threads(scorers: list, items: list, account) -> None:
+    """Each scorer on a thread of its own, taking ``items`` from one queue; ``account(records)`` here, in
+    this thread, as items finish. A failure in a thread, or an exception here (Ctrl-C), stops every thread
+    after its current item; the items finished by then are accounted for before it is raised."""
+    import queue
+
     work: queue.SimpleQueue = queue.SimpleQueue()
     for item in items:
         work.put(item)
-    done: queue.SimpleQueue = queue.SimpleQueue()  # (records, None) per item; (None, error); None at a thread's end
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (records, None) per item; (None, error); None: a thread ended
     stop = threading.Event()
 
-    def loop(scorer: Scorer) -> None:
+    def loop(scorer) -> None:
         try:
             while not stop.is_set():
                 try:
@@ -832,29 +866,35 @@ def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dic
         finally:
             done.put(None)
 
-    pool = [threading.Thread(target=loop, args=(s,), name=f"stampray-score-{i}", daemon=True)
+    pool = [threading.Thread(target=loop, args=(s,), name=f"{HERE_THREAD}{i}", daemon=True)
             for i, s in enumerate(scorers)]
     for t in pool:
         t.start()
+    running, error = len(pool), None
     try:
-        running = len(pool)
         while running:
             msg = done.get()
             if msg is None:
                 running -= 1
-                continue
-            records, error = msg
-            if error is not None:
-                raise error
-            progress.update(_account(records, books, todo, nodes, commits,
-                                     lambda shard: commit_shard(settings.out, shard, todo[shard])))
+            elif msg[1] is not None:
+                error = msg[1]
+                break
+            else:
+                account(msg[0])
     finally:
         stop.set()
+        busy = [t for t in pool if t.is_alive()]
+        if busy:
+            logger.warning(f"score: stopping; waiting for {len(busy)} scoring thread(s) to finish their "
+                           f"current work item")
         for t in pool:
             t.join()
-    progress.close()
-    _check_books(books, todo)
-    return nodes, 0.0
+        while not done.empty():  # finished while stopping: booked, so their shards need no rerun
+            msg = done.get()
+            if msg is not None and msg[1] is None:
+                account(msg[0])
+    if error is not None:
+        raise error
 
 
 def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list,

@@ -234,30 +234,53 @@ def test_a_small_job_scores_in_this_process_with_the_same_books(cnn_ckpt, tno_sm
         ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", address="ray://h:10001")
 
 
-def test_in_process_threads_take_one_core_each_up_to_four():
+def test_in_process_threads_share_the_cores_evenly_up_to_four():
     from stampray.score import HERE_WORKERS, here_workers
 
     assert HERE_WORKERS == 4
-    assert here_workers(2, False, 50) == (2, 1)
-    assert here_workers(1, False, 50) == (1, 1)
-    assert here_workers(3, False, 50) == (3, 1)
-    assert here_workers(8, False, 50) == (4, 2)
+    assert [here_workers(cores, False, 50) for cores in range(1, 9)] == \
+        [(1, 1), (2, 1), (3, 1), (4, 1), (1, 5), (3, 2), (1, 7), (4, 2)]
     assert here_workers(16, False, 50) == (4, 4)
-    assert here_workers(8, False, 3) == (3, 2)  # no more threads than work items
+    assert here_workers(8, False, 3) == (2, 4)  # no more threads than work items
+    assert here_workers(2, False, 1) == (1, 2)
     assert here_workers(8, False, 0) == (1, 8)
     assert here_workers(8, True, 50) == (1, 8)  # a GPU job: one thread
     assert here_workers(8, False, 50, mc_dropout=True) == (1, 8)  # seeded passes share torch's generator
 
 
-def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ckpt, tno_small, tmp_path,
+@pytest.fixture
+def eight_groups(tmp_path_factory):
+    """400 stamps in 8 shards of one row group each: 8 work items."""
+    from stampray.synth import SynthSettings, synth
+
+    out = str(tmp_path_factory.mktemp("eight_groups"))
+    synth(SynthSettings(out=out, n=400, seed=11, shard_rows=50, progress=False))
+    return out
+
+
+def _here_threads() -> list:
+    import threading
+
+    from stampray.score import HERE_THREAD
+
+    return [t for t in threading.enumerate() if t.name.startswith(HERE_THREAD)]
+
+
+def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ckpt, eight_groups, tmp_path,
                                                                           monkeypatch):
-    """Two scoring threads run items at the same time (both reach a barrier); an item that fails stops the
-    job with its error, its shard uncommitted, and a rerun scores every stamp once."""
+    """Two scoring threads, each its own replica compiled rather than loaded from a package, run items at the
+    same time (both reach a barrier); an item that fails stops the job with its error, the other thread
+    after its current item: no more than three items are begun, the failed item's shard is not committed,
+    no thread is left running, and a rerun scores every stamp once."""
     import threading
 
     from stampray import score as sc
 
     monkeypatch.setattr(sc, "here_workers", lambda cores, use_gpu, items, mc_dropout=False: (2, 1))
+    made = []
+    init = sc.Scorer.__init__
+    monkeypatch.setattr(sc.Scorer, "__init__", lambda self, *a, **k: made.append(k["use_package"]) or
+                        init(self, *a, **k))
     both = threading.Barrier(2, timeout=60)
     seen: list[tuple[str, str]] = []
     call = sc.Scorer.__call__
@@ -273,18 +296,54 @@ def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ck
 
     monkeypatch.setattr(sc.Scorer, "__call__", flaky)
     out = str(tmp_path / "scores")
-    settings = ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", progress=False)
+    settings = ScoreSettings(model=cnn_ckpt, data=eight_groups, out=out, in_process="on", progress=False)
     with pytest.raises(RuntimeError, match="disk gone while scoring part-00001"):
         score(settings)
+    assert made == [False, False]
     assert {name for name, _ in seen[:2]} == {"stampray-score-0", "stampray-score-1"}
+    assert len(seen) <= 3 and _here_threads() == []
     committed = sorted(f for f in os.listdir(out) if f.startswith("part-"))
-    assert "part-00001.parquet" not in committed
+    # What the other thread finished is committed, not thrown away; the failed shard is not.
+    assert committed == sorted(shard for _, shard in seen if shard != "part-00001.parquet")
     monkeypatch.setattr(sc.Scorer, "__call__", call)
-    rows = {"part-00000.parquet": 250, "part-00002.parquet": 100}
     r = score(settings)
-    assert (r.scored, r.scored_now) == (600, 600 - sum(rows[f] for f in committed))
+    assert (r.scored, r.scored_now) == (400, 400 - 50 * len(committed))
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
-    assert sorted(ids) == sorted(st.read_table(tno_small, columns=["stamp_id"]).column("stamp_id").to_pylist())
+    assert sorted(ids) == sorted(st.read_table(eight_groups, columns=["stamp_id"]).column("stamp_id").to_pylist())
+
+
+def test_in_process_on_one_thread_scores_here_with_a_package(cnn_ckpt, eight_groups, tmp_path, monkeypatch):
+    import threading
+
+    from stampray import score as sc
+
+    monkeypatch.setattr(sc, "here_workers", lambda cores, use_gpu, items, mc_dropout=False: (1, 2))
+    made, where = [], set()
+    init, call = sc.Scorer.__init__, sc.Scorer.__call__
+    monkeypatch.setattr(sc.Scorer, "__init__", lambda self, *a, **k: made.append(k["use_package"]) or
+                        init(self, *a, **k))
+    monkeypatch.setattr(sc.Scorer, "__call__", lambda self, b: where.add(threading.current_thread().name) or
+                        call(self, b))
+    r = score(ScoreSettings(model=cnn_ckpt, data=eight_groups, out=str(tmp_path / "s"), in_process="on",
+                            progress=False))
+    assert (r.scored, made, where) == (400, [True], {threading.current_thread().name})
+
+
+@pytest.mark.slow
+def test_compiled_threads_give_the_one_thread_numbers(cnn_ckpt, eight_groups, tmp_path, monkeypatch):
+    """--compile on in-process: two threads (torch.compile, no package) score what one thread does."""
+    from stampray import score as sc
+
+    tables = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(sc, "here_workers", lambda cores, use_gpu, items, mc_dropout=False, w=workers: (w, 1))
+        out = str(tmp_path / f"s{workers}")
+        assert score(ScoreSettings(model=cnn_ckpt, data=eight_groups, out=out, in_process="on", compile="on",
+                                   batch_size=64, progress=False)).scored == 400
+        tables[workers] = read_scores(out)
+    assert tables[2].column("stamp_id").equals(tables[1].column("stamp_id"))
+    np.testing.assert_allclose(tables[2].column("p_source").to_numpy(), tables[1].column("p_source").to_numpy(),
+                               atol=1e-6)
 
 
 def test_replicas_sharing_a_process_compile_rather_than_load_a_package(cnn_ckpt, monkeypatch):
