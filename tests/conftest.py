@@ -20,7 +20,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_num_workers_soft_limit", "16")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 # Ray Train's controller collects each epoch's report when it polls (every 2 s by default); the tests'
-# epochs take a fraction of that.
+# epochs take a fraction of that. stampray's private Ray polls as often (runtime.TRAIN_POLL_S); this covers
+# the test session's Ray and the simulated clusters too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # No compiled-model packages (stampray.aot) unless a test asks for them: a package build takes 15-25 s per
 # model and shape, and the tests that compile check what torch.compile gives; tests/test_aot.py turns them on.

@@ -200,6 +200,7 @@ def ray_init_calls(monkeypatch):
 
     def init(**kwargs):
         calls.append({"kwargs": kwargs, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE"),
+                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
                       "ENABLE_RAY_CLUSTER": getattr(ray_constants, "ENABLE_RAY_CLUSTER", None),
                       "RAY_API_SERVER_ADDRESS": os.environ.get("RAY_API_SERVER_ADDRESS")})
 
@@ -211,6 +212,7 @@ def ray_init_calls(monkeypatch):
     root = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: the private temp dir must fit Ray's socket paths
     monkeypatch.setenv("RAY_TMPDIR", root)
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "WARNING")  # ray_session sets a default; restored afterwards
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)  # likewise (conftest sets one)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # the test session's Ray may have set it
@@ -239,6 +241,7 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
     if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # Linux: Ray keeps 127.0.0.1 only with this off
         assert call["ENABLE_RAY_CLUSTER"] is False
     assert call["RAY_AUTH_MODE"] is None  # stampray never turns Ray's token authentication off
+    assert call["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"  # its workers inherit it: Train polls every 0.5 s
     assert not [k for k in [*kwargs, *kwargs["_system_config"]] if "auth" in k.lower()]
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the user's choice reaches Ray unchanged

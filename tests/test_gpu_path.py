@@ -153,7 +153,7 @@ def test_the_default_training_batch_is_chosen_per_device():
 def test_validation_parts_are_disjoint_and_cover_the_split():
     """Each worker predicts its own part of validation and test: the parts of 3 workers are disjoint,
     together hold every id, and are close to even."""
-    from stampray.train import part_mask
+    from stampray.batches import part_mask
 
     ids = [f"tno-{i:06d}" for i in range(3000)]
     parts = [part_mask(ids, (r, 3)) for r in range(3)]
@@ -172,7 +172,7 @@ def test_raw_batches_set_aside_the_same_rows_as_normalised_ones(ray_shared):
     from stampray import preprocess as pp
     from stampray import splits
     from stampray import table as st
-    from stampray.train import SetAside, prepare_batch
+    from stampray.batches import SetAside, prepare_batch
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(12, 1, 21, 21)).astype(np.float32)

@@ -11,8 +11,9 @@ import torch
 
 from stampray import splits
 from stampray import table as st
+from stampray.batches import SetAside, prepare_batch
 from stampray.cli import main
-from stampray.train import SetAside, TrainSettings, fit, prepare_batch, read_reserve, resources
+from stampray.train import TrainSettings, fit, read_reserve, resources
 
 
 def train_ids(path, fractions=splits.DEFAULT_FRACTIONS):
@@ -89,6 +90,36 @@ def published_test_set(tmp_path_factory):
     ingest(IngestSettings(out=out, class_files=(("noise", str(d / "noise.npy")), ("source", str(d / "source.npy"))),
                           classes=("noise", "source"), split="test"))
     return out
+
+
+def test_split_counts_are_the_same_read_in_the_driver_or_by_tasks(tno_small, ray_shared, monkeypatch):
+    """A table of up to COUNT_HERE_ROWS rows is counted in the driver, a bigger one by one task per shard
+    (the driver then reads no shard): the same counts, those of the labelled rows' hash split."""
+    from stampray import train
+
+    tbl = st.read_table(tno_small, columns=[st.ID, st.LABEL])
+    names = splits.assign(tbl.column(st.ID), splits.DEFAULT_FRACTIONS, None)
+    expected = {name: int((names == name).sum()) for name in st.SPLIT_NAMES}
+    assert sum(expected.values()) == 600 and min(expected.values()) > 0
+    manifest = st.read_manifest(tno_small)
+    read_here = []
+    count = train.count_splits
+    monkeypatch.setattr(train, "count_splits", lambda *a: read_here.append(a[1]) or count(*a))
+    assert train.split_counts(tno_small, manifest, splits.DEFAULT_FRACTIONS) == expected
+    assert sorted(read_here) == sorted(s["path"] for s in manifest.shards)
+    read_here.clear()
+    monkeypatch.setattr(train, "COUNT_HERE_ROWS", 599)
+    assert train.split_counts(tno_small, manifest, splits.DEFAULT_FRACTIONS) == expected
+    assert read_here == []  # the tasks read the shards, in their own processes
+
+
+def test_the_read_tasks_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, stampray.batches; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
 
 
 def test_a_table_of_test_stamps_only_is_refused_naming_the_split_counts(published_test_set, tmp_path, ray_shared,
