@@ -3,28 +3,36 @@
 Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score every stamp with Ray Data,
 draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
 One Ray instance serves every step and is shut down at the end; a second run in the same place starts
-over (the run, scores, maps and report are replaced). ``--out`` may be a local directory or a URI
-(``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
+over: the run, scores, maps and report directories an earlier demo made there (listed in its ``_demo.json``)
+are replaced; such a directory that no demo made is refused, never deleted. ``--out`` may be a local
+directory or a URI (``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
 from . import table as st
 from .evaluate import EvaluateSettings, evaluate
 from .occlusion import OccludeSettings, occlude
+from .provenance import provenance
 from .runtime import ray_session
 from .score import ScoreSettings, score
 from .synth import SynthSettings, synth
 from .train import TrainSettings, fit
 
 log = logging.getLogger(__name__)
+
+DEMO_FILE = "_demo.json"  # in --out: the directories a demo made there, which the next demo may replace
+OWN_DIRS = ("runs", "scores", "maps", "report")  # replaced by a second demo; the survey is synth's to replace
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ def demo(settings: DemoSettings) -> dict:
     """Run the demo; returns the numbers it prints."""
     t0 = time.time()
     out = settings.out.rstrip("/") if "://" in settings.out else os.path.abspath(settings.out)
-    _start_over(out)
+    _start_over(out, settings)
     paths = {k: st.join(out, k) for k in ("survey", "runs", "scores", "maps", "report")}
     with ray_session(settings.address):
         m = synth(SynthSettings(out=paths["survey"], n=settings.n, seed=settings.seed, shard_rows=5000,
@@ -90,23 +98,54 @@ def demo(settings: DemoSettings) -> dict:
             "stamps_per_s": sc.rows_per_s, "occluded": oc.rows, "report": ev.html, "seconds": round(seconds, 1)}
 
 
-def _start_over(out: str) -> None:
-    """Delete the sub-directories an earlier demo wrote in ``out`` (runs, scores, maps, report) and nothing
-    else; the survey is rewritten in place by ``synth``. Local or a URI."""
+def _start_over(out: str, settings: DemoSettings) -> None:
+    """Delete the directories an earlier demo made in ``out`` (``OWN_DIRS`` listed in its ``DEMO_FILE``) and
+    nothing else, then mark them as this demo's; the survey is rewritten in place by ``synth`` (which
+    replaces only a table it wrote). One of them that no demo made (no marker, or not listed) is refused
+    with the fix, before anything is deleted. Local or a URI."""
     try:
         fs, _ = st.resolve(out)
     except (ValueError, OSError) as e:
         msg = f"--out {out}: {' '.join(str(e).split())}; give a local directory or a URI such as s3://bucket/prefix"
         raise ValueError(msg) from None
-    for sub in ("runs", "scores", "maps", "report"):
-        path = st.join(out, sub)
-        p = st.resolve(path)[1]
-        try:
-            if fs.get_file_info(p).type == pafs.FileType.Directory:
-                fs.delete_dir(p)
-        except OSError as e:
-            if "://" not in out:  # as before: a local directory that cannot be removed is left
-                continue
-            msg = (f"--out {out}: cannot clear {path} from an earlier run ({' '.join(str(e).split())}); check that "
-                   f"the bucket exists and that the AWS credentials allow writing there")
-            raise PermissionError(msg) from None
+    marker = st.join(out, DEMO_FILE)
+    with _storage_errors(out, "read"):
+        text = st.read_text(marker) if st.exists(marker) else "{}"
+        present = [sub for sub in OWN_DIRS
+                   if fs.get_file_info(st.resolve(st.join(out, sub))[1]).type != pafs.FileType.NotFound]
+    try:
+        ours = set(json.loads(text).get("dirs", []))
+    except (ValueError, AttributeError, TypeError) as e:
+        msg = (f"--out {out}: cannot read {DEMO_FILE} ({' '.join(str(e).split())}); remove it if an earlier "
+               f"demo left it damaged, or choose a new --out")
+        raise ValueError(msg) from None
+    theirs = [sub for sub in present if sub not in ours]
+    if theirs:
+        msg = (f"--out {out} holds {', '.join(theirs)}, which 'stampray demo' did not make there (not listed in "
+               f"{DEMO_FILE}), and a demo would replace them; choose a new or empty directory for --out (or, if "
+               f"they are an older demo's, delete them yourself)")
+        raise ValueError(msg)
+    with _storage_errors(out, "write to"):
+        for sub in present:
+            try:
+                fs.delete_dir(st.resolve(st.join(out, sub))[1])
+            except OSError:
+                if "://" in out:
+                    raise
+                # as before: a local directory that cannot be removed is left
+        st.make_dirs(out)
+        st.write_text(marker, json.dumps({"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings),
+                                          "provenance": provenance()}, indent=2))
+
+
+@contextlib.contextmanager
+def _storage_errors(out: str, doing: str) -> Iterator[None]:
+    """An object store's error while the demo reads or clears ``out``: one line naming it and the fix."""
+    try:
+        yield
+    except OSError as e:
+        if "://" not in out:
+            raise
+        msg = (f"--out {out}: cannot {doing} it ({' '.join(str(e).split())}); check that the bucket exists and "
+               f"that the AWS credentials allow writing there")
+        raise PermissionError(msg) from None

@@ -97,14 +97,61 @@ def test_evaluate_to_a_missing_bucket_is_one_clear_line(tmp_path, s3, capsys, sc
 
 
 def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path):
-    from stampray.demo import _start_over
+    """A demo replaces only the directories an earlier demo made (listed in its _demo.json); a runs, scores,
+    maps or report directory it did not make is refused, and nothing is deleted."""
+    import json
 
-    for sub in ("survey", "runs", "scores", "maps", "report", "notes"):
+    from stampray.demo import DEMO_FILE, DemoSettings, _start_over
+
+    settings = DemoSettings(out=str(tmp_path))
+    for sub in ("survey", "runs", "report", "notes"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "f.txt").write_text("x")
-    _start_over(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["notes", "survey"]
-    _start_over(str(tmp_path / "nothing-here"))  # a first run: nothing to delete
+    with pytest.raises(ValueError, match=f"--out {tmp_path} holds runs, report, which 'stampray demo' did not make "
+                                         f"there \\(not listed in _demo.json\\), and a demo would replace them; "
+                                         f"choose a new or empty directory"):
+        _start_over(str(tmp_path), settings)
+    assert sorted(os.listdir(tmp_path)) == ["notes", "report", "runs", "survey"]  # nothing deleted
+    assert (tmp_path / "runs" / "f.txt").read_text() == "x"
+
+    fresh = tmp_path / "fresh"
+    _start_over(str(fresh), settings)  # a first run: nothing to delete; the marker names what it will make
+    assert os.listdir(fresh) == [DEMO_FILE]
+    assert json.loads((fresh / DEMO_FILE).read_text())["dirs"] == ["runs", "scores", "maps", "report"]
+    for sub in ("survey", "runs", "scores", "maps", "report", "notes"):
+        (fresh / sub).mkdir()
+        (fresh / sub / "f.txt").write_text("x")
+    _start_over(str(fresh), settings)  # a second demo: its own directories go, the rest stays
+    assert sorted(os.listdir(fresh)) == [DEMO_FILE, "notes", "survey"]
+
+    (fresh / DEMO_FILE).write_text(json.dumps({"verb": "demo", "dirs": ["maps"]}))
+    (fresh / "runs").mkdir()
+    with pytest.raises(ValueError, match="holds runs, which 'stampray demo' did not make there"):
+        _start_over(str(fresh), settings)
+    (fresh / DEMO_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read _demo.json .*remove it if an earlier demo left it damaged"):
+        _start_over(str(fresh), settings)
+    assert (fresh / "runs").is_dir()
+
+
+def test_demo_on_s3_replaces_only_its_own_and_names_a_missing_bucket(s3, tmp_path):
+    from stampray.demo import DEMO_FILE, DemoSettings, _start_over
+
+    bucket = s3("demo-own")
+    s3.client.put_object(Bucket=bucket, Key="d/scores/part-00000.parquet", Body=b"someone's")
+    s3.client.put_object(Bucket=bucket, Key="d/notes.txt", Body=b"keep")
+    settings = DemoSettings(out=f"s3://{bucket}/d")
+    with pytest.raises(ValueError, match="holds scores, which 'stampray demo' did not make there"):
+        _start_over(f"s3://{bucket}/d", settings)
+    assert keys(s3.client, bucket) == ["d/notes.txt", "d/scores/part-00000.parquet"]
+    s3.client.delete_object(Bucket=bucket, Key="d/scores/part-00000.parquet")
+    _start_over(f"s3://{bucket}/d", settings)
+    s3.client.put_object(Bucket=bucket, Key="d/scores/part-00000.parquet", Body=b"the demo's")
+    _start_over(f"s3://{bucket}/d", settings)
+    assert keys(s3.client, bucket) == [f"d/{DEMO_FILE}", "d/notes.txt"]
+    with pytest.raises(PermissionError, match="^--out s3://no-such-bucket/d: cannot write to it .*check that the bucket "
+                                              "exists and that the AWS credentials allow writing there$"):
+        _start_over("s3://no-such-bucket/d", settings)
 
 
 @pytest.mark.slow
