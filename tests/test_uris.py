@@ -163,7 +163,8 @@ def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
         os.chdir({str(tmp_path)!r})  # anything written to a local path by mistake lands here
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="demo")  # the server answers: s3_env waited for it
-        s3.put_object(Bucket="demo", Key="d/report/stale.png", Body=b"old")  # an earlier run's report
+        s3.put_object(Bucket="demo", Key="d/report/stale.png", Body=b"old")  # an earlier demo's report
+        s3.put_object(Bucket="demo", Key="d/_demo.json", Body=json.dumps({{"verb": "demo", "dirs": ["report"]}}))
         s3.put_object(Bucket="demo", Key="d/notes.txt", Body=b"mine")      # not the demo's: kept
         from stampray.cli import main
         t0 = time.time()
@@ -178,7 +179,7 @@ def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
     assert result["rc"] == 0, log[-3000:]
     for key in ("d/survey/_manifest.json", "d/runs/cnn/best.pt", "d/runs/cnn/metrics.jsonl", "d/scores/_manifest.json",
                 "d/maps/part-00000.parquet", "d/report/report.html", "d/report/report.json", "d/report/roc.png",
-                "d/report/training_curves.png", "d/notes.txt"):
+                "d/report/training_curves.png", "d/notes.txt", "d/_demo.json"):
         assert key in keys, (key, keys)
     assert "d/report/stale.png" not in keys
     assert any(k.startswith("d/runs/cnn/tensorboard/evaluate/cnn/events.out.tfevents") for k in keys)
