@@ -40,8 +40,10 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--work", default="/tmp/stampray-occl-throughput")
     args = ap.parse_args()
-    data, maps, model = (os.path.join(args.work, x) for x in ("data", "maps", "cnn.pt"))
-    for mine in (data, maps):  # what an earlier run of this benchmark wrote in --work, nothing else there
+    # Names of its own under --work: an earlier run of this benchmark's, replaced; nothing else there is.
+    data, maps, model = (os.path.join(args.work, x) for x in ("occlusion-bench-data", "occlusion-bench-maps",
+                                                             "occlusion-bench-cnn.pt"))
+    for mine in (data, maps):
         shutil.rmtree(mine, ignore_errors=True)
     synth(SynthSettings(out=data, n=args.n, seed=0, progress=False))
     torch.manual_seed(0)

@@ -99,14 +99,19 @@ class SetAside:
 
 
 def count_splits(root: str, shard: str, fractions) -> dict[str, int]:
-    """Labelled stamps of each split in one shard, from its id, label and split columns only."""
+    """Labelled stamps of each split in one shard, from its id, label and split columns only; a shard whose
+    pages cannot be read is named in the error."""
     import pyarrow.compute as pc
 
     fs, _ = st.resolve(root)
-    with fs.open_input_file(st.resolve(st.join(root, shard))[1]) as f:
-        pf = st.open_parquet(f)
-        cols = [c for c in (st.ID, st.LABEL, st.SPLIT) if c in pf.schema_arrow.names]
-        tbl = pf.read(columns=cols)
+    path = st.join(root, shard)
+    try:
+        with fs.open_input_file(st.resolve(path)[1]) as f:
+            pf = st.open_parquet(f)
+            cols = [c for c in (st.ID, st.LABEL, st.SPLIT) if c in pf.schema_arrow.names]
+            tbl = pf.read(columns=cols)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(st.damaged(path, e)) from None
     tbl = tbl.filter(pc.is_valid(tbl.column(st.LABEL)))
     names = splits.assign(tbl.column(st.ID), fractions, tbl.column(st.SPLIT) if st.SPLIT in cols else None)
     return {name: int((names == name).sum()) for name in st.SPLIT_NAMES}

@@ -3,8 +3,9 @@
 Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score every stamp with Ray Data,
 draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
 One Ray instance serves every step and is shut down at the end; a second run in the same place starts
-over: the run, scores, maps and report directories an earlier demo made there (listed in its ``_demo.json``)
-are replaced; such a directory that no demo made is refused, never deleted. ``--out`` may be a local
+over: the run (``runs/cnn``) and the scores, maps and report directories an earlier demo made there (listed
+in its ``_demo.json``) are replaced, each as a whole; one of them that no demo made is refused, never
+deleted, and other runs beside ``runs/cnn`` stay. ``--out`` may be a local
 directory or a URI (``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
 """
 
@@ -32,7 +33,8 @@ from .train import TrainSettings, fit
 log = logging.getLogger(__name__)
 
 DEMO_FILE = "_demo.json"  # in --out: the directories a demo made there, which the next demo may replace
-OWN_DIRS = ("runs", "scores", "maps", "report")  # replaced by a second demo; the survey is synth's to replace
+# Replaced by a second demo (its run is runs/cnn: other runs beside it stay); the survey is synth's to replace.
+OWN_DIRS = ("runs/cnn", "scores", "maps", "report")
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,12 @@ def _start_over(out: str, settings: DemoSettings) -> None:
         for sub in present:
             try:
                 fs.delete_dir(st.resolve(st.join(out, sub))[1])
-            except OSError:
+            except OSError as e:
                 if "://" in out:
                     raise
-                # as before: a local directory that cannot be removed is left
+                msg = (f"--out {out}: cannot delete {st.join(out, sub)}, an earlier demo's "
+                       f"({' '.join(str(e).split())}); delete it yourself or choose another --out")
+                raise PermissionError(msg) from None
         st.make_dirs(out)
         st.write_text(marker, json.dumps({"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings),
                                           "provenance": provenance()}, indent=2))
@@ -147,5 +151,5 @@ def _storage_errors(out: str, doing: str) -> Iterator[None]:
         if "://" not in out:
             raise
         msg = (f"--out {out}: cannot {doing} it ({' '.join(str(e).split())}); check that the bucket exists and "
-               f"that the AWS credentials allow writing there")
+               f"that the AWS credentials allow reading and writing there")
         raise PermissionError(msg) from None

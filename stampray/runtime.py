@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 # and a second one in the same session 64 s -> 34 s. Workers idle for longer still end, so memory is bounded.
 PRIVATE_SYSTEM_CONFIG = {"enable_metrics_collection": False, "idle_worker_killing_time_threshold_ms": 60_000}
 TRAIN_POLL_S = "0.5"  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S of a private Ray, unless the user set one (ray_session)
+# The environment of a private Ray (_private_env), where the user has not set these:
+# - Ray Data's per-dataset INFO lines in its workers would interleave with stampray's own progress lines;
+# - Ray Train's controller polls its workers every 2 s by default: a run's end (and every epoch's report)
+#   waited for the next poll. Polling every TRAIN_POLL_S, a 600-stamp 2-epoch fit ended 1.0-1.7 s after its
+#   last epoch, against 4.8-5.0 s (a worker whose poll is late is still given Ray's 10 minutes).
+PRIVATE_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S}
 OWNER_FILE = "stampray_owner.json"  # in a private instance's temp dir: the driver that owns it
 TEMP_PREFIX = "stampray-"  # <ray temp root>/stampray-<driver pid>
 # AF_UNIX socket paths are limited to 107 bytes (103 on macOS, Ray's validate_socket_filepath); Ray's
@@ -95,19 +101,33 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         yield
         return
     addr = target_address(address)
+    with _private_env(enabled=not addr), _ray_up(ray, addr, num_cpus, dashboard, data):
+        yield
+
+
+@contextlib.contextmanager
+def _private_env(enabled: bool) -> Iterator[None]:
+    """``PRIVATE_ENV``'s variables that the user has not set, set while a private Ray runs (its raylet and
+    workers inherit them; Ray Train also passes the driver's to its controller at each fit) and removed
+    when it ends, so that a later session on a cluster given by address gets none of them."""
+    added = [k for k in PRIVATE_ENV if enabled and k not in os.environ]
+    for k in added:
+        os.environ[k] = PRIVATE_ENV[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: bool) -> Iterator[None]:
+    """:func:`ray_session`'s start and end of a Ray it starts or connects to (``addr``)."""
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     marker = None
     if addr:
         ray.init(address=addr, **kwargs)
     else:
-        # Workers of a private cluster inherit this environment: Ray Data's per-dataset INFO lines would
-        # interleave with stampray's own progress lines.
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        # Ray Train's controller polls its workers every 2 s by default: a run's end (and every epoch's
-        # report) waited for the next poll. A private Ray's controller polls every TRAIN_POLL_S: a 600-stamp
-        # 2-epoch fit ended 1.0-1.7 s after its last epoch, against 4.8-5.0 s (a worker whose poll is late is
-        # still given Ray's 10 minutes before it counts as lost).
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
         reap_orphans()
         temp_dir = private_temp_dir()
         if temp_dir:
@@ -271,13 +291,21 @@ def _loopback_node_ip() -> Iterator[None]:
 
 
 def ray_temp_root() -> str:
-    """Ray's default temp root (``$RAY_TMPDIR/ray``, ``$TMPDIR/ray`` on Linux, else ``/tmp/ray``)."""
-    try:
-        from ray._common.utils import get_default_ray_temp_dir
+    """Ray's default temp root, worked out as Ray does (``ray._common.utils.get_default_ray_temp_dir``)
+    without importing Ray: ``$RAY_TMPDIR/ray``; on Linux ``$TMPDIR/ray``; on Linux and macOS ``/tmp/ray``;
+    elsewhere the system temp dir's ``ray``. (A run that scores in-process looks for orphans here, and
+    imports Ray only when there is one.)"""
+    if "RAY_TMPDIR" in os.environ:
+        base = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        base = os.environ["TMPDIR"]
+    elif sys.platform.startswith(("darwin", "linux")):
+        base = os.path.join(os.sep, "tmp")
+    else:
+        import tempfile
 
-        return get_default_ray_temp_dir()
-    except ImportError:  # a Ray that moved it
-        return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+        base = tempfile.gettempdir()
+    return os.path.join(base, "ray")
 
 
 def private_temp_dir() -> str | None:
@@ -389,6 +417,27 @@ def _alive(proc) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+
+
+def reap_if_orphaned(root: str | None = None) -> list[int]:
+    """:func:`reap_orphans` for a run that starts no Ray of its own (a job scored in-process): Ray (for its
+    psutil) is imported only when a private instance's owner marker names a driver whose pid no longer
+    exists. (A pid since reused by another process is left to the next verb that starts Ray.)"""
+    root = root or ray_temp_root()
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith(TEMP_PREFIX))
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open(os.path.join(root, name, OWNER_FILE)) as f:
+                pid = int(json.load(f)["pid"])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return reap_orphans(root)
+        except (OSError, ValueError, KeyError, TypeError):  # no marker, not ours to signal, unreadable
+            continue
+    return []
 
 
 def reap_orphans(root: str | None = None, term_wait: float = 3.0, kill_wait: float = 3.0) -> list[int]:

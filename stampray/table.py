@@ -466,7 +466,8 @@ def open_parquet(f) -> pq.ParquetFile:
 
 
 def damaged(path: str, e: Exception) -> str:
-    return f"{path} is damaged and cannot be read ({e}); restore it, or re-create it with 'stampray ingest'"
+    return (f"{path} is damaged and cannot be read ({' '.join(str(e).split())}); restore it, or re-create it "
+            f"with 'stampray ingest'")
 
 
 def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:

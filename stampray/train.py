@@ -1,7 +1,7 @@
 """Data-parallel training with Ray Train, fed by Ray Data: ``stampray train``.
 
-The driver reads the dataset's manifest (and, for a table of up to ``COUNT_HERE_ROWS`` rows, its id, label
-and split columns to count the splits); Ray Data streams the shards, keeps each split's rows (the hash split
+The driver reads the dataset's manifest (and, on a Ray of the machine's own, for a table of up to
+``COUNT_HERE_ROWS`` rows, its id, label and split columns to count the splits); Ray Data streams the shards, keeps each split's rows (the hash split
 of :mod:`stampray.splits`), decodes and preprocesses them in read tasks (:mod:`stampray.batches`, which
 does not import torch), and Ray Train's
 ``TorchTrainer`` runs the same loop on every worker (DDP: gloo on CPU, NCCL on GPU).
@@ -15,8 +15,8 @@ every CPU and the reads would wait forever) are refused before anything starts, 
 With ``use_gpu`` each worker takes one GPU and one CPU (``cpus_per_worker`` to change it; the same rule holds).
 
 Before any worker starts, the labelled stamps of each split are counted (reading only the id, label and
-split columns: in the driver, or for a bigger table one small task per shard); an empty train or validation
-split is refused, naming the counts.
+split columns: in the driver, or on a cluster or for a bigger table one small task per shard); an empty
+train or validation split is refused, naming the counts.
 
 Rows whose pixels are not finite (NaN or inf: a table written by another tool) are set aside by the read
 tasks, as ``score`` and ``occlude`` do, with the same reason; they never reach the workers, so every worker's
@@ -817,7 +817,7 @@ def train_loop(cfg: dict) -> None:
 # Driver
 # --------------------------------------------------------------------------------------------------
 READ_TASK_CPUS = 0.5  # each Ray Data read-and-prepare task of training (see _datasets)
-COUNT_HERE_ROWS = 2_000_000  # split_counts reads tables of up to this many rows in the driver
+COUNT_HERE_ROWS = 2_000_000  # split_counts reads tables of up to this many rows in the driver (a private Ray)
 MIN_WORKER_CPUS = 0.25  # the smallest CPU share a Train worker is given by default
 
 
@@ -876,13 +876,14 @@ def _worker_resources(settings: "TrainSettings") -> dict:
         return resources(settings.workers, settings.use_gpu, min(cap.cpus_max, 1e9), share)
 
 
-def split_counts(data: str, manifest: st.Manifest, fractions) -> dict[str, int]:
-    """Labelled stamps in each split of ``data``, from the id, label and split columns: read here for a
-    table of up to ``COUNT_HERE_ROWS`` rows (1,000,000 rows took 0.22 s on the 2-core development machine,
-    where three Ray tasks in fresh worker processes took 3.7 s for 600), else one small Ray task per shard,
-    so that a driver far from a big table reads no more than its manifest."""
+def split_counts(data: str, manifest: st.Manifest, fractions, here: bool = True) -> dict[str, int]:
+    """Labelled stamps in each split of ``data``, from the id, label and split columns. With ``here`` (a
+    Ray of this machine's own: the driver sees the files its read tasks will) a table of up to
+    ``COUNT_HERE_ROWS`` rows is read in the driver (1,000,000 rows took 0.22 s on the 2-core development
+    machine, where three Ray tasks in fresh worker processes took 3.7 s for 600); otherwise one small Ray
+    task per shard, which also shows at once that a cluster's nodes can read the table."""
     shards = [s["path"] for s in manifest.shards]
-    if manifest.num_rows <= COUNT_HERE_ROWS:
+    if here and manifest.num_rows <= COUNT_HERE_ROWS:
         parts = [count_splits(data, shard, tuple(fractions)) for shard in shards]
     else:
         import ray
@@ -1070,7 +1071,7 @@ def fit(settings: TrainSettings) -> TrainResult:
     import ray
 
     from .inference import check_gpu_nodes
-    from .runtime import ensure_gpus, ray_session
+    from .runtime import ensure_gpus, ray_session, target_address
 
     t0 = time.time()
     manifest, labelled = _check_inputs(settings)
@@ -1100,7 +1101,8 @@ def fit(settings: TrainSettings) -> TrainResult:
         # Refusals come before anything is written or started: workers that would starve the reads, an
         # empty split.
         res = _worker_resources(settings)
-        counts = split_counts(settings.data, manifest, settings.fractions)
+        counts = split_counts(settings.data, manifest, settings.fractions,
+                              here=target_address(settings.address) is None)
         _check_splits(settings, manifest, counts)
         held.enter_context(output_lock(run_dir, "train"))  # one run at a time in RUNDIR/NAME, to the end
         st.make_dirs(run_dir)

@@ -249,8 +249,15 @@ def test_private_local_ray_is_loopback_only_and_keeps_token_auth(ray_init_calls,
         pass
     assert ray_init_calls[1]["RAY_AUTH_MODE"] == "token" and ray_init_calls[1]["kwargs"]["num_cpus"] == 1
 
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ  # removed with the private Ray
     with runtime.ray_session(address="10.0.0.1:6379"):  # a cluster: connect, nothing of the private settings
         pass
+    assert ray_init_calls[2]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] is None
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own value is kept, and stays
+    with runtime.ray_session():
+        pass
+    assert ray_init_calls[3]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
     kwargs = ray_init_calls[2]["kwargs"]
     assert kwargs["address"] == "10.0.0.1:6379"
     assert not {"dashboard_host", "_node_ip_address", "_system_config", "_temp_dir", "num_cpus"} & set(kwargs)

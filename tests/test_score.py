@@ -313,9 +313,15 @@ def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ck
 
 
 def test_in_process_on_one_thread_scores_here_with_a_package(cnn_ckpt, eight_groups, tmp_path, monkeypatch):
+    """One scorer scores in the calling thread, with a package; the job first ends what a killed stampray
+    left of a private Ray (without importing Ray when nothing is left: see test_security)."""
     import threading
 
+    from stampray import runtime
     from stampray import score as sc
+
+    reaped = []
+    monkeypatch.setattr(runtime, "reap_if_orphaned", lambda: reaped.append(True) or [])
 
     monkeypatch.setattr(sc, "here_workers", lambda cores, use_gpu, items, mc_dropout=False: (1, 2))
     made, where = [], set()
@@ -326,7 +332,7 @@ def test_in_process_on_one_thread_scores_here_with_a_package(cnn_ckpt, eight_gro
                         call(self, b))
     r = score(ScoreSettings(model=cnn_ckpt, data=eight_groups, out=str(tmp_path / "s"), in_process="on",
                             progress=False))
-    assert (r.scored, made, where) == (400, [True], {threading.current_thread().name})
+    assert (r.scored, made, where, reaped) == (400, [True], {threading.current_thread().name}, [True])
 
 
 @pytest.mark.slow

@@ -294,6 +294,45 @@ def test_reap_orphans_ends_only_dead_drivers_writers(tmp_path):
             p.wait()
 
 
+def test_ray_temp_root_is_rays_own_default_without_importing_ray(monkeypatch):
+    from ray._common.utils import get_default_ray_temp_dir
+
+    for ray_tmpdir, tmpdir in ((None, None), (None, "/tmp/t1"), ("/tmp/r1", "/tmp/t1"), ("/tmp/r2", None)):
+        for name, value in (("RAY_TMPDIR", ray_tmpdir), ("TMPDIR", tmpdir)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert runtime.ray_temp_root() == get_default_ray_temp_dir(), (ray_tmpdir, tmpdir)
+    monkeypatch.delenv("RAY_TMPDIR")
+    monkeypatch.delenv("TMPDIR", raising=False)
+    assert runtime.ray_temp_root() == "/tmp/ray"
+
+
+def test_a_run_without_ray_reaps_only_when_an_owner_is_gone(tmp_path, monkeypatch):
+    """reap_if_orphaned (a job scored in-process): reap_orphans runs only when a stampray instance's owner pid
+    no longer exists; live owners and dirs without a marker leave Ray unimported (checked in a fresh Python)."""
+    root = str(tmp_path)
+    runtime._mark_instance(os.path.join(root, f"{runtime.TEMP_PREFIX}{os.getpid()}"))
+    os.makedirs(os.path.join(root, f"{runtime.TEMP_PREFIX}999999"))  # no marker
+    with open(os.path.join(root, "other-dir-of-ray"), "w") as f:
+        f.write("x")
+    code = ("import sys; from stampray import runtime; "
+            f"print(runtime.reap_if_orphaned({root!r}), 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] False"
+    calls = []
+    monkeypatch.setattr(runtime, "reap_orphans", lambda r: calls.append(r) or [4242])
+    assert runtime.reap_if_orphaned(root) == [] and calls == []
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dead_dir = os.path.join(root, f"{runtime.TEMP_PREFIX}{dead.pid}")
+    os.makedirs(dead_dir)
+    with open(os.path.join(dead_dir, runtime.OWNER_FILE), "w") as f:
+        json.dump({"pid": dead.pid, "started": 1.0}, f)
+    assert runtime.reap_if_orphaned(root) == [4242] and calls == [root]
+
+
 def test_private_temp_dir_and_loopback_switch(monkeypatch):
     """The private temp dir is <Ray temp root>/stampray-<pid>, or none where Ray's socket paths would pass
     the AF_UNIX limit; the loopback switch for ray.init restores Ray's flag afterwards."""

@@ -108,9 +108,31 @@ def test_split_counts_are_the_same_read_in_the_driver_or_by_tasks(tno_small, ray
     assert train.split_counts(tno_small, manifest, splits.DEFAULT_FRACTIONS) == expected
     assert sorted(read_here) == sorted(s["path"] for s in manifest.shards)
     read_here.clear()
+    assert train.split_counts(tno_small, manifest, splits.DEFAULT_FRACTIONS, here=False) == expected
+    assert read_here == []  # a cluster's: the tasks read the shards, in their own processes
     monkeypatch.setattr(train, "COUNT_HERE_ROWS", 599)
     assert train.split_counts(tno_small, manifest, splits.DEFAULT_FRACTIONS) == expected
-    assert read_here == []  # the tasks read the shards, in their own processes
+    assert read_here == []  # too big to read here
+
+
+def test_a_damaged_shard_is_named_when_the_splits_are_counted(tno_small, tmp_path):
+    import shutil
+
+    from stampray.batches import count_splits
+
+    data = str(tmp_path / "t")
+    shutil.copytree(tno_small, data)
+    shard = st.read_manifest(data).shards[1]["path"]
+    path = os.path.join(data, shard)
+    ids = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    assert ids.path_in_schema == st.ID
+    raw = bytearray(open(path, "rb").read())
+    at = ids.data_page_offset + 24  # inside the stamp_id page the count reads, past its header
+    raw[at:at + 32] = bytes(b ^ 0xFF for b in raw[at:at + 32])
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=f"^{path} is damaged and cannot be read \\(.*\\); restore it, or "
+                                         f"re-create it with 'stampray ingest'$"):
+        count_splits(data, shard, splits.DEFAULT_FRACTIONS)
 
 
 def test_the_read_tasks_module_does_not_import_torch():

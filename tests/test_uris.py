@@ -96,42 +96,64 @@ def test_evaluate_to_a_missing_bucket_is_one_clear_line(tmp_path, s3, capsys, sc
                    "directory written by 'stampray train'")
 
 
-def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path):
-    """A demo replaces only the directories an earlier demo made (listed in its _demo.json); a runs, scores,
-    maps or report directory it did not make is refused, and nothing is deleted."""
+def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path, monkeypatch):
+    """A demo replaces only what an earlier demo made (its run runs/cnn and the scores, maps and report
+    directories, listed in its _demo.json); one of them it did not make is refused, and nothing is deleted;
+    other runs beside runs/cnn stay."""
     import json
 
+    from stampray import table as st
     from stampray.demo import DEMO_FILE, DemoSettings, _start_over
 
     settings = DemoSettings(out=str(tmp_path))
-    for sub in ("survey", "runs", "report", "notes"):
-        (tmp_path / sub).mkdir()
+    for sub in ("survey", "runs/cnn", "report", "notes"):
+        (tmp_path / sub).mkdir(parents=True)
         (tmp_path / sub / "f.txt").write_text("x")
-    with pytest.raises(ValueError, match=f"--out {tmp_path} holds runs, report, which 'stampray demo' did not make "
-                                         f"there \\(not listed in _demo.json\\), and a demo would replace them; "
-                                         f"choose a new or empty directory"):
+    with pytest.raises(ValueError, match=f"--out {tmp_path} holds runs/cnn, report, which 'stampray demo' did not "
+                                         f"make there \\(not listed in _demo.json\\), and a demo would replace "
+                                         f"them; choose a new or empty directory"):
         _start_over(str(tmp_path), settings)
     assert sorted(os.listdir(tmp_path)) == ["notes", "report", "runs", "survey"]  # nothing deleted
-    assert (tmp_path / "runs" / "f.txt").read_text() == "x"
+    assert (tmp_path / "runs" / "cnn" / "f.txt").read_text() == "x"
 
     fresh = tmp_path / "fresh"
     _start_over(str(fresh), settings)  # a first run: nothing to delete; the marker names what it will make
     assert os.listdir(fresh) == [DEMO_FILE]
-    assert json.loads((fresh / DEMO_FILE).read_text())["dirs"] == ["runs", "scores", "maps", "report"]
-    for sub in ("survey", "runs", "scores", "maps", "report", "notes"):
-        (fresh / sub).mkdir()
+    assert json.loads((fresh / DEMO_FILE).read_text())["dirs"] == ["runs/cnn", "scores", "maps", "report"]
+    for sub in ("survey", "runs/cnn", "runs/mine", "scores", "maps", "report", "notes"):
+        (fresh / sub).mkdir(parents=True)
         (fresh / sub / "f.txt").write_text("x")
-    _start_over(str(fresh), settings)  # a second demo: its own directories go, the rest stays
-    assert sorted(os.listdir(fresh)) == [DEMO_FILE, "notes", "survey"]
+    _start_over(str(fresh), settings)  # a second demo: its own go, the rest stays (a run of the user's too)
+    assert sorted(os.listdir(fresh)) == [DEMO_FILE, "notes", "runs", "survey"]
+    assert os.listdir(fresh / "runs") == ["mine"]
+
+    (fresh / "report").mkdir()
+    real_resolve = st.resolve
+
+    class NoDelete:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_dir(self, path):
+            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+
+    monkeypatch.setattr(st, "resolve", lambda path: (NoDelete(real_resolve(path)[0]), real_resolve(path)[1]))
+    with pytest.raises(PermissionError, match=f"^--out {fresh}: cannot delete {fresh}/report, an earlier demo's "
+                                              f"\\(.*Permission denied.*\\); delete it yourself or choose "
+                                              f"another --out$"):
+        _start_over(str(fresh), settings)
+    monkeypatch.setattr(st, "resolve", real_resolve)
 
     (fresh / DEMO_FILE).write_text(json.dumps({"verb": "demo", "dirs": ["maps"]}))
-    (fresh / "runs").mkdir()
-    with pytest.raises(ValueError, match="holds runs, which 'stampray demo' did not make there"):
+    with pytest.raises(ValueError, match="holds report, which 'stampray demo' did not make there"):
         _start_over(str(fresh), settings)
     (fresh / DEMO_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="cannot read _demo.json .*remove it if an earlier demo left it damaged"):
         _start_over(str(fresh), settings)
-    assert (fresh / "runs").is_dir()
+    assert (fresh / "report").is_dir()
 
 
 def test_demo_on_s3_replaces_only_its_own_and_names_a_missing_bucket(s3, tmp_path):
@@ -150,7 +172,8 @@ def test_demo_on_s3_replaces_only_its_own_and_names_a_missing_bucket(s3, tmp_pat
     _start_over(f"s3://{bucket}/d", settings)
     assert keys(s3.client, bucket) == [f"d/{DEMO_FILE}", "d/notes.txt"]
     with pytest.raises(PermissionError, match="^--out s3://no-such-bucket/d: cannot write to it .*check that the bucket "
-                                              "exists and that the AWS credentials allow writing there$"):
+                                              "exists and that the AWS credentials allow reading and writing "
+                                              "there$"):
         _start_over("s3://no-such-bucket/d", settings)
 
 
