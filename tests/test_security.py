@@ -248,17 +248,23 @@ def test_killed_driver_leftovers_end_at_next_session(first_driver, root):
 # ---------------------------------------------------------------------------------------- without Ray
 
 
-def test_reap_orphans_ends_only_dead_drivers_writers(tmp_path):
-    """10 (the rule, no Ray started): in a stampray temp dir whose owner is dead, the processes writing
-    there, and their children, are ended; a reader of the same dir (``tail -f`` of a log), a name-alike,
-    writers in a live owner's dir and in a dir without marker are not."""
-    root = str(tmp_path)
+def _dead_drivers_instance(root: str) -> str:
+    """A stampray temp dir under ``root`` whose owner marker names a driver that has exited."""
     dead = subprocess.Popen(["true"])
     dead.wait()
     dead_dir = os.path.join(root, f"{runtime.TEMP_PREFIX}{dead.pid}")
     os.makedirs(dead_dir)
     with open(os.path.join(dead_dir, runtime.OWNER_FILE), "w") as f:
         json.dump({"pid": dead.pid, "started": 1.0}, f)
+    return dead_dir
+
+
+def test_reap_orphans_ends_only_dead_drivers_writers(tmp_path):
+    """10 (the rule, no Ray started): in a stampray temp dir whose owner is dead, the processes writing
+    there, and their children, are ended; a reader of the same dir (``tail -f`` of a log), a name-alike,
+    writers in a live owner's dir and in a dir without marker are not."""
+    root = str(tmp_path)
+    dead_dir = _dead_drivers_instance(root)
     live_dir = os.path.join(root, f"{runtime.TEMP_PREFIX}{os.getpid()}")
     runtime._mark_instance(live_dir)
     unmarked_dir = os.path.join(root, f"{runtime.TEMP_PREFIX}999999")
@@ -324,12 +330,7 @@ def test_a_run_without_ray_reaps_only_when_an_owner_is_gone(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(runtime, "reap_orphans", lambda r: calls.append(r) or [4242])
     assert runtime.reap_if_orphaned(root) == [] and calls == []
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    dead_dir = os.path.join(root, f"{runtime.TEMP_PREFIX}{dead.pid}")
-    os.makedirs(dead_dir)
-    with open(os.path.join(dead_dir, runtime.OWNER_FILE), "w") as f:
-        json.dump({"pid": dead.pid, "started": 1.0}, f)
+    _dead_drivers_instance(root)
     assert runtime.reap_if_orphaned(root) == [4242] and calls == [root]
 
 
