@@ -896,10 +896,9 @@ def _score_on_threads(scorers: list, items: list, account) -> None:
                 account(msg[0])
     finally:
         stop.set()
-        busy = [t for t in pool if t.is_alive()]
-        if busy:
-            logger.warning(f"score: stopping; waiting for {len(busy)} scoring thread(s) to finish their "
-                           f"current work item")
+        if running:  # stopped early (an error, Ctrl-C): some threads may be in the middle of an item
+            logger.warning(f"score: stopping; waiting for {running} scoring thread(s) to finish their current "
+                           f"work item")
         for t in pool:
             t.join()
         while not done.empty():  # finished while stopping: booked, so their shards need no rerun

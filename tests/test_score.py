@@ -267,7 +267,7 @@ def _here_threads() -> list:
 
 
 def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ckpt, eight_groups, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, caplog):
     """Two scoring threads, each its own replica compiled rather than loaded from a package, run items at the
     same time (both reach a barrier); an item that fails stops the job with its error, the other thread
     after its current item: no more than three items are begun, the failed item's shard is not committed,
@@ -299,6 +299,10 @@ def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ck
     settings = ScoreSettings(model=cnn_ckpt, data=eight_groups, out=out, in_process="on", progress=False)
     with pytest.raises(RuntimeError, match="disk gone while scoring part-00001"):
         score(settings)
+    stopping = "scoring thread(s) to finish their current work item"
+    assert [r.message for r in caplog.records if stopping in r.message] == \
+        [f"score: stopping; waiting for 2 {stopping}"]
+    caplog.clear()
     assert made == [False, False]
     assert {name for name, _ in seen[:2]} == {"stampray-score-0", "stampray-score-1"}
     assert len(seen) <= 3 and _here_threads() == []
@@ -308,6 +312,7 @@ def test_in_process_threads_score_at_once_and_a_failing_one_stops_the_job(cnn_ck
     monkeypatch.setattr(sc.Scorer, "__call__", call)
     r = score(settings)
     assert (r.scored, r.scored_now) == (400, 400 - 50 * len(committed))
+    assert not [rec for rec in caplog.records if stopping in rec.message]  # a run that ends normally: no line
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
     assert sorted(ids) == sorted(st.read_table(eight_groups, columns=["stamp_id"]).column("stamp_id").to_pylist())
 
