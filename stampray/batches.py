@@ -98,20 +98,12 @@ class SetAside:
         return [{"stamp_id": i, "split": s, "reason": r} for i, (s, r) in sorted(self.rows.items())]
 
 
-def count_splits(root: str, shard: str, fractions) -> dict[str, int]:
-    """Labelled stamps of each split in one shard, from its id, label and split columns only; a shard whose
-    pages cannot be read is named in the error."""
+def count_splits(root: str, shard: str, fractions, columns: list[str]) -> dict[str, int]:
+    """Labelled stamps of each split in one shard, from its ``columns`` only (id, label, and split where the
+    table has one); a shard whose pages cannot be read is named in the error (:func:`table.read_parquet`)."""
     import pyarrow.compute as pc
 
-    fs, _ = st.resolve(root)
-    path = st.join(root, shard)
-    try:
-        with fs.open_input_file(st.resolve(path)[1]) as f:
-            pf = st.open_parquet(f)
-            cols = [c for c in (st.ID, st.LABEL, st.SPLIT) if c in pf.schema_arrow.names]
-            tbl = pf.read(columns=cols)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(st.damaged(path, e)) from None
+    tbl = st.read_parquet(st.join(root, shard), columns)
     tbl = tbl.filter(pc.is_valid(tbl.column(st.LABEL)))
-    names = splits.assign(tbl.column(st.ID), fractions, tbl.column(st.SPLIT) if st.SPLIT in cols else None)
+    names = splits.assign(tbl.column(st.ID), fractions, tbl.column(st.SPLIT) if st.SPLIT in columns else None)
     return {name: int((names == name).sum()) for name in st.SPLIT_NAMES}

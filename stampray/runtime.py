@@ -110,14 +110,23 @@ def _private_env(enabled: bool) -> Iterator[None]:
     """``PRIVATE_ENV``'s variables that the user has not set, set while a private Ray runs (its raylet and
     workers inherit them; Ray Train also passes the driver's to its controller at each fit) and removed
     when it ends, so that a later session on a cluster given by address gets none of them."""
-    added = [k for k in PRIVATE_ENV if enabled and k not in os.environ]
-    for k in added:
-        os.environ[k] = PRIVATE_ENV[k]
+    with _environ({k: v for k, v in PRIVATE_ENV.items() if enabled and k not in os.environ}):
+        yield
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block; each variable put back as it was after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -243,18 +252,8 @@ def own_api_server(port: int | None) -> Iterator[None]:
     and every ``stampray train`` ended 10-12 s late (600 stamps, 2 epochs: 40.9 s against 30.8 s without the
     file). With a file naming another live cluster the controller would, by Ray Train's code, be looked up
     there, not found, and the run's placement group removed as an orphan's."""
-    if port is None:
+    with _environ({} if port is None else {API_SERVER_ENV: f"http://127.0.0.1:{int(port)}"}):
         yield
-        return
-    saved = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{int(port)}"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = saved
 
 
 @contextlib.contextmanager
@@ -344,14 +343,22 @@ def _mark_instance(temp_dir: str) -> str:
     return marker
 
 
-def _owner_alive(marker: str) -> bool:
-    """Whether the driver a marker names still runs (same pid and same start time: no reused pid)."""
+def _owner(marker: str) -> tuple[int, float | None] | None:
+    """(pid, start time) of the driver a marker names; None when it cannot be read."""
     try:
         with open(marker) as f:
             owner = json.load(f)
-        pid, started = int(owner["pid"]), owner.get("started")
+        return int(owner["pid"]), owner.get("started")
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _owner_alive(marker: str) -> bool:
+    """Whether the driver a marker names still runs (same pid and same start time: no reused pid)."""
+    owner = _owner(marker)
+    if owner is None:
         return True  # unreadable (being written, or not ours to judge): leave it alone
+    pid, started = owner
     now = _started(pid)
     if now is None:
         return False
@@ -424,20 +431,34 @@ def reap_if_orphaned(root: str | None = None) -> list[int]:
     psutil) is imported only when a private instance's owner marker names a driver whose pid no longer
     exists. (A pid since reused by another process is left to the next verb that starts Ray.)"""
     root = root or ray_temp_root()
+    for _, marker in _instances(root):
+        owner = _owner(marker)
+        try:
+            if owner is not None:
+                os.kill(owner[0], 0)
+        except ProcessLookupError:
+            return reap_orphans(root)
+        except OSError:  # a process of another user's: its driver runs
+            continue
+    return []
+
+
+def _instances(root: str) -> Iterator[tuple[str, str]]:
+    """(temp dir, owner marker) of every private instance under ``root`` (``stampray-*`` dirs of this user's
+    that hold a marker), in name order."""
     try:
         names = sorted(n for n in os.listdir(root) if n.startswith(TEMP_PREFIX))
     except OSError:
-        return []
+        return
     for name in names:
+        temp_dir = os.path.join(root, name)
+        marker = os.path.join(temp_dir, OWNER_FILE)
         try:
-            with open(os.path.join(root, name, OWNER_FILE)) as f:
-                pid = int(json.load(f)["pid"])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return reap_orphans(root)
-        except (OSError, ValueError, KeyError, TypeError):  # no marker, not ours to signal, unreadable
+            ours = os.stat(temp_dir).st_uid == os.getuid() and os.path.isfile(marker)
+        except OSError:
             continue
-    return []
+        if ours:
+            yield temp_dir, marker
 
 
 def reap_orphans(root: str | None = None, term_wait: float = 3.0, kill_wait: float = 3.0) -> list[int]:
@@ -448,20 +469,8 @@ def reap_orphans(root: str | None = None, term_wait: float = 3.0, kill_wait: flo
     runs, and Ray instances stampray did not start, are not touched. The marker is removed once nothing of
     the instance is left (the logs stay). Returns the pids that were ended.
     """
-    root = root or ray_temp_root()
-    try:
-        names = [n for n in os.listdir(root) if n.startswith(TEMP_PREFIX)]
-    except OSError:
-        return []
     ended: list[int] = []
-    for name in sorted(names):
-        temp_dir = os.path.join(root, name)
-        marker = os.path.join(temp_dir, OWNER_FILE)
-        try:
-            if os.stat(temp_dir).st_uid != os.getuid() or not os.path.isfile(marker):
-                continue
-        except OSError:
-            continue
+    for temp_dir, marker in _instances(root or ray_temp_root()):
         if _owner_alive(marker):
             continue
         procs = processes_in(temp_dir)

@@ -883,13 +883,14 @@ def split_counts(data: str, manifest: st.Manifest, fractions, here: bool = True)
     machine, where three Ray tasks in fresh worker processes took 3.7 s for 600); otherwise one small Ray
     task per shard, which also shows at once that a cluster's nodes can read the table."""
     shards = [s["path"] for s in manifest.shards]
+    columns = [st.ID, st.LABEL] + ([st.SPLIT] if st.SPLIT in manifest.columns else [])
     if here and manifest.num_rows <= COUNT_HERE_ROWS:
-        parts = [count_splits(data, shard, tuple(fractions)) for shard in shards]
+        parts = [count_splits(data, shard, tuple(fractions), columns) for shard in shards]
     else:
         import ray
 
         task = ray.remote(num_cpus=READ_TASK_CPUS)(count_splits)
-        parts = ray.get([task.remote(data, shard, tuple(fractions)) for shard in shards])
+        parts = ray.get([task.remote(data, shard, tuple(fractions), columns) for shard in shards])
     totals = dict.fromkeys(st.SPLIT_NAMES, 0)
     for counts in parts:
         for name, n in counts.items():

@@ -132,7 +132,7 @@ def test_a_damaged_shard_is_named_when_the_splits_are_counted(tno_small, tmp_pat
     open(path, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match=f"^{path} is damaged and cannot be read \\(.*\\); restore it, or "
                                          f"re-create it with 'stampray ingest'$"):
-        count_splits(data, shard, splits.DEFAULT_FRACTIONS)
+        count_splits(data, shard, splits.DEFAULT_FRACTIONS, [st.ID, st.LABEL])
 
 
 def test_the_read_tasks_module_does_not_import_torch():
