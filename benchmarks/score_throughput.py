@@ -15,8 +15,10 @@ Parquet shards and the same model and preprocessing:
 Prints the rates, the time to the first result (score's first progress line), ``ratio stampray /
 baseline`` and ``fraction of the forward limit``, end to end and for the steady rate after start-up (from
 score's own progress lines, a line every ~10 s: stamps scored between its first line and its last over the
-time between them); then the cost of ``--tta 8`` (``--tta-n`` stamps scored plainly and with it). Run:
-``python benchmarks/score_throughput.py [-n 1000000] [--tta-n 100000]``.
+time between them); then the cost of ``--tta 8`` (``--tta-n`` stamps scored plainly and with it). With
+``--in-process``: the same table scored by ``stampray score --in-process on`` (scoring threads in one
+process, no Ray), and one process's forward on two Python threads. Run:
+``python benchmarks/score_throughput.py [-n 1000000] [--tta-n 100000] [--in-process]``.
 """
 
 import argparse
@@ -67,7 +69,7 @@ from stampray import checkpoint as ck, preprocess as pp, table as st
 bundle = ck.load_bundle(sys.argv[1])
 model = ck.build_model(bundle).eval()
 prep = pp.get(bundle["preprocess"])
-batch, seconds = int(sys.argv[2]), float(sys.argv[3])
+batch, seconds, threads = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 images = np.random.default_rng(0).normal(size=(batch, 1, 21, 21)).astype(np.float32)
 # Channels-last, as stampray's replicas run the compiled model: 1.7x the channels-first forward here.
 fwd = torch.compile(model.to(memory_format=torch.channels_last), dynamic=False)
@@ -77,21 +79,32 @@ def step():
 with torch.inference_mode():
     for _ in range(3):  # compile and warm up
         step()
-    n, t0 = 0, time.time()
-    while time.time() - t0 < seconds:
-        step()
-        n += batch
-print("RESULT " + json.dumps({"rate": n / (time.time() - t0)}))
+done = []
+def run():  # one Python thread's loop; with several, torch's kernels run at once (they release the GIL)
+    with torch.inference_mode():
+        n, t0 = 0, time.time()
+        while time.time() - t0 < seconds:
+            step()
+            n += batch
+        done.append(n / (time.time() - t0))
+import threading
+pool = [threading.Thread(target=run) for _ in range(threads)]
+for t in pool:
+    t.start()
+for t in pool:
+    t.join()
+print("RESULT " + json.dumps({"rate": sum(done)}))
 """
 
 
-def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, procs: int = 2) -> list[float]:
-    """Rates (stamps/s) of ``procs`` single-thread processes running preprocessing + the compiled model at
-    once on in-memory decoded stamps."""
+def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, procs: int = 2,
+                  threads: int = 1) -> list[float]:
+    """Rates (stamps/s) of ``procs`` processes of one torch thread each running preprocessing + the compiled
+    model at once on in-memory decoded stamps, each on ``threads`` Python threads (their rates summed)."""
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ps = [subprocess.Popen([sys.executable, "-c", LIMIT_CHILD, model_path, str(batch), str(seconds)],
+    ps = [subprocess.Popen([sys.executable, "-c", LIMIT_CHILD, model_path, str(batch), str(seconds), str(threads)],
                            stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
     rates = []
     for p in ps:
@@ -153,6 +166,8 @@ def main():
     ap.add_argument("-n", type=int, default=1_000_000)
     ap.add_argument("--work", default="/tmp/stampray-bench")
     ap.add_argument("--tta-n", type=int, default=100_000, help="stamps for the --tta 8 cost line (0: skip it)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also score the table with --in-process on, and measure one process on two threads")
     args = ap.parse_args()
     data = os.path.join(args.work, f"tno-{args.n}")
     if not os.path.exists(os.path.join(data, st.MANIFEST_NAME)):
@@ -186,8 +201,22 @@ def main():
           f"stamps/s ({' + '.join(f'{r:,.0f}' for r in rates)})")
     print(f"fraction of the forward limit: {b / limit:.2f} end to end (goal 0.75); steady rate "
           f"{steady:,.0f} stamps/s = {steady / limit:.2f} (goal 0.85)")
+    if args.in_process:
+        in_process_lines(model_path, data, os.path.join(args.work, "scores-in-process"), args.n, limit)
     if args.tta_n:
         tta_cost(model_path, args.work, args.tta_n)
+
+
+def in_process_lines(model_path: str, data: str, out: str, n: int, limit: float) -> None:
+    """``stampray score --in-process on`` (scoring threads in one process, no Ray) against the same limit,
+    and the forward of one process on two Python threads of one torch thread each."""
+    wall, marks = run_score(model_path, data, out, "--in-process", "on")
+    steady = steady_rate(marks)
+    two = forward_limit(model_path, procs=1, threads=2)[0]
+    print(f"stampray score --in-process on: {n / wall:,.0f} stamps/s ({wall:.1f} s) = {n / wall / limit:.2f} "
+          f"of the limit end to end; steady {steady:,.0f} stamps/s = {steady / limit:.2f}")
+    print(f"one process, 2 Python threads x 1 torch thread (preprocessing + compiled model, in memory): "
+          f"{two:,.0f} stamps/s = {two / limit:.2f} of the limit")
 
 
 if __name__ == "__main__":
