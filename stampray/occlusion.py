@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -137,11 +138,56 @@ QUEUE_VARIANTS = 50_000
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
 
 
+class BlocksInOrder:
+    """The driver's books of an occlusion job: the replicas' records (one per block, in the order blocks
+    finish) against the table's order, so that ``--limit N`` keeps the first N selected stamps of the table
+    whichever replica finishes first (a replica that is slow, compiling on a loaded machine, must not let a
+    later block's maps in before its own).
+
+    ``mapped``: the maps of the blocks that are in and have no block missing before them; ``pieces()``: their
+    pieces in table order (``complete``: all pieces in, for a job read to its end)."""
+
+    def __init__(self, items: list[dict]):
+        self.start: dict[str, int] = {}  # shard -> the position of its first row in the table
+        n = 0
+        for it in items:
+            self.start.setdefault(it["shard"], n - int(it["row0"]) - int(it.get("offset", 0)))
+            n = self.start[it["shard"]] + int(it["row0"]) + int(it.get("offset", 0)) + int(it.get("length", 0))
+        self.waiting: list[tuple[int, int, int, int, str | None]] = []  # heap: (start, end, n, maps, piece)
+        self.done = 0  # every row before this position is in
+        self.mapped = 0
+        self.nodes: dict = {}
+        self._pieces: dict[str, int] = {}  # piece -> its start: each once, however often its block ran
+        self._in_order: list[str] = []
+
+    def add(self, r: dict) -> None:
+        if not r["length"] or (r["piece"] is not None and r["piece"] in self._pieces):
+            return  # an empty block, or a block redone (it rewrote the same piece)
+        start = self.start[r["shard"]] + int(r["row"])
+        if r["piece"] is not None:
+            self._pieces[r["piece"]] = start
+            self.nodes[r["node"]] = self.nodes.get(r["node"], 0) + r["rows"]
+        heapq.heappush(self.waiting, (start, start + int(r["length"]), len(self.waiting), int(r["rows"]),
+                                      r["piece"]))
+        while self.waiting and self.waiting[0][0] <= self.done:
+            _, end, _, rows, piece = heapq.heappop(self.waiting)
+            if end > self.done:
+                self.done = end
+                self.mapped += rows
+                if piece is not None:
+                    self._in_order.append(piece)
+
+    def pieces(self, complete: bool = False) -> list[str]:
+        if not complete:
+            return list(self._in_order)
+        return sorted(self._pieces, key=self._pieces.get)
+
+
 def blocks_in_flight(rows: int, windows: int, limited: bool = False) -> int:
     """Blocks queued at a replica: one when a block is long (big stamps: minutes of work each; a second block
     queued at a busy replica could leave a replica that starts later idle as long) or the job stops at
-    ``--limit`` (blocks then start in table order, one per replica, so the first blocks' maps are the ones
-    in by the limit, as with one replica); two when it is short (``QUEUE_VARIANTS`` occluded variants or
+    ``--limit`` (blocks start in table order, one per replica, and the job waits for the earlier ones:
+    :class:`BlocksInOrder`); two when it is short (``QUEUE_VARIANTS`` occluded variants or
     fewer), so that a replica starts its next block without waiting a round trip to the executor (21x21,
     kernel 5: 64 stamps x 289 windows, under a second each; 2,000 maps in 34.9 s -> 33.1 s here), at the cost
     of at most one short block of imbalance at the end."""
@@ -241,8 +287,13 @@ class Occluder(ModelActor):
             name = f"{shard.removesuffix('.parquet')}-{row:012d}-{batch.num_rows}.parquet"
             write_atomic(maps, st.join(self.out, PARTS_DIR, name), self.out)
         failed = maps.num_rows - maps.column(ERROR).null_count
+        # The block's place in the table (its shard, first row and length), for the driver to keep the
+        # first --limit maps in table order whichever replica finishes first.
+        shard = batch.column(SHARD)[0].as_py() if batch.num_rows else None
+        row = batch.column(ROW)[0].as_py() if batch.num_rows else 0
         return pa.table({"piece": pa.array([name], pa.string()), "rows": [maps.num_rows - failed],
-                         "errors": [failed], "node": [self.node_id]})
+                         "errors": [failed], "node": [self.node_id], "shard": pa.array([shard], pa.string()),
+                         "row": [int(row)], "length": [batch.num_rows]})
 
     def maps(self, batch: pa.Table) -> pa.Table:
         """Maps of the selected stamps of ``batch``; unusable rows carry their reason (``_error``)."""
@@ -427,20 +478,18 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
         committer = start_committer(MapsCommitter)
         limit = int(settings.limit) if settings.limit else None
-        accepted, total, nodes = [], 0, {}
+        books = BlocksInOrder(items)
         for records in stream:
             for r in records.to_pylist():
-                if r["piece"] is None or r["piece"] in accepted:  # nothing selected, or a block redone
-                    continue
-                accepted.append(r["piece"])
-                total += r["rows"]
-                nodes[r["node"]] = nodes.get(r["node"], 0) + r["rows"]
-                # Each replica maps up to --limit stamps; the commit keeps the first --limit of them.
-                progress.update(r["rows"] if limit is None else max(0, min(r["rows"], limit - progress.done)))
-            if limit is not None and total >= limit:
+                books.add(r)
+            # Each replica maps up to --limit stamps of a block; the commit keeps the first --limit in table
+            # order, so the job stops only once every block before them is in.
+            progress.update((books.mapped if limit is None else min(books.mapped, limit)) - progress.done)
+            if limit is not None and books.mapped >= limit:
                 break  # ends the dataset: the pool stops
         stream.close()
         progress.close()
+        accepted, nodes = books.pieces(complete=limit is None), books.nodes
         total, set_aside, files, missing = ray.get(
             committer.commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
     return total, set_aside, nodes, files, missing

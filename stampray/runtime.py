@@ -443,6 +443,15 @@ def reap_if_orphaned(root: str | None = None) -> list[int]:
     return []
 
 
+def end_leftovers(verb: str) -> None:
+    """End what a killed stampray left of a private Ray (:func:`reap_if_orphaned`), as every verb does first,
+    whether it starts a Ray or not (evaluate, vet, a job scored in-process): never instead of the verb."""
+    try:
+        reap_if_orphaned()
+    except Exception as e:  # noqa: BLE001 - leftovers are the next verb's to end; the verb goes on
+        log.debug(f"{verb}: could not look for leftovers of a private Ray: {e}")
+
+
 def _instances(root: str) -> Iterator[tuple[str, str]]:
     """(temp dir, owner marker) of every private instance under ``root`` (``stampray-*`` dirs of this user's
     that hold a marker), in name order."""

@@ -656,21 +656,11 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
         if settings.in_process == "auto":
             logger.info(f"score: {rows:,} stamps: scoring in this process, without Ray "
                         f"(--in-process off: through Ray)")
-        _reap_leftovers()
+        from .runtime import end_leftovers
+
+        end_leftovers("score")  # the CLI has already; for a library caller's job
         return run_here(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
     return _run_ray(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
-
-
-def _reap_leftovers() -> None:
-    """End what a killed stampray left of a private Ray, as every verb that starts one does first
-    (:func:`stampray.runtime.reap_if_orphaned`: without importing Ray when there is nothing to end); never
-    instead of the job."""
-    from .runtime import reap_if_orphaned
-
-    try:
-        reap_if_orphaned()
-    except Exception as e:  # noqa: BLE001 - leftovers are the next verb's to end; the job goes on
-        logger.debug(f"score: could not look for leftovers of a private Ray: {e}")
 
 
 def in_process(settings: ScoreSettings, rows: int) -> bool:

@@ -4,6 +4,7 @@ Each test runs its scenario in a fresh Python process: the simulated cluster (or
 the Ray workers inherit) must not mix with the test session's own Ray instance.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -157,40 +158,12 @@ def test_killed_driver_rerun_completes_scoring_on_a_cluster(tmp_path, make_check
         if driver is not None and driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-        os.killpg(holder.pid, signal.SIGTERM)
-        holder.wait(timeout=60)
-
-
-@pytest.mark.slow
-def test_ingest_train_score_through_a_loopback_s3_server(tmp_path, s3_env, run_scenario):
-    result, _ = run_scenario(f"""
-        import json, numpy as np, boto3, ray
-        boto3.client("s3").create_bucket(Bucket="survey")  # the server answers: s3_env waited for it
-        from stampray import table as st
-        from stampray.ingest import IngestSettings, ingest
-        from stampray.synth import SynthSettings, synth
-        from stampray.train import TrainSettings, fit
-        from stampray.score import ScoreSettings, score, read_scores
-        from stampray.runtime import ray_session
-        local = {str(tmp_path / 'local')!r}
-        synth(SynthSettings(out=local, n=1500, seed=3, shard_rows=500))
-        t = st.read_table(local)
-        img = st.decode_images(t.column("image"), (1, 21, 21))[:, 0]
-        lab = t.column("label").to_numpy()
-        np.save({str(tmp_path / 'noise.npy')!r}, img[lab == 0])
-        np.save({str(tmp_path / 'source.npy')!r}, img[lab == 1])
-        r = ingest(IngestSettings(out="s3://survey/stamps", shard_rows=400, class_files=(
-            ("noise", {str(tmp_path / 'noise.npy')!r}), ("source", {str(tmp_path / 'source.npy')!r}))))
-        with ray_session():
-            tr = fit(TrainSettings(model="cnn", data="s3://survey/stamps", out="s3://survey/runs", epochs=1,
-                                   batch_size=64))
-            sc = score(ScoreSettings(model="s3://survey/runs/cnn", data="s3://survey/stamps",
-                                     out="s3://survey/scores", progress=False))
-        ids = read_scores("s3://survey/scores", columns=["stamp_id"]).column("stamp_id").to_pylist()
-        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="survey")["Contents"]]
-        print("RESULT", json.dumps({{"ingested": r.ingested, "best": tr.best, "scored": sc.scored,
-                                     "ids": len(set(ids)), "tb": any("tensorboard/events" in k for k in keys),
-                                     "manifest": "stamps/_manifest.json" in keys}}))
-    """, env=s3_env)
-    assert result == {"ingested": 1500, "best": "s3://survey/runs/cnn/best.pt", "scored": 1500, "ids": 1500,
-                      "tb": True, "manifest": True}
+        # Closing its stdin ends the holder, which shuts its cluster down in about a second; a SIGTERM made
+        # each of Ray's nodes drain for its full 30 s first.
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(holder.pid, signal.SIGKILL)  # whatever of the group is left
+            holder.wait()

@@ -84,44 +84,6 @@ def test_epoch_sums_live_on_the_training_device():
     assert epoch_sums(torch.device("cpu")).dtype == torch.float64
 
 
-@pytest.mark.slow
-def test_a_checkpoint_holds_cpu_tensors_and_the_scaler_and_resumes(tmp_path, ray_shared):
-    """Every tensor of a checkpoint is on the CPU (a GPU run's checkpoint loads on a laptop), the AMP
-    scaler's state is saved, and a resumed run restores the optimizer after the model's device move."""
-    import glob
-
-    import torch
-
-    from stampray.synth import SynthSettings, synth
-    from stampray.train import TrainSettings, fit
-
-    data = str(tmp_path / "t")
-    synth(SynthSettings(out=data, n=300, seed=2, shard_rows=300))
-    settings = dict(model="cnn", data=data, out=str(tmp_path / "runs"), epochs=1, batch_size=64,
-                    cpus_per_worker=0.5)
-    fit(TrainSettings(**settings))
-    ckpt = sorted(glob.glob(str(tmp_path / "runs" / "cnn" / "epoch-*" / "model.pt")))[-1]
-    bundle = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert "scaler" in bundle and "optimizer" in bundle
-
-    def devices(obj):
-        if isinstance(obj, torch.Tensor):
-            yield obj.device.type
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from devices(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                yield from devices(v)
-
-    found = set(devices(bundle))
-    assert found == {"cpu"}
-    moments = bundle["optimizer"]["state"]
-    assert moments and all(v["exp_avg"].device.type == "cpu" for v in moments.values())
-    r = fit(TrainSettings(**{**settings, "epochs": 2}))  # resumes from epoch 1
-    assert r.metrics["epochs_done"] == 2 and r.metrics["resumed_from"] == [1]
-
-
 @pytest.mark.parametrize("name", ["course", "course_scaled", "none", "standardize"])
 @pytest.mark.parametrize("size", [21, 64])
 def test_the_torch_preprocessing_equals_the_numpy_one(name, size):

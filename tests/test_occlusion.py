@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -116,7 +117,8 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_chec
                                 png=str(tmp_path / "png")))
     assert r.rows == 4
     t = read_maps(str(tmp_path / "maps"))
-    assert t.num_rows == 4
+    first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
+    assert t.column("stamp_id").to_pylist() == first.to_pylist()[:4]  # the table's first four
     heat = t.column("heatmap").combine_chunks().to_numpy_ndarray()
     assert heat.shape == (4, 21, 21) and np.isfinite(heat).all() and (heat >= 0).all() and (heat <= 1).all()
     assert sorted(os.listdir(tmp_path / "png")) == sorted(
@@ -130,8 +132,6 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_chec
 @pytest.mark.slow
 def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, caplog, make_checkpoint,
                                                                    write_stamps):
-    import pyarrow.parquet as pq
-
     from stampray import table as st
 
     images = np.random.default_rng(1).normal(size=(6, 1, 21, 21)).astype(np.float32)
@@ -184,19 +184,17 @@ def _tensor(arr):
 
 @pytest.mark.slow
 def test_compiled_replicas_give_the_eager_maps(tno_small, tmp_path, ray_shared, make_checkpoint):
-    """--compile on (one compiled shape: the occlusion chunk, tails padded) draws the maps eager draws.
-
-    One replica: with two, --limit keeps the maps of whichever block finishes first, and a replica slowed
-    by its compile (seen on a loaded machine) let the second block's stamps in; which stamps a limited
-    pool maps is not what this test is about."""
+    """--compile on (one compiled shape: the occlusion chunk, tails padded) draws the maps eager draws, of the
+    same stamps: the first three of the table."""
     ckpt = make_checkpoint(tmp_path / "m.pt", preprocess="course_scaled")
     maps = {}
     for mode in ("off", "on"):
         occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / mode), limit=3, compile=mode,
-                                actors=1, progress=False))
+                                actors=2, batch_size=2, progress=False))
         t = read_maps(str(tmp_path / mode))
         maps[mode] = dict(zip(t.column("stamp_id").to_pylist(), t.column("heatmap").combine_chunks().to_numpy_ndarray()))
-    assert sorted(maps["on"]) == sorted(maps["off"]) and len(maps["on"]) == 3
+    first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
+    assert list(maps["on"]) == list(maps["off"]) == first.to_pylist()[:3]
     for k in maps["off"]:
         np.testing.assert_allclose(maps["on"][k], maps["off"][k], atol=1e-4)
 
@@ -229,3 +227,40 @@ def test_short_blocks_are_queued_two_at_a_time_long_ones_one():
     assert blocks_in_flight(64, 146 * 146) == 1
     assert blocks_in_flight(1, QUEUE_VARIANTS) == 2 and blocks_in_flight(1, QUEUE_VARIANTS + 1) == 1
     assert blocks_in_flight(64, 289, limited=True) == 1
+
+
+def _block(shard, row, length, maps, node="n1"):
+    piece = f"{shard}-{row}" if maps else None
+    return {"piece": piece, "rows": maps, "errors": 0, "node": node, "shard": shard, "row": row, "length": length}
+
+
+def test_limited_occlusion_keeps_the_first_maps_in_table_order_whichever_block_finishes_first():
+    """A later block that finishes first is held until every block before it is in: with --limit 3 the maps
+    kept are those of the table's first blocks, not of the fastest replica."""
+    from stampray.occlusion import BlocksInOrder
+
+    items = [{"shard": "a", "row_group": 0, "row0": 0, "offset": 0, "length": 2},
+             {"shard": "a", "row_group": 0, "row0": 0, "offset": 2, "length": 2},
+             {"shard": "a", "row_group": 1, "row0": 4, "offset": 0, "length": 1},
+             {"shard": "b", "row_group": 0, "row0": 0, "offset": 0, "length": 2}]
+    books = BlocksInOrder(items)
+    books.add(_block("b", 0, 2, 2, node="n2"))  # the last block first
+    books.add(_block("a", 2, 2, 2))
+    assert (books.mapped, books.pieces()) == (0, [])  # the first block is not in: nothing counts yet
+    books.add(_block("a", 0, 2, 1))  # one of its two stamps selected
+    assert (books.mapped, books.pieces()) == (3, ["a-0", "a-2"])
+    books.add(_block("a", 2, 2, 2))  # a block redone: counted once
+    books.add(_block("a", 4, 1, 0))  # nothing selected in it: no piece, but it is in
+    assert (books.mapped, books.pieces()) == (5, ["a-0", "a-2", "b-0"])
+    assert books.pieces(complete=True) == ["a-0", "a-2", "b-0"]
+    assert books.nodes == {"n1": 3, "n2": 2}
+
+
+def test_a_job_read_to_its_end_commits_its_pieces_in_table_order():
+    from stampray.occlusion import BlocksInOrder
+
+    items = [{"shard": s, "row_group": 0, "row0": 0, "offset": k, "length": 1} for s in ("x", "y") for k in (0, 1)]
+    books = BlocksInOrder(items)
+    for shard, row in [("y", 1), ("x", 1), ("y", 0), ("x", 0)]:
+        books.add(_block(shard, row, 1, 1))
+    assert books.pieces(complete=True) == books.pieces() == ["x-0", "x-1", "y-0", "y-1"]

@@ -368,3 +368,19 @@ def test_a_session_ends_what_its_private_ray_left_running(tmp_path):
         for p in (stuck, bystander):
             p.kill()
             p.wait()
+
+
+def test_every_verb_first_ends_a_killed_stampray_s_leftovers(tmp_path, monkeypatch, capsys):
+    """The CLI ends a dead driver's private Ray before any verb, one that starts no Ray too (here `models`);
+    a failure to look is no reason to stop the verb."""
+    from stampray.cli import main
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    root = os.path.join(str(tmp_path), "ray")
+    _dead_drivers_instance(root)
+    calls = []
+    monkeypatch.setattr(runtime, "reap_orphans", lambda r: calls.append(r) or [4242])
+    assert main(["models", "--shape", "1,21,21", "--classes", "2"]) == 0 and calls == [root]
+    monkeypatch.setattr(runtime, "reap_orphans", lambda r: 1 / 0)
+    assert main(["models", "--shape", "1,21,21", "--classes", "2"]) == 0
+    assert "cnn" in capsys.readouterr().out

@@ -57,11 +57,28 @@ def test_one_worker_run_leaves_checkpoints_logs_and_metrics(tno_small, tmp_path,
 
 @pytest.mark.slow
 def test_resume_continues_the_epoch_count(tno_small, tmp_path, ray_shared, capfd):
+    """A run resumes from its last checkpoint. Every tensor of a checkpoint is on the CPU (a GPU run's
+    checkpoint loads on a laptop) and the AMP scaler's and the optimizer's states are saved, so a resumed
+    run restores the optimizer after the model's device move."""
+    import glob
+
     fit(small(tno_small, tmp_path, epochs=1, name="resume"))
     assert history_epochs(str(tmp_path / "resume")) == [1]
+    (ckpt,) = glob.glob(str(tmp_path / "resume" / "epoch-*" / "model.pt"))
+    bundle = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "scaler" in bundle and bundle["optimizer"]["state"]
+
+    def devices(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj.device.type
+        elif isinstance(obj, (dict, list, tuple)):
+            for v in (obj.values() if isinstance(obj, dict) else obj):
+                yield from devices(v)
+
+    assert set(devices(bundle)) == {"cpu"}
     r = fit(small(tno_small, tmp_path, epochs=3, name="resume"))
     assert history_epochs(r.run_dir) == [1, 2, 3]
-    assert r.metrics["epochs_done"] == 3
+    assert r.metrics["epochs_done"] == 3 and r.metrics["resumed_from"] == [1]
     assert "resuming cnn from epoch 1" in capfd.readouterr().out
 
 
