@@ -291,6 +291,11 @@ class Occluder(ModelActor):
         # first --limit maps in table order whichever replica finishes first.
         shard = batch.column(SHARD)[0].as_py() if batch.num_rows else None
         row = batch.column(ROW)[0].as_py() if batch.num_rows else 0
+        rows = batch.column(ROW).to_numpy()
+        if batch.num_rows and (pc.count_distinct(batch.column(SHARD)).as_py() != 1
+                               or not np.array_equal(rows, np.arange(row, row + len(rows)))):
+            msg = f"occlude: a block of {batch.num_rows} rows from {shard} is not one run of rows (internal error)"
+            raise RuntimeError(msg)
         return pa.table({"piece": pa.array([name], pa.string()), "rows": [maps.num_rows - failed],
                          "errors": [failed], "node": [self.node_id], "shard": pa.array([shard], pa.string()),
                          "row": [int(row)], "length": [batch.num_rows]})
@@ -467,7 +472,9 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
         stream = run_pool(Occluder, model_bytes, settings.data, shards, [st.ID, st.IMAGE, st.LABEL], items,
                           use_gpu=settings.use_gpu, max_actors=settings.max_actors, actors=settings.actors,
-                          batch_size=batch_size, chunk=pairs if compile_model else None,
+                          # One work item (batch_size rows or a row group's tail) per call, from read
+                          # tasks too: a record then names exactly the rows its block held (BlocksInOrder).
+                          batch_size=None, chunk=pairs if compile_model else None,
                           tasks_in_flight=blocks_in_flight(batch_size, windows, bool(settings.limit)),
                           replica_kwargs={"out": settings.out, "kernel": settings.kernel,
                                           "stride": settings.stride, "ids": list(settings.ids),

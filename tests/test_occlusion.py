@@ -199,6 +199,21 @@ def test_compiled_replicas_give_the_eager_maps(tno_small, tmp_path, ray_shared, 
         np.testing.assert_allclose(maps["on"][k], maps["off"][k], atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_limited_job_fed_by_read_tasks_keeps_the_first_stamps(tno_small, tmp_path, ray_shared, make_checkpoint,
+                                                                 monkeypatch):
+    """The GPU path's feed (read tasks, rows through the object store), here on CPUs: each call is one work
+    item, so a record names exactly its rows, and --limit keeps the table's first stamps."""
+    from stampray import inference
+
+    run_pool = inference.run_pool
+    monkeypatch.setattr(inference, "run_pool", lambda *a, **k: run_pool(*a, **{**k, "read_tasks": True}))
+    occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=tno_small, out=str(tmp_path / "maps"),
+                            limit=5, actors=2, batch_size=2, progress=False))
+    first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
+    assert read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist() == first.to_pylist()[:5]
+
+
 @pytest.mark.parametrize("pixels, windows, chunk, expected", [
     (21 * 21, 17 * 17, None, (2312, 8)),       # 8 whole stamps' windows (2,377 pairs' worth of pixels)
     (20 * 20, 16 * 16, None, (2560, 10)),      # jets: 10 stamps
