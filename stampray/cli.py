@@ -321,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _log_to_stderr():
             settings = ns if VERBS[ns.verb][1] is None else _settings(settings_class(ns.verb), ns)
-            from .runtime import end_leftovers
+            from .runtime import reap_before
 
-            end_leftovers(ns.verb)
+            reap_before(ns.verb)
             with _quiet_private_ray(settings):
                 COMMANDS[ns.verb](settings)
     except KeyboardInterrupt:

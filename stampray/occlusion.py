@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -145,20 +146,23 @@ class BlocksInOrder:
     later block's maps in before its own).
 
     ``mapped``: the maps of the blocks that are in and have no block missing before them; ``pieces()``: their
-    pieces in table order (``complete``: all pieces in, for a job read to its end)."""
+    pieces in table order (``complete``: every piece in, for a job read to its end); ``nodes``: those maps per
+    node, at most ``limit`` in all (what the commit keeps)."""
 
-    def __init__(self, items: list[dict]):
+    def __init__(self, items: list[dict], limit: int | None = None):
         self.start: dict[str, int] = {}  # shard -> the position of its first row in the table
         n = 0
         for it in items:
             self.start.setdefault(it["shard"], n - int(it["row0"]) - int(it.get("offset", 0)))
             n = self.start[it["shard"]] + int(it["row0"]) + int(it.get("offset", 0)) + int(it.get("length", 0))
-        self.waiting: list[tuple[int, int, int, int, str | None]] = []  # heap: (start, end, n, maps, piece)
+        self.limit = limit
+        self.waiting: list[tuple] = []  # heap: (start, end, arrival, maps, piece, node)
         self.done = 0  # every row before this position is in
         self.mapped = 0
         self.nodes: dict = {}
         self._pieces: dict[str, int] = {}  # piece -> its start: each once, however often its block ran
         self._in_order: list[str] = []
+        self._arrival = itertools.count()  # ties in the heap never compare pieces
 
     def add(self, r: dict) -> None:
         if not r["length"] or (r["piece"] is not None and r["piece"] in self._pieces):
@@ -166,16 +170,19 @@ class BlocksInOrder:
         start = self.start[r["shard"]] + int(r["row"])
         if r["piece"] is not None:
             self._pieces[r["piece"]] = start
-            self.nodes[r["node"]] = self.nodes.get(r["node"], 0) + r["rows"]
-        heapq.heappush(self.waiting, (start, start + int(r["length"]), len(self.waiting), int(r["rows"]),
-                                      r["piece"]))
+        heapq.heappush(self.waiting, (start, start + int(r["length"]), next(self._arrival), int(r["rows"]),
+                                      r["piece"], r["node"]))
         while self.waiting and self.waiting[0][0] <= self.done:
-            _, end, _, rows, piece = heapq.heappop(self.waiting)
-            if end > self.done:
-                self.done = end
-                self.mapped += rows
-                if piece is not None:
-                    self._in_order.append(piece)
+            _, end, _, rows, piece, node = heapq.heappop(self.waiting)
+            if end <= self.done:
+                continue
+            self.done = end
+            kept = rows if self.limit is None else max(0, min(rows, self.limit - self.mapped))
+            self.mapped += rows
+            if piece is not None:
+                self._in_order.append(piece)
+                if kept:
+                    self.nodes[node] = self.nodes.get(node, 0) + kept
 
     def pieces(self, complete: bool = False) -> list[str]:
         if not complete:
@@ -280,15 +287,8 @@ class Occluder(ModelActor):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = self.stamps(batch)
-        maps = self.maps(batch)
-        name = None
-        if maps.num_rows:  # named after the block's first row: a block redone rewrites the same piece
-            shard, row = batch.column(SHARD)[0].as_py(), batch.column(ROW)[0].as_py()
-            name = f"{shard.removesuffix('.parquet')}-{row:012d}-{batch.num_rows}.parquet"
-            write_atomic(maps, st.join(self.out, PARTS_DIR, name), self.out)
-        failed = maps.num_rows - maps.column(ERROR).null_count
         # The block's place in the table (its shard, first row and length), for the driver to keep the
-        # first --limit maps in table order whichever replica finishes first.
+        # first --limit maps in table order whichever replica finishes first: one work item, one run of rows.
         shard = batch.column(SHARD)[0].as_py() if batch.num_rows else None
         row = batch.column(ROW)[0].as_py() if batch.num_rows else 0
         rows = batch.column(ROW).to_numpy()
@@ -296,6 +296,12 @@ class Occluder(ModelActor):
                                or not np.array_equal(rows, np.arange(row, row + len(rows)))):
             msg = f"occlude: a block of {batch.num_rows} rows from {shard} is not one run of rows (internal error)"
             raise RuntimeError(msg)
+        maps = self.maps(batch)
+        name = None
+        if maps.num_rows:  # named after the block's first row: a block redone rewrites the same piece
+            name = f"{shard.removesuffix('.parquet')}-{row:012d}-{batch.num_rows}.parquet"
+            write_atomic(maps, st.join(self.out, PARTS_DIR, name), self.out)
+        failed = maps.num_rows - maps.column(ERROR).null_count
         return pa.table({"piece": pa.array([name], pa.string()), "rows": [maps.num_rows - failed],
                          "errors": [failed], "node": [self.node_id], "shard": pa.array([shard], pa.string()),
                          "row": [int(row)], "length": [batch.num_rows]})
@@ -485,7 +491,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
         committer = start_committer(MapsCommitter)
         limit = int(settings.limit) if settings.limit else None
-        books = BlocksInOrder(items)
+        books, stopped = BlocksInOrder(items, limit), False
         for records in stream:
             for r in records.to_pylist():
                 books.add(r)
@@ -493,10 +499,12 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
             # order, so the job stops only once every block before them is in.
             progress.update((books.mapped if limit is None else min(books.mapped, limit)) - progress.done)
             if limit is not None and books.mapped >= limit:
+                stopped = True
                 break  # ends the dataset: the pool stops
         stream.close()
         progress.close()
-        accepted, nodes = books.pieces(complete=limit is None), books.nodes
+        # Read to its end, every block is in: all their pieces, in table order (the commit keeps --limit).
+        accepted, nodes = books.pieces(complete=not stopped), books.nodes
         total, set_aside, files, missing = ray.get(
             committer.commit.remote(settings.out, accepted, limit, old_files, list(settings.ids)), timeout=1800)
     return total, set_aside, nodes, files, missing

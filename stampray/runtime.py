@@ -443,7 +443,7 @@ def reap_if_orphaned(root: str | None = None) -> list[int]:
     return []
 
 
-def end_leftovers(verb: str) -> None:
+def reap_before(verb: str) -> None:
     """End what a killed stampray left of a private Ray (:func:`reap_if_orphaned`), as every verb does first,
     whether it starts a Ray or not (evaluate, vet, a job scored in-process): never instead of the verb."""
     try:

@@ -656,9 +656,9 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
         if settings.in_process == "auto":
             logger.info(f"score: {rows:,} stamps: scoring in this process, without Ray "
                         f"(--in-process off: through Ray)")
-        from .runtime import end_leftovers
+        from .runtime import reap_before
 
-        end_leftovers("score")  # the CLI has already; for a library caller's job
+        reap_before("score")  # the CLI has already; for a library caller's job
         return run_here(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
     return _run_ray(settings, model_bytes, tag, todo, list(manifest.columns), check, schema)
 

@@ -1,7 +1,7 @@
-"""Multi-node behaviour on ray.cluster_utils.Cluster, object storage on a loopback S3 server.
+"""Multi-node behaviour on ray.cluster_utils.Cluster.
 
-Each test runs its scenario in a fresh Python process: the simulated cluster (or the S3 credentials
-the Ray workers inherit) must not mix with the test session's own Ray instance.
+Each test runs its scenario in a fresh Python process: the simulated cluster must not mix with the test
+session's own Ray instance.
 """
 
 import contextlib

@@ -206,6 +206,7 @@ def test_demo_writes_everything_to_s3(s3_env, run_scenario, tmp_path):
         assert key in keys, (key, keys)
     assert "d/report/stale.png" not in keys
     assert any(k.startswith("d/runs/cnn/tensorboard/evaluate/cnn/events.out.tfevents") for k in keys)
+    assert any(k.startswith("d/runs/cnn/tensorboard/events.out.tfevents") for k in keys)  # training's own
     assert result["n"] > 200 and re.search(r"report: +s3://demo/d/report/report\.html", log)
     # occlusion.py's --png is made URI-capable separately: the overlays belong in the bucket, not in a local
     # directory named "s3:"
