@@ -229,6 +229,8 @@ class ModelActor:
             try:
                 forward = torch.compile(model, dynamic=False) if forward is None else forward
                 self.forward, self.compiled, self.compiled_how = forward, True, how
+                if how.startswith("package"):
+                    return  # aot ran it once at this very shape when it loaded it (aot._checked)
                 with torch.inference_mode():
                     self._run(np.zeros((self.rows, *self.shape), np.float32))
                 return

@@ -250,8 +250,11 @@ def test_the_first_replica_builds_the_package_and_later_ones_load_it(tmp_path, m
     packages = [f for f in os.listdir(tmp_path / "cache") if f.endswith(aot.SUFFIX)]
     assert len(packages) == 1
     inode = os.stat(tmp_path / "cache" / packages[0]).st_ino
+    runs, real = [], ModelActor._run
+    monkeypatch.setattr(ModelActor, "_run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
     second = ModelActor(ckpt, compile=True, chunk=8, tta=2, features=True)
     assert second.compiled_how == "package loaded" and second.compiled
+    assert runs == []  # no second warm-up: loading ran the package once at its shape (aot._checked)
     assert [f for f in os.listdir(tmp_path / "cache") if f.endswith(aot.SUFFIX)] == packages
     assert os.stat(tmp_path / "cache" / packages[0]).st_ino == inode  # read, not rewritten
     want = eager.passes(x)
