@@ -36,7 +36,7 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path, run_scenario):
         victim = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, logging_level="ERROR")
-        killed, errors = [], []
+        killed, errors, spread = [], [], []
         def killer():
             deadline = time.monotonic() + 300
             while len([f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []) < 5:
@@ -73,7 +73,7 @@ def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_e
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 0}})
         nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
         ray.init(address=cluster.address, logging_level="ERROR")
-        killed, errors = [], []
+        killed, errors, spread = [], [], []
         def killer():
             hosts = None
             metrics = os.path.join(runs, "cnn", "metrics.jsonl")
@@ -86,6 +86,7 @@ def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_e
                 time.sleep(0.05)
             try:
                 hosts = set(json.loads(open(metrics).readline())["node_ids"])  # where the Train workers run
+                spread.append(len(hosts))
                 victim = next(n for n in nodes if n.node_id in hosts)
                 cluster.remove_node(victim)  # a node holding a Train worker dies mid-run
                 killed.append(True)
@@ -96,10 +97,12 @@ def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_e
                               placement="SPREAD", cpus_per_worker=0.5, max_failures=3))
         print("RESULT", json.dumps({{"killed": bool(killed), "epochs": [h["epoch"] for h in r.history],
                                      "done": r.metrics["epochs_done"], "workers": r.metrics["workers"],
-                                     "resumed_from": r.metrics["resumed_from"], "errors": errors}}), flush=True)
+                                     "resumed_from": r.metrics["resumed_from"], "errors": errors,
+                                     "spread": spread}}), flush=True)
         os._exit(0)
     """, env=env)
     assert result["killed"], result["errors"]
+    assert result["spread"] == [2], result  # placement="SPREAD": the two Train workers on two nodes
     assert result["done"] == 6 and result["workers"] == 2, result
     assert len(result["resumed_from"]) >= 1 and result["resumed_from"][0] >= 1, result  # from a checkpoint
     assert result["epochs"][-1] == 6 and sorted(set(result["epochs"])) == [1, 2, 3, 4, 5, 6], result

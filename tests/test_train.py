@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -175,30 +174,6 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(tno_small, tmp_path,
     assert r.metrics["epochs_done"] == 5 and r.metrics["resumed_from"][0] >= 1
     epochs = history_epochs(r.run_dir)
     assert epochs[-1] == 5 and sorted(set(epochs)) == [1, 2, 3, 4, 5]
-
-
-@pytest.mark.slow
-def test_two_workers_on_two_simulated_nodes(tno_small, tmp_path):
-    script = textwrap.dedent(f"""
-        import json, ray
-        from ray.cluster_utils import Cluster
-        from stampray.train import TrainSettings, fit
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, logging_level="ERROR")
-        r = fit(TrainSettings(model="cnn", data={tno_small!r}, out={str(tmp_path)!r}, workers=2, epochs=2,
-                              batch_size=64, placement="SPREAD"))
-        print("RESULT", json.dumps(r.metrics))
-        ray.shutdown()
-        cluster.shutdown()
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "RAY_ADDRESS": ""})
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, out.stdout[-3000:] + out.stderr[-3000:]
-    metrics = json.loads(line[0][7:])
-    assert metrics["workers"] == 2 and metrics["nodes"] == 2 and metrics["epochs_done"] == 2
-    assert history_epochs(str(tmp_path / "cnn")) == [1, 2]
 
 
 @pytest.mark.slow
