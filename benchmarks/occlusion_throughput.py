@@ -11,6 +11,9 @@ which left nothing but Ray's start-up to measure.)
 * The job: ``stampray occlude`` in a fresh process (its own private Ray, as a user runs it), every stamp of
   the table mapped; the rate is the occluded variants (stamps x window positions) over its wall time, and
   the steady rate excludes the start-up (from the progress lines). Goal (issue #14): 0.8 of the limit.
+  Its checkpoint is the seed-0 ``cnn`` of ``score_throughput.py``: once that benchmark has run on the machine
+  (a scoring job big enough to build the node's compiled package), this job's replicas load the package,
+  as a user's occlusion does after scoring with the same checkpoint; before, they compile.
 """
 
 from __future__ import annotations

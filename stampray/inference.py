@@ -74,6 +74,7 @@ EAGER_PART = 3
 # (about 30 s of one CPU replica): in a shorter job the pool ends, and the build with it, before the package
 # is complete, and every such job would lose a replica to a build that never lands.
 PACKAGE_BUILD_FORWARDS = 750_000
+CPU_BATCH = 4096  # stamps per forward of a CPU replica (score's default --batch-size): its compiled shape
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
@@ -467,7 +468,7 @@ def start_committer(cls: type, concurrency: int = 1):
 
 
 def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: list[float],
-              blocks: int | None = None, cpu_batch: int = 4096, gpu_batch: int = 16384) -> PoolPlan:
+              blocks: int | None = None, cpu_batch: int = CPU_BATCH, gpu_batch: int = 16384) -> PoolPlan:
     """Size the pool from the cluster's ``capacity`` (:class:`stampray.capacity.Capacity`), the CPU
     counts of the nodes up now and the job's number of input ``blocks``.
 

@@ -64,9 +64,11 @@ class OccludeSettings:
         limit: map at most N stamps.
         png: write stamp+heatmap overlays into this directory.
         png_limit: overlays to draw.
-        chunk: occluded variants built and scored per forward pass (default: about 1 Mi pixels' worth, in whole
-            stamps' windows: e.g. 2,312 at 21x21 with --kernel 5, 46 at 150x150), so memory does not grow with
-            stamp size or --batch-size.
+        chunk: occluded variants built and scored per forward pass (default: on CPUs scoring's 4,096 where
+            that is at most 2 Mi pixels, as at 21x21 and 20x20, so a compiled package of the checkpoint's
+            scoring is loaded, not compiled; else about 1 Mi pixels' worth, in whole stamps' windows: e.g.
+            240 at 64x64 with --kernel 5, 46 at 150x150), so memory does not grow with stamp size or
+            --batch-size.
         batch_size: stamps per actor call (default 64, 512 with --use-gpu, rounded up to whole forwards).
         actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
         use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
@@ -137,6 +139,12 @@ COMPILE_VARIANTS = 200_000
 # Blocks of at most this many occluded variants (a second or two of one CPU replica) are queued two at a time.
 QUEUE_VARIANTS = 50_000
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
+# On CPUs, where a forward of scoring's shape (inference.CPU_BATCH stamps) is at most this many pixels (21x21
+# and 20x20 stamps: 1.8 and 1.6 Mi; not 64x64), occlusion forwards take that shape, so that the node's
+# compiled package of a checkpoint that has scored there (stampray.aot) is loaded by occlusion's replicas too:
+# milliseconds, against 4-5 s of torch.compile per replica here; and a package built by a big occlusion job
+# serves scoring.
+SHARED_SHAPE_PIXELS = 1 << 21
 
 
 class BlocksInOrder:
@@ -216,6 +224,17 @@ def forward_shape(pixels: int, windows: int, chunk: int | None = None) -> tuple[
         return per * windows, per
     parts = -(-windows // budget)  # forwards per stamp
     return -(-windows // parts), 1
+
+
+def occlusion_forward(pixels: int, windows: int, chunk: int | None = None,
+                      use_gpu: bool = False) -> tuple[int, int]:
+    """:func:`forward_shape`, or on CPUs scoring's shape where it fits ``SHARED_SHAPE_PIXELS`` (a forward's
+    pairs then span stamps: a block's last forward is padded, or run uncompiled when short)."""
+    from .inference import CPU_BATCH
+
+    if chunk or use_gpu or CPU_BATCH * int(pixels) > SHARED_SHAPE_PIXELS:
+        return forward_shape(pixels, windows, chunk)
+    return CPU_BATCH, max(1, CPU_BATCH // int(windows))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -463,12 +482,13 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
             check_gpu_nodes("occlude")
-        # The (stamp, window) pairs of one forward; compiled, the model's one shape is that chunk too, so
-        # no forward is padded beyond it (an occlusion job is many forwards of exactly this size), and a
-        # block holds whole forwards' worth of stamps.
+        # The (stamp, window) pairs of one forward (occlusion_forward); compiled, the model's one shape is
+        # that chunk too (an occlusion job is many forwards of exactly this size), and a block holds whole
+        # forwards' worth of stamps, but for a last forward when forwards span stamps.
         ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
         windows = len(ys) * len(xs)
-        pairs, per_chunk = forward_shape(int(np.prod(manifest.spec.shape)), windows, settings.chunk)
+        pairs, per_chunk = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk,
+                                             settings.use_gpu)
         batch_size = settings.batch_size or _round_up(512 if settings.use_gpu else 64, per_chunk)
         # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
         # row group given whole to one replica would leave the others idle.

@@ -263,3 +263,24 @@ def test_the_first_replica_builds_the_package_and_later_ones_load_it(tmp_path, m
         np.testing.assert_allclose(got.probs, want.probs, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.std, want.std, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got.features, want.features, rtol=1e-4, atol=1e-5)
+
+
+def test_occlusion_replicas_ask_for_the_package_scoring_builds(tmp_path, monkeypatch, make_checkpoint):
+    """On CPUs a default occlusion job of 21x21 stamps compiles for scoring's shape with scoring's tag, so the
+    package a scoring job built on the node (the same module, shape and tag: the same name) is the one its
+    replicas load, and the reverse."""
+    import torch
+
+    from stampray import aot
+    from stampray.occlusion import Occluder, occlusion_forward
+    from stampray.score import Scorer
+
+    asked = []
+    monkeypatch.setattr(aot, "forward_for", lambda module, shape, tag="", may_build=True: asked.append(
+        (aot.package_key(module, shape, tag), tuple(shape), tag)) or (None, "off"))
+    monkeypatch.setattr(torch, "compile", lambda model, **k: model)  # the warm-up only: nothing to compile here
+    ckpt = open(make_checkpoint(tmp_path / "m.pt"), "rb").read()
+    Scorer(ckpt, str(tmp_path / "s"), [], (0.7, 0.15, 0.15), "cnn@x", compile=True)
+    pairs, _ = occlusion_forward(21 * 21, 17 * 17)
+    Occluder(ckpt, str(tmp_path / "o"), 5, 1, [], None, compile=True, chunk=pairs, occlude_chunk=pairs)
+    assert len(asked) == 2 and asked[0] == asked[1] and asked[0][1:] == ((4096, 1, 21, 21), "features=False")

@@ -232,6 +232,21 @@ def test_forwards_hold_whole_stamps_windows(pixels, windows, chunk, expected):
         assert pairs % windows == 0 if per > 1 else windows / pairs > 1
 
 
+@pytest.mark.parametrize("pixels, windows, chunk, use_gpu, expected", [
+    (21 * 21, 17 * 17, None, False, (4096, 14)),   # scoring's shape: a package built by score is loaded
+    (20 * 20, 16 * 16, None, False, (4096, 16)),   # jets too
+    (64 * 64, 60 * 60, None, False, (240, 1)),     # radio: 4,096 stamps would be 16 Mi pixels a forward
+    (21 * 21, 17 * 17, 1000, False, (1000, 3)),    # --chunk as given
+    (21 * 21, 17 * 17, None, True, (2312, 8)),     # GPUs run no packages
+])
+def test_cpu_occlusion_forwards_take_scorings_shape_where_it_fits(pixels, windows, chunk, use_gpu, expected):
+    from stampray.inference import CPU_BATCH
+    from stampray.occlusion import SHARED_SHAPE_PIXELS, occlusion_forward
+
+    assert occlusion_forward(pixels, windows, chunk, use_gpu) == expected
+    assert CPU_BATCH == 4096 and CPU_BATCH * 21 * 21 <= SHARED_SHAPE_PIXELS < CPU_BATCH * 64 * 64
+
+
 def test_short_blocks_are_queued_two_at_a_time_long_ones_one():
     """A replica gets a second block queued only when a block is short (at most QUEUE_VARIANTS occluded
     variants): 64 stamps of 21x21 (289 windows with kernel 5) are; 64 cutouts of 150x150 (21,316) are not;
