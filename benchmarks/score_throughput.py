@@ -210,17 +210,21 @@ def main():
     print(f"fraction of the forward limit: {b / limit:.2f} end to end (goal 0.75); steady rate "
           f"{steady:,.0f} stamps/s = {steady / limit:.2f} (goal 0.85)")
     if args.in_process:
-        in_process_lines(model_path, data, os.path.join(args.work, "scores-in-process"), args.n, limit)
+        in_process_lines(model_path, data, os.path.join(args.work, "scores-in-process"), args.n)
     if args.tta_n:
         tta_cost(model_path, args.work, args.tta_n)
 
 
-def in_process_lines(model_path: str, data: str, out: str, n: int, limit: float) -> None:
-    """``stampray score --in-process on`` (scoring threads in one process, no Ray) against the same limit,
-    and the forward of one process on two Python threads of one torch thread each."""
+def in_process_lines(model_path: str, data: str, out: str, n: int) -> None:
+    """``stampray score --in-process on`` (scoring threads in one process, no Ray) against the limit measured
+    around it (before and after, as for the Ray job), and the forward of one process on two Python threads
+    of one torch thread each."""
+    before = sum(forward_limit(model_path, seconds=LIMIT_S))
     wall, marks = run_score(model_path, data, out, "--in-process", "on")
+    two = forward_limit(model_path, procs=1, threads=2, seconds=LIMIT_S)[0]
+    limit = (before + sum(forward_limit(model_path, seconds=LIMIT_S))) / 2
     steady = steady_rate(marks)
-    two = forward_limit(model_path, procs=1, threads=2)[0]
+    print(f"forward limit around the in-process run: {limit:,.0f} stamps/s")
     print(f"stampray score --in-process on: {n / wall:,.0f} stamps/s ({wall:.1f} s) = {n / wall / limit:.2f} "
           f"of the limit end to end; steady {steady:,.0f} stamps/s = {steady / limit:.2f}")
     print(f"one process, 2 Python threads x 1 torch thread (preprocessing + compiled model, in memory): "

@@ -69,7 +69,8 @@ class OccludeSettings:
             scoring is loaded, not compiled; else about 1 Mi pixels' worth, in whole stamps' windows: e.g.
             240 at 64x64 with --kernel 5, 46 at 150x150), so memory does not grow with stamp size or
             --batch-size.
-        batch_size: stamps per actor call (default 64, 512 with --use-gpu, rounded up to whole forwards).
+        batch_size: stamps per actor call (default 64-127, 512-1023 with --use-gpu: the number whose last
+            forward is fullest, see block_stamps).
         actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
         use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
             autoscaler for them and wait (see --wait-gpu).
@@ -140,7 +141,7 @@ COMPILE_VARIANTS = 200_000
 QUEUE_VARIANTS = 50_000
 OCCLUDE_PIXELS = 1 << 20  # occluded variants are built and scored this many pixels at a time (4 MiB float32)
 # On CPUs, where a forward of scoring's shape (inference.CPU_BATCH stamps) is at most this many pixels (21x21
-# and 20x20 stamps: 1.8 and 1.6 Mi; not 64x64), occlusion forwards take that shape, so that the node's
+# and 20x20 stamps: 1.72 and 1.56 Mi; not 64x64), occlusion forwards take that shape, so that the node's
 # compiled package of a checkpoint that has scored there (stampray.aot) is loaded by occlusion's replicas too:
 # milliseconds, against 4-5 s of torch.compile per replica here; and a package built by a big occlusion job
 # serves scoring.
@@ -235,6 +236,25 @@ def occlusion_forward(pixels: int, windows: int, chunk: int | None = None,
     if chunk or use_gpu or CPU_BATCH * int(pixels) > SHARED_SHAPE_PIXELS:
         return forward_shape(pixels, windows, chunk)
     return CPU_BATCH, max(1, CPU_BATCH // int(windows))
+
+
+def block_stamps(base: int, windows: int, pairs: int) -> int:
+    """Stamps per block (``--batch-size`` by default). Forwards of whole stamps' windows, or of parts of one
+    stamp's (:func:`forward_shape`): ``base`` rounded up to whole forwards, as before. Forwards that span
+    stamps (:func:`occlusion_forward`): of ``base`` to ``2 * base - 1``, the number whose variants waste least
+    in the block's last forward, padded to ``pairs`` or, when at most a third of it
+    (``inference.EAGER_PART``), run uncompiled at about 2.5x the cost (21x21, kernel 5, 4,096 pairs: 85
+    stamps, 11 pairs of padding, where 70 left 250)."""
+    from .inference import EAGER_PART
+
+    if windows >= pairs or pairs % windows == 0:
+        return _round_up(int(base), max(1, pairs // windows))
+
+    def waste(n: int) -> float:
+        rest = n * windows % pairs
+        return (0.0 if not rest else 1.5 * rest if rest <= pairs / EAGER_PART else pairs - rest) / (n * windows)
+
+    return min(range(int(base), 2 * int(base)), key=waste)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -483,13 +503,13 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
             check_gpu_nodes("occlude")
         # The (stamp, window) pairs of one forward (occlusion_forward); compiled, the model's one shape is
-        # that chunk too (an occlusion job is many forwards of exactly this size), and a block holds whole
-        # forwards' worth of stamps, but for a last forward when forwards span stamps.
+        # that chunk too (an occlusion job is many forwards of exactly this size), and a block's stamps fill
+        # its forwards (block_stamps): whole forwards, or a last one nearly full when forwards span stamps.
         ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
         windows = len(ys) * len(xs)
         pairs, per_chunk = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk,
                                              settings.use_gpu)
-        batch_size = settings.batch_size or _round_up(512 if settings.use_gpu else 64, per_chunk)
+        batch_size = settings.batch_size or block_stamps(512 if settings.use_gpu else 64, windows, pairs)
         # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
         # row group given whole to one replica would leave the others idle.
         shards = [sh["path"] for sh in manifest.shards]

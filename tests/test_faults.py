@@ -36,7 +36,7 @@ def test_scoring_survives_the_loss_of_a_worker_node(tmp_path, run_scenario):
         victim = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, logging_level="ERROR")
-        killed, errors, spread = [], [], []
+        killed, errors = [], []
         def killer():
             deadline = time.monotonic() + 300
             while len([f for f in os.listdir(out) if f.startswith("part-")] if os.path.exists(out) else []) < 5:
@@ -98,11 +98,12 @@ def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_e
         print("RESULT", json.dumps({{"killed": bool(killed), "epochs": [h["epoch"] for h in r.history],
                                      "done": r.metrics["epochs_done"], "workers": r.metrics["workers"],
                                      "resumed_from": r.metrics["resumed_from"], "errors": errors,
-                                     "spread": spread}}), flush=True)
+                                     "spread": spread, "nodes": r.metrics["nodes"]}}), flush=True)
         os._exit(0)
     """, env=env)
     assert result["killed"], result["errors"]
-    assert result["spread"] == [2], result  # placement="SPREAD": the two Train workers on two nodes
+    # placement="SPREAD": the two Train workers on two nodes, before the loss and after it (two are left)
+    assert result["spread"] == [2] and result["nodes"] == 2, result
     assert result["done"] == 6 and result["workers"] == 2, result
     assert len(result["resumed_from"]) >= 1 and result["resumed_from"][0] >= 1, result  # from a checkpoint
     assert result["epochs"][-1] == 6 and sorted(set(result["epochs"])) == [1, 2, 3, 4, 5, 6], result

@@ -247,6 +247,19 @@ def test_cpu_occlusion_forwards_take_scorings_shape_where_it_fits(pixels, window
     assert CPU_BATCH == 4096 and CPU_BATCH * 21 * 21 <= SHARED_SHAPE_PIXELS < CPU_BATCH * 64 * 64
 
 
+@pytest.mark.parametrize("base, windows, pairs, expected", [
+    (64, 289, 2312, 64),     # whole stamps' windows per forward (8 stamps): whole forwards, as before
+    (64, 256, 4096, 64),     # 20x20, kernel 5, scoring's shape: 16 stamps a forward
+    (64, 21316, 46, 64),     # 150x150: a stamp's windows in many forwards, one stamp at a time
+    (64, 289, 4096, 85),     # forwards spanning stamps: 85 x 289 = 6 forwards less 11 pairs (70: less 250)
+    (512, 289, 2312, 512),   # GPUs
+])
+def test_a_block_fills_its_forwards(base, windows, pairs, expected):
+    from stampray.occlusion import block_stamps
+
+    assert block_stamps(base, windows, pairs) == expected
+
+
 def test_short_blocks_are_queued_two_at_a_time_long_ones_one():
     """A replica gets a second block queued only when a block is short (at most QUEUE_VARIANTS occluded
     variants): 64 stamps of 21x21 (289 windows with kernel 5) are; 64 cutouts of 150x150 (21,316) are not;
