@@ -69,8 +69,8 @@ class OccludeSettings:
             scoring is loaded, not compiled; else about 1 Mi pixels' worth, in whole stamps' windows: e.g.
             240 at 64x64 with --kernel 5, 46 at 150x150), so memory does not grow with stamp size or
             --batch-size.
-        batch_size: stamps per actor call (default 64-127, 512-1023 with --use-gpu: the number whose last
-            forward is fullest, see block_stamps).
+        batch_size: stamps per actor call (default: from 64, from 512 with --use-gpu, sized so that a
+            block's forwards are full: whole forwards, or a last one nearly full).
         actors: a fixed pool of exactly N model replicas instead of an autoscaling one.
         use_gpu: one GPU per model replica; on an autoscaling cluster whose GPU nodes are not up yet, ask the
             autoscaler for them and wait (see --wait-gpu).
@@ -507,8 +507,7 @@ def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
         # its forwards (block_stamps): whole forwards, or a last one nearly full when forwards span stamps.
         ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
         windows = len(ys) * len(xs)
-        pairs, per_chunk = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk,
-                                             settings.use_gpu)
+        pairs, _ = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk, settings.use_gpu)
         batch_size = settings.batch_size or block_stamps(512 if settings.use_gpu else 64, windows, pairs)
         # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
         # row group given whole to one replica would leave the others idle.
