@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import subprocess
 import sys
-import time
 
 import torch
 
@@ -34,7 +31,7 @@ from stampray.models import create_model
 from stampray.synth import SynthSettings, synth
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from score_throughput import LIMIT_S, forward_limit, steady_rate  # noqa: E402
+from score_throughput import limit_around, run_verb, steady_rate  # noqa: E402
 
 
 def main() -> None:
@@ -55,22 +52,9 @@ def main() -> None:
                            preprocess="course_scaled"), model)
     positions = len(range(0, 21 - args.kernel + 1, args.stride)) ** 2
     variants = args.n * positions
-    before = sum(forward_limit(model, seconds=LIMIT_S))  # and after the run: their mean (see score_throughput)
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "stampray", "occlude", "--model", model, "--data", data,
-                             "--out", maps, "--kernel", str(args.kernel), "--stride", str(args.stride)],
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
-    marks = []
-    for line in proc.stderr:
-        m = re.match(r"occlude: ([\d,]+)/[\d,]+ maps", line.strip())
-        if m:
-            marks.append((time.time() - t0, int(m.group(1).replace(",", ""))))
-    if proc.wait(timeout=3600) != 0:
-        raise SystemExit("stampray occlude failed")
-    wall = time.time() - t0
-    after = sum(forward_limit(model, seconds=LIMIT_S))
-    limit = (before + after) / 2
+    (wall, marks), limit, before, after = limit_around(model, lambda: run_verb(
+        "occlude", "maps", "--model", model, "--data", data, "--out", maps, "--kernel", str(args.kernel),
+        "--stride", str(args.stride)))
     rate = variants / wall
     # Maps per second after start-up, as score_throughput's: between the first progress line and the last, or
     # for a job that printed one line, from it to the end of the run.
@@ -78,7 +62,7 @@ def main() -> None:
     print(f"{args.n} stamps of 21x21, kernel {args.kernel}, stride {args.stride}: {positions} windows each, "
           f"{variants:,} occluded variants")
     print(f"forward limit (2 processes x 1 thread, preprocessing + compiled channels-last model): {limit:,.0f} "
-          f"stamps/s, the mean of {before:,.0f} before the occlude run and {after:,.0f} after it")
+          f"stamps/s, the mean of {sum(before):,.0f} before the occlude run and {sum(after):,.0f} after it")
     first = f"; first map after {marks[0][0]:.1f} s" if marks else ""
     print(f"stampray occlude: {wall:.1f} s = {rate:,.0f} variants/s{first}; steady {steady:,.0f} variants/s; "
           f"fraction of the forward limit: {rate / limit:.2f} end to end, steady {steady / limit:.2f} (goal 0.8)")

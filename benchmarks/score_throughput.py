@@ -117,22 +117,37 @@ def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, pro
     return rates
 
 
-def run_score(model_path: str, data: str, out: str, *extra: str) -> tuple[float, list[tuple[float, int]]]:
-    """``stampray score`` as a user runs it (a fresh process, a private Ray): wall seconds, and (seconds since
-    the start, stamps done) from each of its progress lines."""
-    shutil.rmtree(out, ignore_errors=True)
+def run_verb(verb: str, unit: str, *args: str) -> tuple[float, list[tuple[float, int]]]:
+    """``stampray VERB ARGS`` as a user runs it (a fresh process, a private Ray): wall seconds, and (seconds
+    since the start, ``unit`` done) from each of its progress lines."""
     t = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "stampray", "score", "--model", model_path, "--data", data,
-                             "--out", out, *extra], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "stampray", verb, *args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
     marks = []
     for line in proc.stderr:
-        m = re.match(r"score: ([\d,]+)/[\d,]+ stamps", line.strip())
+        m = re.match(rf"{verb}: ([\d,]+)/[\d,]+ {unit}", line.strip())
         if m:
             marks.append((time.time() - t, int(m.group(1).replace(",", ""))))
     if proc.wait(timeout=3600) != 0:
-        raise SystemExit(f"stampray score {' '.join(extra)} failed")
+        raise SystemExit(f"stampray {verb} {' '.join(args)} failed")
     return time.time() - t, marks
+
+
+def run_score(model_path: str, data: str, out: str, *extra: str) -> tuple[float, list[tuple[float, int]]]:
+    """``stampray score`` into a fresh ``out`` (:func:`run_verb`)."""
+    shutil.rmtree(out, ignore_errors=True)
+    return run_verb("score", "stamps", "--model", model_path, "--data", data, "--out", out, *extra)
+
+
+def limit_around(model_path: str, job):
+    """``job()`` between two forward-limit measurements of ``LIMIT_S`` each, right before and right after it:
+    (its result, the limit: the mean of the two, the rates before, the rates after). This machine's speed
+    drifts (76,000 and 98,000 stamps/s three minutes apart), and one measurement minutes away from the run
+    it is compared with could flatter it or wrong it."""
+    before = forward_limit(model_path, seconds=LIMIT_S)
+    result = job()
+    after = forward_limit(model_path, seconds=LIMIT_S)
+    return result, (sum(before) + sum(after)) / 2, before, after
 
 
 def tta_cost(model_path: str, work: str, n: int, k: int = 8) -> None:
@@ -188,17 +203,11 @@ def main():
     t = time.time()
     n_a = baseline(data, model_path, out_a)
     base_s = time.time() - t
-    # The limit is measured right before and right after the score run, and their mean taken: this machine's
-    # speed drifts (76,000 and 98,000 stamps/s three minutes apart), and one measurement minutes away from
-    # the run it is compared with could be either.
-    before = forward_limit(model_path, seconds=LIMIT_S)
-    ray_s, marks = run_score(model_path, data, out_b)
-    after = forward_limit(model_path, seconds=LIMIT_S)
+    (ray_s, marks), limit, before, after = limit_around(model_path, lambda: run_score(model_path, data, out_b))
     steady = steady_rate(marks)
     n_b = sum(pq.read_metadata(os.path.join(out_b, f)).num_rows for f in os.listdir(out_b) if f.startswith("part-"))
     assert n_a == n_b == args.n, (n_a, n_b)
     a, b = n_a / base_s, n_b / ray_s
-    limit = (sum(before) + sum(after)) / 2
     print(f"baseline (one process, pyarrow + PyTorch, torch threads {torch.get_num_threads()}): "
           f"{a:,.0f} stamps/s ({base_s:.1f} s)")
     print(f"stampray score (end to end, fresh process): {b:,.0f} stamps/s ({ray_s:.1f} s); first result "
@@ -219,10 +228,9 @@ def in_process_lines(model_path: str, data: str, out: str, n: int) -> None:
     """``stampray score --in-process on`` (scoring threads in one process, no Ray) against the limit measured
     around it (before and after, as for the Ray job), and the forward of one process on two Python threads
     of one torch thread each."""
-    before = sum(forward_limit(model_path, seconds=LIMIT_S))
-    wall, marks = run_score(model_path, data, out, "--in-process", "on")
+    (wall, marks), limit, _, _ = limit_around(
+        model_path, lambda: run_score(model_path, data, out, "--in-process", "on"))
     two = forward_limit(model_path, procs=1, threads=2, seconds=LIMIT_S)[0]
-    limit = (before + sum(forward_limit(model_path, seconds=LIMIT_S))) / 2
     steady = steady_rate(marks)
     print(f"forward limit around the in-process run: {limit:,.0f} stamps/s")
     print(f"stampray score --in-process on: {n / wall:,.0f} stamps/s ({wall:.1f} s) = {n / wall / limit:.2f} "

@@ -108,7 +108,7 @@ def _start_over(out: str, settings: DemoSettings) -> None:
     try:
         fs, _ = st.resolve(out)
     except (ValueError, OSError) as e:
-        msg = f"--out {out}: {' '.join(str(e).split())}; give a local directory or a URI such as s3://bucket/prefix"
+        msg = f"--out {out}: {st.one_line(e)}; give a local directory or a URI such as s3://bucket/prefix"
         raise ValueError(msg) from None
     marker = st.join(out, DEMO_FILE)
     with _storage_errors(out, "read"):
@@ -118,7 +118,7 @@ def _start_over(out: str, settings: DemoSettings) -> None:
     try:
         ours = set(json.loads(text).get("dirs", []))
     except (ValueError, AttributeError, TypeError) as e:
-        msg = (f"--out {out}: cannot read {DEMO_FILE} ({' '.join(str(e).split())}); remove it if an earlier "
+        msg = (f"--out {out}: cannot read {DEMO_FILE} ({st.one_line(e)}); remove it if an earlier "
                f"demo left it damaged, or choose a new --out")
         raise ValueError(msg) from None
     theirs = [sub for sub in present if sub not in ours]
@@ -135,7 +135,7 @@ def _start_over(out: str, settings: DemoSettings) -> None:
                 if "://" in out:
                     raise
                 msg = (f"--out {out}: cannot delete {st.join(out, sub)}, an earlier demo's "
-                       f"({' '.join(str(e).split())}); delete it yourself or choose another --out")
+                       f"({st.one_line(e)}); delete it yourself or choose another --out")
                 raise PermissionError(msg) from None
         st.make_dirs(out)
         st.write_text(marker, json.dumps({"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings),
@@ -150,6 +150,6 @@ def _storage_errors(out: str, doing: str) -> Iterator[None]:
     except OSError as e:
         if "://" not in out:
             raise
-        msg = (f"--out {out}: cannot {doing} it ({' '.join(str(e).split())}); check that the bucket exists and "
+        msg = (f"--out {out}: cannot {doing} it ({st.one_line(e)}); check that the bucket exists and "
                f"that the AWS credentials allow reading and writing there")
         raise PermissionError(msg) from None

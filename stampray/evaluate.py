@@ -779,7 +779,7 @@ def _is_uri(path: str | None) -> bool:
 
 def _storage_error(flag: str, path: str, e: Exception, doing: str) -> OSError:
     """A one-line error naming the path and what to check (the CLI prints these without a traceback)."""
-    detail = " ".join(str(e).split()).replace(" To create buckets, enable the allow_bucket_creation option.", "")
+    detail = st.one_line(e).replace(" To create buckets, enable the allow_bucket_creation option.", "")
     msg = (f"{flag} {path}: cannot {doing} ({detail}); check that the bucket exists and that the AWS "
            f"credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and AWS_ENDPOINT_URL for an "
            f"S3-compatible store) allow it")
@@ -793,7 +793,7 @@ def _resolve(path: str, flag: str) -> tuple[pafs.FileSystem, str]:
     try:
         return st.resolve(path)
     except (ValueError, pa.ArrowException) as e:  # an unknown scheme, a malformed URI
-        msg = f"{flag} {path}: {' '.join(str(e).split())}; give a local path or a URI such as s3://bucket/prefix"
+        msg = f"{flag} {path}: {st.one_line(e)}; give a local path or a URI such as s3://bucket/prefix"
         raise ValueError(msg) from None
 
 

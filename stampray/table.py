@@ -465,9 +465,13 @@ def open_parquet(f) -> pq.ParquetFile:
     return pq.ParquetFile(f, page_checksum_verification=True)
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (pyarrow's and S3's span several), for a message the CLI prints."""
+    return " ".join(str(e).split())
+
+
 def damaged(path: str, e: Exception) -> str:
-    return (f"{path} is damaged and cannot be read ({' '.join(str(e).split())}); restore it, or re-create it "
-            f"with 'stampray ingest'")
+    return f"{path} is damaged and cannot be read ({one_line(e)}); restore it, or re-create it with 'stampray ingest'"
 
 
 def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
