@@ -39,6 +39,7 @@ TRAIN_POLL_S = "0.5"  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S of a private Ray, unle
 #   waited for the next poll. Polling every TRAIN_POLL_S, a 600-stamp 2-epoch fit ended 1.0-1.7 s after its
 #   last epoch, against 4.8-5.0 s (a worker whose poll is late is still given Ray's 10 minutes).
 PRIVATE_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S}
+CONNECT_CHECK_S = 10.0  # the TCP connection to a cluster's GCS tried before ray.init (check_cluster)
 OWNER_FILE = "stampray_owner.json"  # in a private instance's temp dir: the driver that owns it
 TEMP_PREFIX = "stampray-"  # <ray temp root>/stampray-<driver pid>
 # AF_UNIX socket paths are limited to 107 bytes (103 on macOS, Ray's validate_socket_filepath); Ray's
@@ -101,8 +102,50 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
         yield
         return
     addr = target_address(address)
-    with _private_env(enabled=not addr), _ray_up(ray, addr, num_cpus, dashboard, data):
+    with _private_env(enabled=not addr), _ray_up(ray, addr, num_cpus, dashboard, data,
+                                                 f"--address {addr}" if address else f"RAY_ADDRESS={addr}"):
         yield
+
+
+def check_cluster(addr: str, named: str) -> None:
+    """Before ``ray.init(address=addr)``: where no Ray cluster answers, one line naming the address (as the
+    user gave it: ``named``) and the fix, within seconds. Ray itself retries a GCS that does not answer
+    20 times, each attempt waiting up to about 40 s (measured: an --address with nothing behind it, or
+    RAY_ADDRESS=auto on a machine whose ``ray_current_cluster`` names a cluster that is gone, waited over ten
+    minutes). So the GCS address Ray would use is resolved first (``auto`` through Ray's own lookup) and
+    a TCP connection to it is tried; a Ray Client address (``ray://``) keeps Ray's own, bounded, retries."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    from .table import one_line
+
+    fix = ("start the cluster (ray start --head, or ray up cluster.yaml) or name the address of a running one "
+           "(its GCS host:port, printed by ray start; ray status shows the cluster)")
+    if addr.startswith("ray://"):
+        return
+    if addr.startswith(("http://", "https://")):
+        msg = (f"{named} is a dashboard's address, the one 'ray job submit' takes; a verb run on this machine "
+               f"connects to the cluster's GCS address (host:port, port 6379 by default): give that, or submit "
+               f"the verb as a job (ray job submit --working-dir . -- python jobs/...), or unset RAY_ADDRESS "
+               f"for a private local Ray")
+        raise RuntimeError(msg)
+    try:
+        gcs = canonicalize_bootstrap_address(addr)
+    except (ConnectionError, ValueError) as e:
+        msg = f"{named}: {one_line(e)}; {fix}"
+        raise RuntimeError(msg) from None
+    if not gcs:  # "local": a new local Ray
+        return
+    host, _, port = gcs.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_CHECK_S).close()
+    except (OSError, ValueError) as e:
+        where = ("the address of the last cluster 'ray start' started on this machine, from its "
+                 "ray_current_cluster file" if addr == "auto" else f"where Ray looks for {addr}")
+        at = gcs if gcs == addr else f"{gcs} ({where})"
+        msg = f"{named}: no Ray cluster answers at {at}: {one_line(e)}; {fix}"
+        raise RuntimeError(msg) from None
 
 
 @contextlib.contextmanager
@@ -130,12 +173,22 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: bool) -> Iterator[None]:
-    """:func:`ray_session`'s start and end of a Ray it starts or connects to (``addr``)."""
+def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: bool,
+            named: str) -> Iterator[None]:
+    """:func:`ray_session`'s start and end of a Ray it starts or connects to (``addr``, as the user gave it:
+    ``named``)."""
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     marker = None
     if addr:
-        ray.init(address=addr, **kwargs)
+        check_cluster(addr, named)
+        try:
+            ray.init(address=addr, **kwargs)
+        except ConnectionError as e:
+            from .table import one_line
+
+            msg = (f"{named}: could not connect to the Ray cluster ({one_line(e)}); check that it is up (ray "
+                   f"status) and, if it uses token authentication, that this machine has its token")
+            raise RuntimeError(msg) from None
     else:
         reap_orphans()
         temp_dir = private_temp_dir()

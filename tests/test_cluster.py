@@ -207,6 +207,7 @@ def ray_init_calls(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(runtime, "check_cluster", lambda addr, named: None)  # the addresses here are made up
     monkeypatch.setattr(runtime, "_quiet_data_context", lambda *args, **kwargs: None)
     monkeypatch.setattr(runtime, "reap_orphans", lambda *args, **kwargs: [])
     root = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: the private temp dir must fit Ray's socket paths
@@ -422,6 +423,66 @@ def test_the_cluster_asked_for_is_address_then_ray_address(monkeypatch):
     assert runtime.target_address("10.0.0.1:6379") == "10.0.0.1:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert runtime.target_address(None) is None
+
+
+def test_an_address_where_no_cluster_answers_stops_at_once_naming_it(tmp_path, monkeypatch):
+    """Ray would retry such an address for over ten minutes (20 attempts of about 40 s each); stampray
+    tries a TCP connection to the GCS address Ray would use first and stops with the address and the fix."""
+    import socket
+
+    from stampray import runtime
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t = time.monotonic()
+        with pytest.raises(RuntimeError) as e:
+            runtime.check_cluster(f"127.0.0.1:{port}", f"--address 127.0.0.1:{port}")
+        assert time.monotonic() - t < runtime.CONNECT_CHECK_S
+        msg = str(e.value)
+        assert msg.startswith(f"--address 127.0.0.1:{port}: no Ray cluster answers at ") and f":{port}" in msg
+        assert "refused" in msg.lower() and "ray start --head" in msg and "\n" not in msg
+
+        # auto: the cluster the last `ray start` on this machine recorded, gone since (and no other Ray
+        # running here, which Ray's "auto" would take instead: the test session's own may be)
+        from ray._private import services
+
+        monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+        with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=auto: no Ray cluster answers at .*ray_current_cluster"):
+            runtime.check_cluster("auto", "RAY_ADDRESS=auto")
+    with pytest.raises(RuntimeError, match=r"^--address nonsense::x: Invalid address format: nonsense::x; start "):
+        runtime.check_cluster("nonsense::x", "--address nonsense::x")
+
+    from ray._private.services import resolve_ip_for_localhost
+
+    with socket.socket() as s:  # something answers where Ray would connect (it may rewrite 127.0.0.1): go ahead
+        s.bind((resolve_ip_for_localhost("127.0.0.1"), 0))
+        s.listen()
+        runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
+    # the README's RAY_ADDRESS for `ray job submit`, left set when a verb is run on this machine
+    with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard's address, the one "
+                                           r"'ray job submit' takes; .* or unset RAY_ADDRESS for a private local Ray$"):
+        runtime.check_cluster("http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265")
+    runtime.check_cluster("ray://example:10001", "--address ray://example:10001")  # Ray Client: Ray's own retries
+    runtime.check_cluster("local", "--address local")  # a new local Ray: nothing to reach
+
+
+def test_the_cli_names_an_address_with_no_cluster_in_one_line(tmp_path, tno_small, make_checkpoint):
+    model = make_checkpoint(tmp_path / "m.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "stampray", "score", "--model", model, "--data", tno_small,
+                              "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 1, out.stderr
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("stampray score:")]
+    assert line.startswith(f"stampray score: error: --address 127.0.0.1:{port}: no Ray cluster answers"), line
+    assert not os.path.exists(tmp_path / "o" / "_manifest.json")
 
 
 class _Payload:
