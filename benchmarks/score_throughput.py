@@ -19,7 +19,8 @@ score's own progress lines, a line every ~10 s: stamps scored between its first 
 time between them); then the cost of ``--tta 8`` (``--tta-n`` stamps scored plainly and with it). With
 ``--in-process``: the same table scored by ``stampray score --in-process on`` (scoring threads in one
 process, no Ray), and one process's forward on two Python threads. Run:
-``python benchmarks/score_throughput.py [-n 1000000] [--tta-n 100000] [--in-process]``.
+``python benchmarks/score_throughput.py [-n 1000000] [--tta-n 100000] [--in-process] [--address ADDR]``
+(``--address``: the score run on a Ray already running, as a job on a cluster runs, without Ray's start).
 """
 
 import argparse
@@ -187,6 +188,8 @@ def main():
     ap.add_argument("--tta-n", type=int, default=100_000, help="stamps for the --tta 8 cost line (0: skip it)")
     ap.add_argument("--in-process", action="store_true",
                     help="also score the table with --in-process on, and measure one process on two threads")
+    ap.add_argument("--address", help="score on this running Ray (e.g. a `ray start --head` on this machine, "
+                                      "which the forward limit is measured on): the job without Ray's start")
     args = ap.parse_args()
     data = os.path.join(args.work, f"tno-{args.n}")
     if not os.path.exists(os.path.join(data, st.MANIFEST_NAME)):
@@ -203,14 +206,16 @@ def main():
     t = time.time()
     n_a = baseline(data, model_path, out_a)
     base_s = time.time() - t
-    (ray_s, marks), limit, before, after = limit_around(model_path, lambda: run_score(model_path, data, out_b))
+    on = ("--address", args.address) if args.address else ()
+    (ray_s, marks), limit, before, after = limit_around(model_path, lambda: run_score(model_path, data, out_b, *on))
     steady = steady_rate(marks)
     n_b = sum(pq.read_metadata(os.path.join(out_b, f)).num_rows for f in os.listdir(out_b) if f.startswith("part-"))
     assert n_a == n_b == args.n, (n_a, n_b)
     a, b = n_a / base_s, n_b / ray_s
     print(f"baseline (one process, pyarrow + PyTorch, torch threads {torch.get_num_threads()}): "
           f"{a:,.0f} stamps/s ({base_s:.1f} s)")
-    print(f"stampray score (end to end, fresh process): {b:,.0f} stamps/s ({ray_s:.1f} s); first result "
+    where = f"on the running Ray at {args.address}" if args.address else "its own private Ray"
+    print(f"stampray score (end to end, fresh process, {where}): {b:,.0f} stamps/s ({ray_s:.1f} s); first result "
           f"after {marks[0][0]:.1f} s" if marks else f"stampray score: {b:,.0f} stamps/s ({ray_s:.1f} s)")
     print(f"ratio stampray / baseline: {b / a:.2f}")
     print(f"forward limit (2 processes x 1 thread, preprocessing + compiled channels-last model, in memory): "

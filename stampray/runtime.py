@@ -120,16 +120,16 @@ def check_cluster(addr: str, named: str) -> None:
 
     from .table import one_line
 
-    fix = ("start the cluster (ray start --head, or ray up cluster.yaml) or name the address of a running one "
-           "(its GCS host:port, printed by ray start; ray status shows the cluster)")
     if addr.startswith("ray://"):
         return
     if addr.startswith(("http://", "https://")):
         msg = (f"{named} is a dashboard's address, the one 'ray job submit' takes; a verb run on this machine "
                f"connects to the cluster's GCS address (host:port, port 6379 by default): give that, or submit "
-               f"the verb as a job (ray job submit --working-dir . -- python jobs/...), or unset RAY_ADDRESS "
-               f"for a private local Ray")
+               f"the verb as a job (ray job submit --working-dir . -- python jobs/...)"
+               f"{', or unset RAY_ADDRESS for a private local Ray' if named.startswith('RAY_ADDRESS') else ''}")
         raise RuntimeError(msg)
+    fix = ("start the cluster (ray start --head, or ray up cluster.yaml) or name the address of a running one "
+           "(its GCS host:port, printed by ray start; ray status shows the cluster)")
     try:
         gcs = canonicalize_bootstrap_address(addr)
     except (ConnectionError, ValueError) as e:
