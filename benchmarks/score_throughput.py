@@ -119,7 +119,8 @@ def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, pro
 
 
 def run_verb(verb: str, unit: str, *args: str) -> tuple[float, list[tuple[float, int]]]:
-    """``stampray VERB ARGS`` as a user runs it (a fresh process, a private Ray): wall seconds, and (seconds
+    """``stampray VERB ARGS`` as a user runs it (a fresh process; a private Ray unless ARGS give
+    ``--address``): wall seconds, and (seconds
     since the start, ``unit`` done) from each of its progress lines."""
     t = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "stampray", verb, *args], stderr=subprocess.PIPE, text=True,
@@ -188,8 +189,8 @@ def main():
     ap.add_argument("--tta-n", type=int, default=100_000, help="stamps for the --tta 8 cost line (0: skip it)")
     ap.add_argument("--in-process", action="store_true",
                     help="also score the table with --in-process on, and measure one process on two threads")
-    ap.add_argument("--address", help="score on this running Ray (e.g. a `ray start --head` on this machine, "
-                                      "which the forward limit is measured on): the job without Ray's start")
+    ap.add_argument("--address", help="score on this running Ray (a `ray start --head` on this machine, whose "
+                                      "cores the forward limit measures): the job without Ray's start")
     args = ap.parse_args()
     data = os.path.join(args.work, f"tno-{args.n}")
     if not os.path.exists(os.path.join(data, st.MANIFEST_NAME)):
@@ -216,7 +217,7 @@ def main():
           f"{a:,.0f} stamps/s ({base_s:.1f} s)")
     where = f"on the running Ray at {args.address}" if args.address else "its own private Ray"
     print(f"stampray score (end to end, fresh process, {where}): {b:,.0f} stamps/s ({ray_s:.1f} s); first result "
-          f"after {marks[0][0]:.1f} s" if marks else f"stampray score: {b:,.0f} stamps/s ({ray_s:.1f} s)")
+          f"after {marks[0][0]:.1f} s" if marks else f"stampray score ({where}): {b:,.0f} stamps/s ({ray_s:.1f} s)")
     print(f"ratio stampray / baseline: {b / a:.2f}")
     print(f"forward limit (2 processes x 1 thread, preprocessing + compiled channels-last model, in memory): "
           f"{limit:,.0f} stamps/s, the mean of {sum(before):,.0f} ({' + '.join(f'{r:,.0f}' for r in before)}) "

@@ -108,43 +108,55 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *, dash
 
 
 def check_cluster(addr: str, named: str) -> None:
-    """Before ``ray.init(address=addr)``: where no Ray cluster answers, one line naming the address (as the
-    user gave it: ``named``) and the fix, within seconds. Ray itself retries a GCS that does not answer
-    20 times, each attempt waiting up to about 40 s (measured: an --address with nothing behind it, or
+    """Before ``ray.init(address=addr)``: where nothing listens at the cluster's address, one line naming it
+    (as the user gave it: ``named``) and the fix, within seconds. Ray itself retries a GCS that does not
+    answer 20 times, each attempt waiting up to about 40 s (measured: an --address with nothing behind it, or
     RAY_ADDRESS=auto on a machine whose ``ray_current_cluster`` names a cluster that is gone, waited over ten
-    minutes). So the GCS address Ray would use is resolved first (``auto`` through Ray's own lookup) and
-    a TCP connection to it is tried; a Ray Client address (``ray://``) keeps Ray's own, bounded, retries."""
+    minutes). So the GCS address Ray would use is resolved first (``auto`` through Ray's own lookup) and a
+    TCP connection to it is tried (a host that does not answer at all: ``CONNECT_CHECK_S``). Client
+    addresses (``ray://`` and other ``scheme://``) keep Ray's own, bounded, retries; a dashboard's
+    ``http(s)://`` address is named as such. A malformed address is a ValueError (a usage error)."""
     import socket
 
     from ray._private.services import canonicalize_bootstrap_address
 
     from .table import one_line
 
-    if addr.startswith("ray://"):
-        return
+    asked = addr
+    if addr == "auto" and os.environ.get("RAY_ADDRESS"):  # Ray's "auto" takes RAY_ADDRESS first
+        addr = os.environ["RAY_ADDRESS"]
     if addr.startswith(("http://", "https://")):
         msg = (f"{named} is a dashboard's address, the one 'ray job submit' takes; a verb run on this machine "
                f"connects to the cluster's GCS address (host:port, port 6379 by default): give that, or submit "
                f"the verb as a job (ray job submit --working-dir . -- python jobs/...)"
-               f"{', or unset RAY_ADDRESS for a private local Ray' if named.startswith('RAY_ADDRESS') else ''}")
+               f"{', or unset RAY_ADDRESS for a private local Ray' if 'RAY_ADDRESS' in named else ''}")
         raise RuntimeError(msg)
-    fix = ("start the cluster (ray start --head, or ray up cluster.yaml) or name the address of a running one "
-           "(its GCS host:port, printed by ray start; ray status shows the cluster)")
+    if "://" in addr:
+        return
+    form = "give the cluster's GCS address as host:port (port 6379 by default; ray start prints it)"
     try:
         gcs = canonicalize_bootstrap_address(addr)
-    except (ConnectionError, ValueError) as e:
-        msg = f"{named}: {one_line(e)}; {fix}"
+    except ConnectionError as e:  # auto, and no cluster found
+        msg = f"{named}: {one_line(e)}; start a cluster (ray start --head) or {form}"
         raise RuntimeError(msg) from None
+    except ValueError as e:
+        msg = f"{named}: {one_line(e)}; {form}"
+        raise ValueError(msg) from None
     if not gcs:  # "local": a new local Ray
         return
     host, _, port = gcs.rpartition(":")
+    if not port.isdigit():
+        msg = f"{named} has no port number; {form}"
+        raise ValueError(msg)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_CHECK_S).close()
-    except (OSError, ValueError) as e:
-        where = ("the address of the last cluster 'ray start' started on this machine, from its "
-                 "ray_current_cluster file" if addr == "auto" else f"where Ray looks for {addr}")
-        at = gcs if gcs == addr else f"{gcs} ({where})"
-        msg = f"{named}: no Ray cluster answers at {at}: {one_line(e)}; {fix}"
+    except OSError as e:
+        where = ("the address Ray found for auto: RAY_ADDRESS, the last cluster 'ray start' started on this "
+                 "machine, or a Ray running here" if asked == "auto" else f"where Ray looks for {addr}")
+        at = gcs if gcs == asked else f"{gcs} ({where})"
+        msg = (f"{named}: no Ray cluster answers at {at}: {one_line(e)}; start the cluster (ray start --head, or "
+               f"ray up cluster.yaml) or name the address of a running one (its GCS host:port, printed by ray "
+               f"start; ray status shows the cluster)")
         raise RuntimeError(msg) from None
 
 

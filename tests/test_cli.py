@@ -61,14 +61,15 @@ def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, capl
     # earlier demo made are deleted whole before anything runs, and `_start_over` has tests of its own.)
     out = tmp_path / "demo"
     _start_over(str(out), DemoSettings(out=str(out), n=1000, seed=1))
-    synth(SynthSettings(out=str(out / "survey"), n=1000, seed=1, shard_rows=5000, progress=False))
+    synth(SynthSettings(out=str(out / "survey"), n=1000, seed=1, shard_rows=200, progress=False))  # 5 shards
     for sub in OWN_DIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
         (out / sub / "earlier.txt").write_text("an earlier demo's")
     caplog.set_level(logging.INFO, logger="stampray")
     r = demo(DemoSettings(out=str(out), n=3000, epochs=2))
     assert not [sub for sub in OWN_DIRS if (out / sub / "earlier.txt").exists()]
-    assert st.read_manifest(str(out / "survey")).num_rows == 3000
+    assert st.read_manifest(str(out / "survey")).num_rows == 3000  # one shard of 5000 rows: no part left over
+    assert sorted(f for f in os.listdir(out / "survey") if f.startswith("part-")) == ["part-00000.parquet"]
     assert r["scored"] == 3000 and 0.5 < r["test_acc"] <= 1.0
     assert abs(r["eval_acc"] - r["test_acc"]) < 1e-9  # the report's test split is training's test split
     assert os.path.exists(r["report"]) and r["occluded"] <= 10

@@ -428,12 +428,15 @@ def test_the_cluster_asked_for_is_address_then_ray_address(monkeypatch):
 def test_an_address_where_no_cluster_answers_stops_at_once_naming_it(tmp_path, monkeypatch):
     """Ray would retry such an address for over ten minutes (20 attempts of about 40 s each); stampray
     tries a TCP connection to the GCS address Ray would use first and stops with the address and the fix."""
-    import socket
+    from ray._private import services
 
     from stampray import runtime
 
-    with socket.socket() as s:  # a port nothing listens on: bound, never listening
-        s.bind(("127.0.0.1", 0))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # A port nothing listens on: bound on every address, never listening (Ray may rewrite 127.0.0.1 to the
+    # node's address, and connects there).
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
         port = s.getsockname()[1]
         t = time.monotonic()
         with pytest.raises(RuntimeError) as e:
@@ -445,36 +448,69 @@ def test_an_address_where_no_cluster_answers_stops_at_once_naming_it(tmp_path, m
 
         # auto: the cluster the last `ray start` on this machine recorded, gone since (and no other Ray
         # running here, which Ray's "auto" would take instead: the test session's own may be)
-        from ray._private import services
-
         monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
         monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
-        with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=auto: no Ray cluster answers at .*ray_current_cluster"):
+        with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=auto: no Ray cluster answers at .*the last "
+                                               r"cluster 'ray start' started on this machine"):
             runtime.check_cluster("auto", "RAY_ADDRESS=auto")
-    with pytest.raises(RuntimeError, match=r"^--address nonsense::x: Invalid address format: nonsense::x; start "):
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    with pytest.raises(RuntimeError, match=r"^--address auto: Could not find any running Ray instance.* start a "
+                                           r"cluster \(ray start --head\) or give the cluster's GCS address"):
+        runtime.check_cluster("auto", "--address auto")
+    # malformed: a usage error
+    with pytest.raises(ValueError, match=r"^--address nonsense::x: Invalid address format: nonsense::x; give "
+                                         r"the cluster's GCS address as host:port"):
         runtime.check_cluster("nonsense::x", "--address nonsense::x")
-
-    from ray._private.services import resolve_ip_for_localhost
-
-    with socket.socket() as s:  # something answers where Ray would connect (it may rewrite 127.0.0.1): go ahead
-        s.bind((resolve_ip_for_localhost("127.0.0.1"), 0))
-        s.listen()
-        runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
+    with pytest.raises(ValueError, match=r"^--address myhost: has no port number; give the cluster's GCS address as host:port"):
+        runtime.check_cluster("myhost:", "--address myhost:")
     # the README's RAY_ADDRESS for `ray job submit`, left set when a verb is run on this machine
     with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard's address, the one "
                                            r"'ray job submit' takes; .* or unset RAY_ADDRESS for a private local Ray$"):
         runtime.check_cluster("http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265")
-    runtime.check_cluster("ray://example:10001", "--address ray://example:10001")  # Ray Client: Ray's own retries
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # --address auto takes RAY_ADDRESS first, as Ray does
+    with pytest.raises(RuntimeError, match=r"^--address auto is a dashboard's address.*python jobs/\.\.\.\)$"):
+        runtime.check_cluster("auto", "--address auto")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://example:10001")
+    runtime.check_cluster("auto", "--address auto")  # a Ray Client address: Ray's own retries
+    monkeypatch.delenv("RAY_ADDRESS")
+
+    with socket.socket() as s:  # something answers where Ray would connect (it may rewrite 127.0.0.1): go ahead
+        s.bind((services.resolve_ip_for_localhost("127.0.0.1"), 0))
+        s.listen()
+        runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
+    runtime.check_cluster("ray://example:10001", "--address ray://example:10001")
+    runtime.check_cluster("anyscale://prod/x", "--address anyscale://prod/x")  # other client schemes too
     runtime.check_cluster("local", "--address local")  # a new local Ray: nothing to reach
+
+
+def test_a_cluster_that_refuses_the_connection_is_one_line_naming_where_the_address_came_from(monkeypatch):
+    import ray
+
+    from stampray import runtime
+
+    def refused(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(runtime, "check_cluster", lambda addr, named: None)  # something listens there
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match=r"^--address 10.0.0.1:6379: could not connect to the Ray cluster "
+                                           r"\(Failed to connect to Ray cluster at 10.0.0.1:6379\); check"):
+        with runtime.ray_session(address="10.0.0.1:6379"):
+            pass
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(RuntimeError, match=r"^RAY_ADDRESS=10.0.0.1:6379: could not connect"):
+        with runtime.ray_session():
+            pass
 
 
 def test_the_cli_names_an_address_with_no_cluster_in_one_line(tmp_path, tno_small, make_checkpoint):
     model = make_checkpoint(tmp_path / "m.pt")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))  # reserved on every address, never listening
         port = s.getsockname()[1]
         out = subprocess.run([sys.executable, "-m", "stampray", "score", "--model", model, "--data", tno_small,
                               "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"],
