@@ -120,8 +120,8 @@ def forward_limit(model_path: str, batch: int = 4096, seconds: float = 20.0, pro
 
 def run_verb(verb: str, unit: str, *args: str) -> tuple[float, list[tuple[float, int]]]:
     """``stampray VERB ARGS`` as a user runs it (a fresh process; a private Ray unless ARGS give
-    ``--address``): wall seconds, and (seconds
-    since the start, ``unit`` done) from each of its progress lines."""
+    ``--address``): wall seconds, and (seconds since the start, ``unit`` done) from each of its progress
+    lines."""
     t = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "stampray", verb, *args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_ADDRESS": "", "STAMPRAY_PROGRESS": "1"})
