@@ -291,6 +291,7 @@ def read_header(path: str, name: str, hdu: str | int | None = None) -> _Mosaic:
         with _open_fits(path) as hdul:
             i = _pick_hdu(hdul, hdu, name)
             header = hdul[i].header.copy()
+            _say_if_truncated(hdul[i], path, name)
     except CutoutError:
         raise
     except (OSError, ValueError, EOFError) as e:
@@ -309,6 +310,19 @@ def read_header(path: str, name: str, hdu: str | int | None = None) -> _Mosaic:
     return _Mosaic(path, name, i, len(axes), (axes[1], axes[0]), wcs.celestial)
 
 
+def _say_if_truncated(hdu, path: str, name: str) -> None:
+    """A local, uncompressed mosaic shorter than its header says: one warning naming it (astropy's own
+    "File may have been truncated" names no file; it is silenced in :func:`read_headers`). The stamps past its
+    end are set aside as ``unreadable`` by the cutout tasks."""
+    info = hdu.fileinfo() if not _is_uri(path) and not path.lower().endswith(".gz") else None
+    if not info:
+        return
+    need, size = int(info["datLoc"]) + int(info["datSpan"]), os.path.getsize(path)
+    if size < need:
+        logger.warning(f"cutout: warning: {name} is shorter than its header says ({size:,} of {need:,} bytes): "
+                       f"the stamps past its end are set aside as unreadable")
+
+
 def read_headers(mosaics: list[tuple[str, str]], hdu: str | int | None) -> list[_Mosaic]:
     """Every mosaic's header, read in threads; one message names the first few that cannot be used."""
     from concurrent.futures import ThreadPoolExecutor
@@ -319,7 +333,9 @@ def read_headers(mosaics: list[tuple[str, str]], hdu: str | int | None) -> list[
         except CutoutError as e:
             return e
 
-    with ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(mosaics)))) as pool:
+    # Set here, around the threads (warning filters are the process's): _say_if_truncated names the file.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(mosaics)))) as pool:
+        warnings.filterwarnings("ignore", message="File may have been truncated")
         planned = list(pool.map(one, mosaics))
     bad = [str(p) for p in planned if isinstance(p, CutoutError)]
     if bad:

@@ -21,7 +21,9 @@ How a job scales out
   filesystem (local or ``s3://``), atomically, and hands the driver only a small record per piece (which
   shard, which rows, how many, on which node). See :mod:`stampray.score` for how pieces become shards.
 * **One runner.** :func:`run_pool` plans the pool, reads the stamps and streams them through the replicas
-  for both verbs; each verb only says what its replica is and what to do with the records.
+  for both verbs; each verb only says what its replica is and what to do with the records. A small job
+  (``--in-process``, :func:`runs_here`) runs the same replicas on threads of the verb's own process
+  instead (:func:`run_items_here`), without Ray.
 
 How the model reaches the replicas
 ----------------------------------
@@ -76,6 +78,9 @@ EAGER_PART = 3
 PACKAGE_BUILD_FORWARDS = 750_000
 CPU_BATCH = 4096  # stamps per forward of a CPU replica (score's default --batch-size): its compiled shape
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
+IN_PROCESS = ("auto", "on", "off")  # --in-process of score and occlude
+IN_PROCESS_FORWARDS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray
+HERE_WORKERS = 4  # at most this many replica threads in a job run in-process (see here_workers)
 UNBOUNDED_NODES = 16  # nodes planned for when an autoscaler node type has no max_workers
 
 
@@ -692,3 +697,143 @@ def alive_node_cpus() -> list[float]:
     import ray
 
     return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+# Jobs run in this process (--in-process): the same replica classes, books and commits, without Ray.
+
+def runs_here(does: str, choice: str, forwards: int, address: str | None, use_gpu: bool, actors) -> bool:
+    """Whether a job runs in this process, without Ray (``--in-process``): ``on``; or ``auto``
+    for a job of fewer than ``IN_PROCESS_FORWARDS`` forward passes that would otherwise start a private Ray
+    for itself (no ``--address`` or ``RAY_ADDRESS``, no Ray already running in this process, no
+    ``--use-gpu`` and no ``--actors`` pool asked for). Starting Ray and a pool costs 10-20 s on a laptop,
+    more than such a job's work: on the 2-core development machine 2,000 stamps scored in 4 s wall
+    in-process (19-21 s through the private Ray), 100,000 in 12 s (24 s)."""
+    from .runtime import target_address
+
+    if choice == "on" and target_address(address):
+        msg = (f"--in-process on {does} without Ray, but RAY_ADDRESS names the cluster "
+               f"{target_address(address)}; unset RAY_ADDRESS or use --in-process auto|off")
+        raise ValueError(msg)
+    if choice != "auto":
+        return choice == "on"
+    ray = sys.modules.get("ray")
+    ray_up = ray is not None and getattr(ray, "is_initialized", lambda: False)()
+    return (forwards < IN_PROCESS_FORWARDS and target_address(address) is None
+            and not ray_up and not use_gpu and not actors)
+
+
+def check_in_process(does: str, choice: str, address: str | None) -> None:
+    """A verb's settings check of ``--in-process`` (with ``--address``); ``does``: what the verb does
+    ("scores", "maps"), for the message."""
+    if choice not in IN_PROCESS:
+        msg = f"--in-process must be auto, on or off, got {choice!r}"
+        raise ValueError(msg)
+    if choice == "on" and address:
+        msg = f"--in-process on {does} without Ray; it cannot run on the cluster at --address {address}"
+        raise ValueError(msg)
+
+
+def local_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def here_workers(cores: int, use_gpu: bool, items: int, mc_dropout: bool = False) -> tuple[int, int]:
+    """(replica threads, torch threads for the process) for a job run in-process on ``cores`` cores.
+
+    On a CPU, up to ``HERE_WORKERS`` threads with the cores shared evenly among them (torch's thread count
+    is one setting for the whole process), as many as keeps most cores busy (2 cores: 2 x 1; 6: 3 x 2;
+    5: 1 x 5), never more than there are work items. Threads pay because torch releases the GIL in its
+    kernels: on the 2-core development machine two threads of one torch thread each ran preprocessing and
+    the compiled forward at 96,700-102,200 stamps/s together, one thread 49,700-51,100. A GPU job: one
+    thread, which keeps the device busy; an MC dropout job (``mc_dropout``): one thread, as its seeded
+    passes draw from torch's one random generator."""
+    cores = max(1, int(cores))
+    if use_gpu or mc_dropout:
+        return 1, cores
+    most = max(1, min(cores, HERE_WORKERS, int(items)))
+    workers = max(range(1, most + 1), key=lambda w: (w * (cores // w), w))
+    return workers, cores // workers
+
+
+@contextlib.contextmanager
+def torch_threads_kept(prefix: str) -> Iterator[None]:
+    """Put torch's thread count back after a job run in-process (its replicas set it for the process), once
+    no thread named ``prefix...`` is left running: the count is one setting of the whole process, and a
+    compiled forward is guarded on it, so changing it under a running replica (a second Ctrl-C cut the wait
+    for them short) would recompile there."""
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if not any(t.name.startswith(prefix) and t.is_alive() for t in threading.enumerate()):
+            torch.set_num_threads(saved)
+
+
+def run_items_here(replicas: list, items: list, account, prefix: str, verb: str, doing: str) -> bool:
+    """Run the work ``items`` (one per call, as a one-row table) through ``replicas`` in this process:
+    one replica in this thread, several on threads of their own (named ``prefix`` + index) taking the items
+    from one queue. ``account(records)`` runs here, in this thread, as items finish; when it returns true
+    the job stops after each thread's current item (``--limit`` reached) and ``run_items_here`` returns True.
+
+    A failure in a thread, or an exception here (Ctrl-C), stops every thread after its current item; the
+    items finished by then are accounted for before it is raised, so their work is kept. ``verb`` and
+    ``doing`` ("score", "scoring") name the job in the line that says it is stopping."""
+    import queue
+
+    if len(replicas) == 1:
+        for item in items:
+            if account(replicas[0](pa.Table.from_pylist([item]))):
+                return True
+        return False
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        work.put(item)
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (records, None) per item; (None, error); None: a thread ended
+    stop = threading.Event()
+
+    def loop(replica) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    item = work.get_nowait()
+                except queue.Empty:
+                    return
+                done.put((replica(pa.Table.from_pylist([item])), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the accounting thread, which raises it
+            done.put((None, e))
+        finally:
+            done.put(None)
+
+    pool = [threading.Thread(target=loop, args=(r,), name=f"{prefix}{i}", daemon=True)
+            for i, r in enumerate(replicas)]
+    for t in pool:
+        t.start()
+    running, error, stopped = len(pool), None, False
+    try:
+        while running:
+            msg = done.get()
+            if msg is None:
+                running -= 1
+            elif msg[1] is not None:
+                error = msg[1]
+                break
+            elif account(msg[0]):
+                stopped = True
+                break
+    finally:
+        stop.set()
+        if running and not stopped:  # an error, Ctrl-C: some threads may be in the middle of an item
+            logger.warning(f"{verb}: stopping; waiting for {running} {doing} thread(s) to finish their current "
+                           f"work item")
+        for t in pool:
+            t.join()
+        while not done.empty():  # finished while stopping: accounted for, so their work needs no rerun
+            msg = done.get()
+            if msg is not None and msg[1] is None:
+                account(msg[0])
+    if error is not None:
+        raise error
+    return stopped

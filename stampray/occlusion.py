@@ -10,7 +10,8 @@ one large batch, on the same actor-pool machinery as ``stampray score``
 small record per piece; once enough stamps are mapped (``--limit``) or the data is exhausted, the job's
 committer (an actor started with the pool) joins the accepted pieces into ``MAPS/part-NNNNN.parquet`` (and
 ``MAPS/_errors/``) and removes the pieces, so no map passes through the driver and a new output replaces
-an old one only once complete.
+an old one only once complete. A small job (``--in-process``, :func:`stampray.inference.runs_here`) runs the
+same replica class on threads, the books and the commit in this process, without Ray (:func:`_run_here`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from .data import ROW, SHARD
 from .lock import output_lock
 from .provenance import provenance
 from .settings import non_negative, positive
-from .inference import ModelActor, Progress, open_model_for
+from .inference import (IN_PROCESS, LOCAL_NODE, ModelActor, Progress, check_in_process, here_workers, local_cores,
+                        open_model_for, run_items_here, runs_here, torch_threads_kept)
 from .pieces import (ERROR, MAP_FILE_ROWS, PARTS_DIR, TMP_DIR, MapsCommitter, commit_maps,  # noqa: F401
                      delete_dir, list_files, write_atomic)
 
@@ -83,6 +85,10 @@ class OccludeSettings:
             noise,source): take the model's class names by position instead of refusing.
         compile: torch.compile the replicas (a few seconds each, about 2x the forward rate on a CPU): auto
             for jobs of 200,000 occluded variants or more.
+        in_process: map in this process, without Ray (up to 4 threads sharing its cores): auto for jobs of
+            under 200,000 occluded variants (the stamps to map times the window positions) that would
+            otherwise start a private Ray of their own (no --address or RAY_ADDRESS, no --use-gpu or --actors,
+            no Ray running in this Python process); on: always; off: never. The maps are the same either way.
     """
 
     model: str
@@ -105,8 +111,10 @@ class OccludeSettings:
     address: str | None = None
     rename_classes: bool = False
     compile: str = field(default="auto", metadata={"choices": COMPILE})
+    in_process: str = field(default="auto", metadata={"choices": IN_PROCESS})
 
     def __post_init__(self):
+        check_in_process("maps", self.in_process, self.address)
         if self.compile not in COMPILE:
             msg = f"--compile must be auto, on or off, got {self.compile!r}"
             raise ValueError(msg)
@@ -316,9 +324,10 @@ class Occluder(ModelActor):
 
     def __init__(self, model_bytes, out: str, kernel: int, stride: int, ids: list[str], where: str | None,
                  threads: int = 1, use_gpu: bool = False, limit: int | None = None, occlude_chunk: int | None = None,
-                 chunk: int = 4096, compile: bool = False, source: dict | None = None, build_package: bool = False):
+                 chunk: int = 4096, compile: bool = False, source: dict | None = None, build_package: bool = False,
+                 use_package: bool = True):
         super().__init__(model_bytes, threads, use_gpu, compile=compile, chunk=chunk, source=source,
-                         build_package=build_package)
+                         build_package=build_package, use_package=use_package)
         self.out, self.kernel, self.stride, self.where = out, int(kernel), int(stride), where
         self.limit = int(limit) if limit else None  # no block maps more stamps than the job keeps
         self.occlude_chunk = int(occlude_chunk) if occlude_chunk else None  # (stamp, window) pairs per forward
@@ -484,60 +493,141 @@ def _upscale_when_busy():
         ctx.autoscaling_config = saved
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What both runners need: the read items (``batch_size`` rows each), the window positions per stamp,
+    the (stamp, window) pairs of one forward, the job's occluded variants and whether it compiles."""
+
+    items: list
+    windows: int
+    pairs: int
+    batch_size: int
+    variants: int
+    compile: bool
+
+
+COLUMNS = [st.ID, st.IMAGE, st.LABEL]  # what occlusion reads of the table
+HERE_THREAD = "stampray-occlude-"  # the threads of a job mapped in-process: stampray-occlude-0, -1, ...
+
+
+def _plan(settings: OccludeSettings, manifest: st.Manifest) -> _Plan:
+    from .data import work_items
+
+    # The (stamp, window) pairs of one forward (occlusion_forward); compiled, the model's one shape is that
+    # chunk too (an occlusion job is many forwards of exactly this size), and a block's stamps fill its
+    # forwards (block_stamps): whole forwards, or a last one nearly full when forwards span stamps.
+    ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
+    windows = len(ys) * len(xs)
+    pairs, _ = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk, settings.use_gpu)
+    batch_size = settings.batch_size or block_stamps(512 if settings.use_gpu else 64, windows, pairs)
+    # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a row group
+    # given whole to one replica would leave the others idle.
+    items = work_items(settings.data, [sh["path"] for sh in manifest.shards], rows=batch_size)
+    variants = int(settings.limit or len(settings.ids) or manifest.num_rows) * windows
+    compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
+    return _Plan(items, windows, pairs, batch_size, variants, compile_model)
+
+
 def _run(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest,
          old_files: list[str]) -> tuple[int, int, dict, list[str], list[str]]:
-    """Stream the stamps through the pool, keep the books, then commit: (maps, set aside, maps per node)."""
+    """Map the selected stamps, keep the books, then commit: in this process (:func:`_run_here`) or through a
+    Ray pool (:func:`_run_ray`), as ``--in-process`` decides (:func:`stampray.inference.runs_here`).
+    Returns (maps, set aside, maps per node, files written, --ids not found)."""
+    plan = _plan(settings, manifest)
+    if runs_here("maps", settings.in_process, plan.variants, settings.address, settings.use_gpu, settings.actors):
+        if settings.in_process == "auto":
+            log.info(f"occlude: {plan.variants:,} occluded variants: mapping in this process, without Ray "
+                     f"(--in-process off: through Ray)")
+        from .runtime import reap_before
+
+        reap_before("occlude")  # the CLI has already; for a library caller's job
+        return _run_here(settings, model_bytes, manifest, old_files, plan)
+    return _run_ray(settings, model_bytes, manifest, old_files, plan)
+
+
+def _book(records: pa.Table, books: BlocksInOrder, progress: Progress, limit: int | None) -> bool:
+    """Enter the replicas' records in the books and the progress line; whether the job has its ``limit``.
+    Each replica maps up to --limit stamps of a block; the commit keeps the first --limit in table order, so
+    the job stops only once every block before them is in."""
+    for r in records.to_pylist():
+        books.add(r)
+    progress.update((books.mapped if limit is None else min(books.mapped, limit)) - progress.done)
+    return limit is not None and books.mapped >= limit
+
+
+def _progress(settings: OccludeSettings, manifest: st.Manifest) -> Progress:
+    return Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows), settings.progress,
+                    unit="maps")
+
+
+def _run_here(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest, old_files: list[str],
+              plan: _Plan) -> tuple[int, int, dict, list[str], list[str]]:
+    """Map in this process, without Ray: :func:`stampray.inference.here_workers` threads, each with its own
+    :class:`Occluder` (built one after another: the first compiles, the others find Dynamo's graph made),
+    take the work items from one queue and write the same pieces as a pool's replicas; this thread keeps the
+    books (:class:`BlocksInOrder`, ``--limit`` in table order) and commits them as the pool's committer
+    does (:func:`stampray.pieces.commit_maps`)."""
+    from .inference import CPU_BATCH
+
+    workers, threads = here_workers(local_cores(), settings.use_gpu, len(plan.items))
+    limit = int(settings.limit) if settings.limit else None
+    books = BlocksInOrder(plan.items, limit)
+
+    def make() -> Occluder:
+        o = Occluder(model_bytes, settings.out, settings.kernel, settings.stride, list(settings.ids),
+                     settings.where, threads=threads, use_gpu=settings.use_gpu, limit=settings.limit,
+                     occlude_chunk=plan.pairs, compile=plan.compile, use_package=workers == 1,
+                     chunk=plan.pairs if plan.compile else (16384 if settings.use_gpu else CPU_BATCH),
+                     source={"root": settings.data, "columns": COLUMNS})
+        o.node_id = LOCAL_NODE  # even where this process has Ray up (--in-process on): no Ray node did it
+        return o
+
+    with torch_threads_kept(HERE_THREAD):
+        replicas = [make() for _ in range(workers)]
+        progress = _progress(settings, manifest)
+        stopped = run_items_here(replicas, plan.items, lambda records: _book(records, books, progress, limit),
+                                 HERE_THREAD, "occlude", "occlusion")
+        progress.close()
+    total, set_aside, files, missing = commit_maps(settings.out, books.pieces(complete=not stopped), limit,
+                                                   old_files, list(settings.ids))
+    return total, set_aside, books.nodes, files, missing
+
+
+def _run_ray(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest, old_files: list[str],
+             plan: _Plan) -> tuple[int, int, dict, list[str], list[str]]:
+    """Stream the stamps through a Ray pool, keep the books, then commit (in the job's committer actor)."""
     import ray
     import ray.data
 
-    from .data import work_items
     from .inference import check_gpu_nodes, run_pool, start_committer
     from .runtime import ensure_gpus, ray_session
 
     # A verb of tasks, actors and Ray Data only: the private Ray starts without the dashboard's modules.
     with ray_session(settings.address, dashboard=False), _upscale_when_busy():
         ray.data.DataContext.get_current().enable_progress_bars = False
-        progress = Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows),
-                            settings.progress, unit="maps")
+        progress = _progress(settings, manifest)
         if settings.use_gpu:
             ensure_gpus("occlude", 1, float(settings.wait_gpu), progress.say)
             check_gpu_nodes("occlude")
-        # The (stamp, window) pairs of one forward (occlusion_forward); compiled, the model's one shape is
-        # that chunk too (an occlusion job is many forwards of exactly this size), and a block's stamps fill
-        # its forwards (block_stamps): whole forwards, or a last one nearly full when forwards span stamps.
-        ys, xs = occlusion_grid(manifest.spec.shape, settings.kernel, settings.stride)
-        windows = len(ys) * len(xs)
-        pairs, _ = occlusion_forward(int(np.prod(manifest.spec.shape)), windows, settings.chunk, settings.use_gpu)
-        batch_size = settings.batch_size or block_stamps(512 if settings.use_gpu else 64, windows, pairs)
-        # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a
-        # row group given whole to one replica would leave the others idle.
         shards = [sh["path"] for sh in manifest.shards]
-        items = work_items(settings.data, shards, rows=batch_size)
-        variants = int(settings.limit or len(settings.ids) or manifest.num_rows) * windows
-        compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
-        stream = run_pool(Occluder, model_bytes, settings.data, shards, [st.ID, st.IMAGE, st.LABEL], items,
+        stream = run_pool(Occluder, model_bytes, settings.data, shards, COLUMNS, plan.items,
                           use_gpu=settings.use_gpu, max_actors=settings.max_actors, actors=settings.actors,
                           # One work item (batch_size rows or a row group's tail) per call, from read
                           # tasks too: a record then names exactly the rows its block held (BlocksInOrder).
-                          batch_size=None, chunk=pairs if compile_model else None,
-                          tasks_in_flight=blocks_in_flight(batch_size, windows, bool(settings.limit)),
+                          batch_size=None, chunk=plan.pairs if plan.compile else None,
+                          tasks_in_flight=blocks_in_flight(plan.batch_size, plan.windows, bool(settings.limit)),
                           replica_kwargs={"out": settings.out, "kernel": settings.kernel,
                                           "stride": settings.stride, "ids": list(settings.ids),
                                           "where": settings.where, "limit": settings.limit,
-                                          "occlude_chunk": pairs, "compile": compile_model},
-                          forwards=variants)
+                                          "occlude_chunk": plan.pairs, "compile": plan.compile},
+                          forwards=plan.variants)
         # The commit reads the maps, so it runs beside the replicas, not in the driver: in an actor started
         # now, whose process starts (Python, Ray, pyarrow: 2-3 s here) while the pool does, not after it.
         committer = start_committer(MapsCommitter)
         limit = int(settings.limit) if settings.limit else None
-        books, stopped = BlocksInOrder(items, limit), False
+        books, stopped = BlocksInOrder(plan.items, limit), False
         for records in stream:
-            for r in records.to_pylist():
-                books.add(r)
-            # Each replica maps up to --limit stamps of a block; the commit keeps the first --limit in table
-            # order, so the job stops only once every block before them is in.
-            progress.update((books.mapped if limit is None else min(books.mapped, limit)) - progress.done)
-            if limit is not None and books.mapped >= limit:
+            if _book(records, books, progress, limit):
                 stopped = True
                 break  # ends the dataset: the pool stops
         stream.close()

@@ -58,7 +58,9 @@ def course_normalize(x: np.ndarray) -> np.ndarray:
     Clip every pixel below ``median - 2 sigma_G`` (``sigma_G = 0.7413 IQR``) to that value, subtract the
     minimum, divide by the sum. A stamp whose clipped pixels are all equal (constant or all-zero) has no
     contrast to normalise; it becomes the uniform stamp ``1 / (H W)``, the limit that keeps the unit sum,
-    instead of 0/0.
+    instead of 0/0. A stamp of finite pixels near float32's limits (3e38 beside -3e38) overflows to
+    non-finite values, quietly: every caller sets such a stamp aside with its reason ("nonfinite: ... after
+    course"), so numpy's RuntimeWarnings would only be noise in a job's log.
     """
     x = _as_batch(x)
     n, c, h, w = x.shape
@@ -66,12 +68,13 @@ def course_normalize(x: np.ndarray) -> np.ndarray:
         return x.copy()
     flat = x.reshape(n * c, h * w)
     p25, p50, p75 = _quartiles(flat)
-    floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).astype(np.float32)
-    out = np.maximum(flat, floor[:, None])  # the one new array; every later step works in place on it
-    out -= out.min(axis=1, keepdims=True)
-    total = out.sum(axis=1, dtype=np.float64, keepdims=True)
-    degenerate = total[:, 0] <= 0
-    out *= (1.0 / np.where(degenerate[:, None], 1.0, total)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        floor = (p50 - 2.0 * SIGMA_G_COEFF * (p75 - p25)).astype(np.float32)
+        out = np.maximum(flat, floor[:, None])  # the one new array; every later step works in place on it
+        out -= out.min(axis=1, keepdims=True)
+        total = out.sum(axis=1, dtype=np.float64, keepdims=True)
+        degenerate = total[:, 0] <= 0
+        out *= (1.0 / np.where(degenerate[:, None], 1.0, total)).astype(np.float32)
     out[degenerate] = np.float32(1.0 / (h * w))
     return out.reshape(n, c, h, w)
 
@@ -115,7 +118,8 @@ def course_scaled(x: np.ndarray) -> np.ndarray:
     (the class prior; it needs about three epochs to leave that plateau) with ``course`` itself.
     It is ``stampray train``'s default."""
     x = course_normalize(x)  # a new array: scaled in place
-    x *= np.float32(x.shape[2] * x.shape[3])
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite stays so; see course_normalize
+        x *= np.float32(x.shape[2] * x.shape[3])
     return x
 
 

@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
-import sys
-import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -56,8 +53,11 @@ from . import table as st
 from .classes import prob_column, std_column
 from .data import ROW, SHARD
 from .lock import output_lock
-from .inference import (COMPILE, LOCAL_NODE, PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress,  # noqa: F401
-                        check_compatible, delete_dir, list_files, open_model_for, reason_counts, write_atomic)
+from .inference import (COMPILE, HERE_WORKERS, IN_PROCESS, LOCAL_NODE, PARTS_DIR, READ_CPUS, TMP_DIR,  # noqa: F401
+                        ModelActor, Progress, check_compatible, check_in_process, delete_dir, here_workers,
+                        list_files, local_cores, open_model_for, reason_counts, run_items_here, runs_here,
+                        torch_threads_kept, write_atomic)
+from .inference import IN_PROCESS_FORWARDS as IN_PROCESS_ROWS  # noqa: F401 - --in-process auto's bound
 from .pieces import ERROR
 from .provenance import provenance
 
@@ -73,10 +73,7 @@ COMMITS_AT_ONCE = 4  # threads of the job's committer actor
 # (means of 8 and 6 runs). GPU pools keep Ray's default: their blocks come from read tasks.
 ITEMS_IN_FLIGHT = 4
 COMPILE_ROWS = 200_000  # --compile auto compiles the model for jobs of at least this many stamps
-IN_PROCESS_ROWS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray
 FEATURES = "features"  # --features: the forward_features vector
-IN_PROCESS = ("auto", "on", "off")  # --in-process
-HERE_WORKERS = 4  # at most this many scoring threads in a job scored in-process (see here_workers)
 HERE_THREAD = "stampray-score-"  # the names of those threads: stampray-score-0, -1, ...
 RECORD_SCHEMA = pa.schema([("shard", pa.string()), ("row0", pa.int64()), ("rows", pa.int64()),
                            ("errors", pa.int64()), ("node", pa.string())])
@@ -142,12 +139,7 @@ class ScoreSettings:
     in_process: str = field(default="auto", metadata={"choices": IN_PROCESS})
 
     def __post_init__(self):
-        if self.in_process not in IN_PROCESS:
-            msg = f"--in-process must be auto, on or off, got {self.in_process!r}"
-            raise ValueError(msg)
-        if self.in_process == "on" and self.address:
-            msg = f"--in-process on scores without Ray; it cannot run on the cluster at --address {self.address}"
-            raise ValueError(msg)
+        check_in_process("scores", self.in_process, self.address)
         if self.batch_size is not None and int(self.batch_size) <= 0:
             msg = f"--batch-size must be a positive integer, got {self.batch_size!r}"
             raise ValueError(msg)
@@ -664,24 +656,11 @@ def _run(settings: ScoreSettings, bundle: dict, model_bytes: bytes, tag: str, to
 
 
 def in_process(settings: ScoreSettings, rows: int) -> bool:
-    """Whether the job runs in this process, without Ray (``--in-process``): ``on``; or ``auto`` for a job
-    of fewer than ``IN_PROCESS_ROWS`` forward passes that would otherwise start a private Ray for itself (no
-    ``--address`` or ``RAY_ADDRESS``, no Ray already running in this process, no ``--use-gpu`` and no
-    ``--actors`` pool asked for). Starting Ray and a pool costs 10-20 s on a laptop, more than such a job's
-    scoring: on the 2-core development machine 2,000 stamps took 4 s wall in-process (19-21 s through the
-    private Ray), 100,000 took 12 s (24 s)."""
-    from .runtime import target_address
-
-    if settings.in_process == "on" and target_address(settings.address):
-        msg = (f"--in-process on scores without Ray, but RAY_ADDRESS names the cluster "
-               f"{target_address(settings.address)}; unset RAY_ADDRESS or use --in-process auto|off")
-        raise ValueError(msg)
-    if settings.in_process != "auto":
-        return settings.in_process == "on"
-    ray = sys.modules.get("ray")
-    ray_up = ray is not None and getattr(ray, "is_initialized", lambda: False)()
-    return (rows * settings.passes < IN_PROCESS_ROWS and target_address(settings.address) is None
-            and not ray_up and not settings.use_gpu and not settings.actors)
+    """Whether the job runs in this process, without Ray (``--in-process``; see
+    :func:`stampray.inference.runs_here`): ``rows`` stamps are ``rows`` times ``--tta``/``--mc-dropout`` K
+    forward passes."""
+    return runs_here("scores", settings.in_process, rows * settings.passes, settings.address, settings.use_gpu,
+                     settings.actors)
 
 
 def _run_ray(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], columns_present: list,
@@ -772,38 +751,11 @@ def run_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[s
     take the work items from one queue and write the same pieces as the Ray job's replicas; this thread keeps
     the books and commits each complete shard, so a killed run resumes, and mixes with Ray runs, the same
     way. (rows per node, 0.0: there is no coordinator task). torch's thread count, which the scorers set for
-    the process, is put back afterwards, once no scoring thread is left running."""
-    import torch
-
+    the process, is put back afterwards (:func:`stampray.inference.torch_threads_kept`)."""
     items, columns, duplicates, kwargs = _plan(settings, todo, columns_present, check_ids)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    saved_threads = torch.get_num_threads()
-    try:
+    with torch_threads_kept(HERE_THREAD):
         return _score_here(settings, model_bytes, tag, todo, schema, items, columns, duplicates, kwargs,
-                           *here_workers(cores, settings.use_gpu, len(items), settings.mc_dropout > 0))
-    finally:
-        # The count is one setting of the whole process, and a compiled forward is guarded on it: changed
-        # under a running scorer (a second Ctrl-C cut the wait for them short), it would recompile there.
-        if not any(t.name.startswith(HERE_THREAD) and t.is_alive() for t in threading.enumerate()):
-            torch.set_num_threads(saved_threads)
-
-
-def here_workers(cores: int, use_gpu: bool, items: int, mc_dropout: bool = False) -> tuple[int, int]:
-    """(scoring threads, torch threads for the process) for a job scored in-process on ``cores`` cores.
-
-    On a CPU, up to ``HERE_WORKERS`` threads with the cores shared evenly among them (torch's thread count
-    is one setting for the whole process), as many as keeps most cores busy (2 cores: 2 x 1; 6: 3 x 2;
-    5: 1 x 5), never more than there are work items. Threads pay because torch releases the GIL in its
-    kernels: on the 2-core development machine two threads of one torch thread each ran preprocessing and
-    the compiled forward at 96,700-102,200 stamps/s together, one thread 49,700-51,100. A GPU job: one
-    thread, which keeps the device busy; an MC dropout job (``mc_dropout``): one thread, as its seeded
-    passes draw from torch's one random generator."""
-    cores = max(1, int(cores))
-    if use_gpu or mc_dropout:
-        return 1, cores
-    most = max(1, min(cores, HERE_WORKERS, int(items)))
-    workers = max(range(1, most + 1), key=lambda w: (w * (cores // w), w))
-    return workers, cores // workers
+                           *here_workers(local_cores(), settings.use_gpu, len(items), settings.mc_dropout > 0))
 
 
 def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dict[str, int], schema, items: list,
@@ -834,69 +786,10 @@ def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dic
         progress.update(_account(records, books, todo, nodes, commits,
                                  lambda shard: commit_shard(settings.out, shard, todo[shard])))
 
-    if workers == 1:
-        for item in items:
-            account(scorers[0](pa.Table.from_pylist([item])))
-    else:
-        _score_on_threads(scorers, items, account)
+    run_items_here(scorers, items, account, HERE_THREAD, "score", "scoring")
     progress.close()
     _check_books(books, todo)
     return nodes, 0.0
-
-
-def _score_on_threads(scorers: list, items: list, account) -> None:
-    """Each scorer on a thread of its own, taking ``items`` from one queue; ``account(records)`` here, in
-    this thread, as items finish. A failure in a thread, or an exception here (Ctrl-C), stops every thread
-    after its current item; the items finished by then are accounted for before it is raised."""
-    import queue
-
-    work: queue.SimpleQueue = queue.SimpleQueue()
-    for item in items:
-        work.put(item)
-    done: queue.SimpleQueue = queue.SimpleQueue()  # (records, None) per item; (None, error); None: a thread ended
-    stop = threading.Event()
-
-    def loop(scorer) -> None:
-        try:
-            while not stop.is_set():
-                try:
-                    item = work.get_nowait()
-                except queue.Empty:
-                    return
-                done.put((scorer(pa.Table.from_pylist([item])), None))
-        except BaseException as e:  # noqa: BLE001 - handed to the accounting thread, which raises it
-            done.put((None, e))
-        finally:
-            done.put(None)
-
-    pool = [threading.Thread(target=loop, args=(s,), name=f"{HERE_THREAD}{i}", daemon=True)
-            for i, s in enumerate(scorers)]
-    for t in pool:
-        t.start()
-    running, error = len(pool), None
-    try:
-        while running:
-            msg = done.get()
-            if msg is None:
-                running -= 1
-            elif msg[1] is not None:
-                error = msg[1]
-                break
-            else:
-                account(msg[0])
-    finally:
-        stop.set()
-        if running:  # stopped early (an error, Ctrl-C): some threads may be in the middle of an item
-            logger.warning(f"score: stopping; waiting for {running} scoring thread(s) to finish their current "
-                           f"work item")
-        for t in pool:
-            t.join()
-        while not done.empty():  # finished while stopping: booked, so their shards need no rerun
-            msg = done.get()
-            if msg is not None and msg[1] is None:
-                account(msg[0])
-    if error is not None:
-        raise error
 
 
 def coordinate(settings_doc: dict, model_box: list, tag: str, todo: dict[str, int], columns_present: list,

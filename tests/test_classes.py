@@ -265,10 +265,11 @@ def test_score_refuses_a_checkpoint_whose_class_names_collide(source_first, tmp_
     assert "the checkpoint's classes: class 'noise' is named twice" in err and "re-ingest" in err
 
 
-@pytest.mark.slow  # about 15 s: three occlusion runs
 def test_occlude_follows_the_table_order_and_renames_when_asked(always_source, source_first, numbered, tmp_path,
-                                                                capsys, ray_shared):
-    base = ["occlude", "--model", always_source, "--kernel", "7", "--stride", "7", "--limit", "3", "--actors", "1"]
+                                                                capsys):
+    """In this process (--in-process on: the replica class a pool runs, without its start-up)."""
+    base = ["occlude", "--model", always_source, "--kernel", "7", "--stride", "7", "--limit", "3", "--in-process",
+            "on"]
     out = tmp_path / "maps"
     assert main([*base, "--data", source_first, "--out", str(out)]) == 0
     assert "another order" in capsys.readouterr().err

@@ -307,16 +307,27 @@ def test_whole_cutout_decision_matches_astropy(size, tmp_path):
         cut_piece(path, 0, 2, size, False, np.nan, x[~got][:1], y[~got][:1])
 
 
-def test_truncated_mosaic_sets_aside_what_it_cannot_read(survey, tmp_path, ray_shared):
+def test_truncated_mosaic_sets_aside_what_it_cannot_read(survey, tmp_path, ray_shared, caplog):
+    """The stamps past its end are set aside as unreadable, and one warning names the short file (astropy's
+    own names none, and is not shown)."""
+    import warnings
+
     from astropy.io import fits
+    from astropy.utils.exceptions import AstropyUserWarning
 
     a = os.path.join(survey["mosaics"], "a.fits")
     header = len(fits.getheader(a).tostring())  # whole 2880-byte blocks
     cut = tmp_path / "cut.fits"
     with open(a, "rb") as f:
         cut.write_bytes(f.read(header + 100 * NX * 4))  # the first 100 rows of pixels, of 300
-    r = cutout(CutoutSettings(images=str(cut), catalog=survey["catalog"], out=str(tmp_path / "out"), size=SIZE,
-                              classes=("noise", "source")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AstropyUserWarning)
+        r = cutout(CutoutSettings(images=str(cut), catalog=survey["catalog"], out=str(tmp_path / "out"),
+                                  size=SIZE, classes=("noise", "source")))
+    need = header + 300 * NX * 4 + (-(300 * NX * 4) % 2880)
+    assert [m for m in caplog.messages if "shorter" in m] == [
+        f"cutout: warning: cut.fits is shorter than its header says ({header + 100 * NX * 4:,} of {need:,} bytes): "
+        f"the stamps past its end are set aside as unreadable"]
     assert list(_by_id(tmp_path / "out")) == ["s1", "s8"]  # cutouts within rows 0..99
     unreadable = {k[0]: v for k, v in _reasons(tmp_path / "out").items() if v.startswith("unreadable")}
     assert sorted(unreadable) == ["s2", "s7"]

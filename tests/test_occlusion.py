@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -130,16 +131,20 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_chec
 
 
 @pytest.mark.slow
-def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray_shared, caplog, make_checkpoint,
-                                                                   write_stamps):
+@pytest.mark.parametrize("in_process", ["off", "on"])
+def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(in_process, tmp_path, ray_shared, caplog,
+                                                                   make_checkpoint, write_stamps):
+    """Through a pool on the session's Ray, and in this process (--in-process on): the same maps and books."""
     from stampray import table as st
 
     images = np.random.default_rng(1).normal(size=(6, 1, 21, 21)).astype(np.float32)
     images[1, 0, 5, 5] = np.nan
     images[4, 0, 0, 0] = -np.inf
     data = write_stamps(tmp_path / "d", images, labels=[0, 1] * 3, shard_rows=4)
-    r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps")))
+    r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
+                                in_process=in_process))
     assert r.rows == 4 and r.set_aside == 2
+    assert (r.nodes == {"local": 4}) == (in_process == "on") and sum(r.nodes.values()) == 4
     assert sorted(read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist()) == ["s0", "s2", "s3", "s5"]
     errors = sorted(pq.read_table(str(tmp_path / "maps" / "_errors")).to_pylist(), key=lambda e: e["stamp_id"])
     assert pq.read_schema(str(tmp_path / "maps" / "_errors" / "part-00000.parquet")) == st.ERROR_SCHEMA
@@ -152,8 +157,8 @@ def test_rows_that_cannot_be_occluded_are_listed_with_their_reason(tmp_path, ray
     assert json.loads((tmp_path / "maps" / "_maps.json").read_text())["provenance"] == provenance()
     # with --limit, set-aside rows do not count towards the maps asked for
     r = occlude(OccludeSettings(model=make_checkpoint(tmp_path / "m.pt"), data=data, out=str(tmp_path / "maps"),
-                                limit=3))
-    assert r.rows == 3 and read_maps(str(tmp_path / "maps")).num_rows == 3
+                                limit=3, in_process=in_process))
+    assert r.rows == 3 and read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist() == ["s0", "s2", "s3"]
 
 
 def test_png_names_are_unique_per_id_and_indexed(tmp_path):
@@ -212,6 +217,102 @@ def test_a_limited_job_fed_by_read_tasks_keeps_the_first_stamps(tno_small, tmp_p
                             limit=5, actors=2, batch_size=2, progress=False))
     first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
     assert read_maps(str(tmp_path / "maps")).column("stamp_id").to_pylist() == first.to_pylist()[:5]
+
+
+def _occlusion_threads() -> list:
+    import threading
+
+    from stampray.occlusion import HERE_THREAD
+
+    return [t for t in threading.enumerate() if t.name.startswith(HERE_THREAD)]
+
+
+def test_in_process_threads_stop_at_the_limit_with_the_tables_first_maps(tno_small, tmp_path, make_checkpoint,
+                                                                         monkeypatch, caplog):
+    """--in-process on with two threads (each its own replica, compiled rather than loaded from a package):
+    --limit 5 of blocks of 2 keeps the table's first five stamps, whichever thread finished first; the job
+    stops quietly (no "stopping" line) with no thread left running, and draws the maps one replica draws."""
+    from stampray import occlusion as oc
+
+    made = []
+    init = oc.Occluder.__init__
+    monkeypatch.setattr(oc.Occluder, "__init__", lambda self, *a, **k: made.append(k["use_package"]) or
+                        init(self, *a, **k))
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    tables = {}
+    for workers in (2, 1):
+        monkeypatch.setattr(oc, "here_workers", lambda cores, use_gpu, items, w=workers: (w, 1))
+        out = str(tmp_path / f"maps{workers}")
+        r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=out, limit=5, batch_size=2, in_process="on",
+                                    progress=False))
+        assert (r.rows, r.nodes) == (5, {"local": 5})
+        tables[workers] = read_maps(out)
+        assert not os.path.exists(os.path.join(out, "_parts")) and _occlusion_threads() == []
+    assert made == [False, False, True]
+    assert "stopping" not in caplog.text
+    first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
+    assert tables[2].column("stamp_id").to_pylist() == tables[1].column("stamp_id").to_pylist() == \
+        first.to_pylist()[:5]
+    np.testing.assert_array_equal(tables[2].column("heatmap").combine_chunks().to_numpy_ndarray(),
+                                  tables[1].column("heatmap").combine_chunks().to_numpy_ndarray())
+
+
+@pytest.mark.slow
+def test_a_small_occlude_from_the_command_line_maps_without_ray(tno_small, tmp_path, make_checkpoint):
+    """A few maps (a morning's vetting): --in-process auto maps them in the stampray process, which never
+    imports Ray, and says so; the maps and PNGs are those of any run."""
+    import subprocess
+    import sys
+
+    out, png = str(tmp_path / "maps"), str(tmp_path / "png")
+    code = ("import sys; from stampray.cli import main; "
+            f"rc = main(['occlude', '--model', {make_checkpoint(tmp_path / 'm.pt')!r}, '--data', {tno_small!r}, "
+            f"'--out', {out!r}, '--limit', '3', '--png', {png!r}, '--no-progress']); "
+            "print('RESULT', rc, 'ray' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.stdout.splitlines()[-1] == "RESULT 0 False", run.stdout + run.stderr
+    assert "occlude: 867 occluded variants: mapping in this process, without Ray (--in-process off: through Ray)" \
+        in run.stderr
+    assert not re.search("warn|error|traceback", run.stderr, re.I), run.stderr
+    assert re.search(r"^occlude: 3 occlusion maps \(kernel 5, stride 1\) written to .*; 4 PNGs in ", run.stdout, re.M)
+    first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
+    assert read_maps(out).column("stamp_id").to_pylist() == first.to_pylist()[:3]
+    assert len(os.listdir(png)) == 5  # 3 overlays, the grid and index.csv
+
+
+def test_in_process_auto_maps_small_jobs_here(tno_small, monkeypatch):
+    """--in-process auto: jobs of under 200,000 occluded variants (stamps to map x window positions) that
+    would start a private Ray of their own map in this process; bigger ones, and any with an address, a GPU
+    or a fixed pool, go through Ray. on + --address is refused."""
+    import types
+    import sys
+
+    from stampray import table as st
+    from stampray.inference import IN_PROCESS_FORWARDS, runs_here
+    from stampray.occlusion import _plan
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    manifest = st.read_manifest(tno_small)
+
+    def here(**kw):
+        s = OccludeSettings(model="m", data=tno_small, out="o", **kw)
+        return runs_here("maps", s.in_process, _plan(s, manifest).variants, s.address, s.use_gpu, s.actors)
+
+    assert _plan(OccludeSettings(model="m", data=tno_small, out="o"), manifest).variants == 600 * 17 * 17
+    assert IN_PROCESS_FORWARDS == 200_000 and 600 * 289 < IN_PROCESS_FORWARDS
+    assert here() and here(ids=("a", "b")) and here(kernel=1, limit=200_000 // 441)
+    assert not here(kernel=1, limit=200_000 // 441 + 1) and not here(kernel=1)  # 600 x 441 windows
+    assert not here(use_gpu=True) and not here(actors=1) and not here(address="auto")
+    assert not here(in_process="off") and here(kernel=1, in_process="on")
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True))
+    assert not here()  # a Ray this process already runs (a notebook's, the demo's): used
+    with pytest.raises(ValueError, match="--in-process on maps without Ray; it cannot run on the cluster at "
+                                         "--address 10.0.0.1:6379"):
+        OccludeSettings(model="m", data="d", out="o", in_process="on", address="10.0.0.1:6379")
+    with pytest.raises(ValueError, match="--in-process must be auto, on or off, got 'yes'"):
+        OccludeSettings(model="m", data="d", out="o", in_process="yes")
 
 
 @pytest.mark.parametrize("pixels, windows, chunk, expected", [

@@ -113,3 +113,20 @@ def test_unknown_step_names_the_known_ones():
 def test_preprocessing_needs_a_batch():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         preprocess.get("course")(np.zeros((21, 21)))
+
+
+@pytest.mark.parametrize("step", ["course", "course_scaled"])
+def test_a_stamp_that_overflows_comes_out_non_finite_without_a_warning(step):
+    """Finite pixels near float32's limits overflow the normalisation: that stamp comes out non-finite (the
+    callers set it aside with its reason), the others as alone, and numpy prints nothing into a job's log."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 1, 21, 21)).astype(np.float32)
+    x[1, 0, :10] = 3e38
+    x[1, 0, 10:] = -3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = preprocess.get(step)(x)
+    assert [bool(np.isfinite(o).all()) for o in out] == [True, False, True]
+    np.testing.assert_array_equal(out[[0, 2]], preprocess.get(step)(x[[0, 2]]))

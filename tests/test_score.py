@@ -186,7 +186,7 @@ def test_a_run_on_the_private_ray_prints_none_of_rays_notices(cnn_ckpt, tmp_path
         codes = [main(["score", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "s")!r},
                        "--in-process", "off"]),
                  main(["occlude", "--model", {cnn_ckpt!r}, "--data", {data!r}, "--out", {str(tmp_path / "m")!r},
-                       "--limit", "2", "--kernel", "9", "--stride", "4"])]
+                       "--limit", "2", "--kernel", "9", "--stride", "4", "--in-process", "off"])]
         print("RESULT", json.dumps(codes))
     """)
     assert result == [0, 0], output

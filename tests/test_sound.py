@@ -77,13 +77,12 @@ def test_score_tables_with_the_same_last_name_keep_their_own_labels():
         table_labels(["a", "b"], ("x", "x"))
 
 
-@pytest.mark.slow
-def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path, model, ray_shared, capsys):
+def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path, model, capsys):
     data = str(tmp_path / "t")
     synth(SynthSettings(out=data, n=200, seed=3, shard_rows=100))
-    for run in ("a", "b"):
+    for run in ("a", "b"):  # scored in this process: the tables are a pool's (test_score)
         assert main(["score", "--model", model, "--data", data, "--out", str(tmp_path / run / "cnn" / "scores"),
-                     "--compile", "off", "--no-progress"]) == 0
+                     "--compile", "off", "--no-progress", "--in-process", "on"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--scores", str(tmp_path / "a" / "cnn" / "scores"), "--scores",
                  str(tmp_path / "b" / "cnn" / "scores"), "--out", str(tmp_path / "rep"), "--split", "all"]) == 0
@@ -92,18 +91,19 @@ def test_evaluate_reports_both_tables_that_share_a_last_path_component(tmp_path,
     assert [r["n"] for r in report["results"].values()] == [200, 200]
 
 
-@pytest.mark.slow
-def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, ray_shared, capsys):
+def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, capsys):
+    """In this process (--in-process on; the commit is the one a pool's committer runs)."""
     data = str(tmp_path / "t")
     synth(SynthSettings(out=data, n=100, seed=3, shard_rows=100))
     good = st.read_table(data, [st.ID]).column(st.ID)[0].as_py()
     out = str(tmp_path / "maps")
     assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", f"{good},TYPO,nope",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--in-process", "on"]) == 0
     captured = capsys.readouterr()
     assert f"occlude: warning: 2 of the 3 --ids are not in {data}: TYPO, nope" in captured.err
     assert st.read_parquet(os.path.join(out, "part-00000.parquet")).column("stamp_id").to_pylist() == [good]
-    assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", "TYPO", "--no-progress"]) == 2
+    assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", "TYPO", "--no-progress",
+                 "--in-process", "on"]) == 2
     assert f"none of the 1 --ids is in {data} (TYPO); check the ids" in capsys.readouterr().err
 
 
