@@ -310,6 +310,17 @@ def read_header(path: str, name: str, hdu: str | int | None = None) -> _Mosaic:
     return _Mosaic(path, name, i, len(axes), (axes[1], axes[0]), wcs.celestial)
 
 
+@contextlib.contextmanager
+def _truncation_unsaid():
+    """Astropy's "File may have been truncated" warning, which names no file, is not shown while the block
+    runs: the driver names a short mosaic itself (:func:`_say_if_truncated`) and the cutout tasks set its
+    unreadable stamps aside with their reason. Warning filters are the process's: set this around threads,
+    not in them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="File may have been truncated")
+        yield
+
+
 def _say_if_truncated(hdu, path: str, name: str) -> None:
     """A local, uncompressed mosaic shorter than its header says: one warning naming it (astropy's own
     "File may have been truncated" names no file; it is silenced in :func:`read_headers`). The stamps past its
@@ -317,7 +328,11 @@ def _say_if_truncated(hdu, path: str, name: str) -> None:
     info = hdu.fileinfo() if not _is_uri(path) and not path.lower().endswith(".gz") else None
     if not info:
         return
-    need, size = int(info["datLoc"]) + int(info["datSpan"]), os.path.getsize(path)
+    data = int(info["datSpan"])  # the data with its padding to whole 2880-byte blocks, which holds no pixels
+    size_bytes = getattr(hdu, "size", None)
+    if isinstance(size_bytes, int) and 0 < size_bytes <= data:
+        data = size_bytes
+    need, size = int(info["datLoc"]) + data, os.path.getsize(path)
     if size < need:
         logger.warning(f"cutout: warning: {name} is shorter than its header says ({size:,} of {need:,} bytes): "
                        f"the stamps past its end are set aside as unreadable")
@@ -333,9 +348,7 @@ def read_headers(mosaics: list[tuple[str, str]], hdu: str | int | None) -> list[
         except CutoutError as e:
             return e
 
-    # Set here, around the threads (warning filters are the process's): _say_if_truncated names the file.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(mosaics)))) as pool:
-        warnings.filterwarnings("ignore", message="File may have been truncated")
+    with _truncation_unsaid(), ThreadPoolExecutor(max(1, min(HEADER_THREADS, len(mosaics)))) as pool:
         planned = list(pool.map(one, mosaics))
     bad = [str(p) for p in planned if isinstance(p, CutoutError)]
     if bad:
@@ -609,7 +622,7 @@ def cut_piece(path: str, hdu: int, naxis: int, size: int, pad: bool, pad_value: 
     lazy = not _is_uri(path) and not path.lower().endswith(".gz")  # a URI is read whole: one request
     inside = np.zeros((size, size), bool)
     try:
-        with _open_fits(path, whole=_is_uri(path)) as hdul:
+        with _truncation_unsaid(), _open_fits(path, whole=_is_uri(path)) as hdul:
             data = _image_data(hdul, hdu, naxis, lazy)
             # Cutout2D pads with fill_value in the data's dtype: an integer image takes 0, replaced below.
             fill = np.nan if np.asarray(data[0:1, 0:1]).dtype.kind == "f" else 0

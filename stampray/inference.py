@@ -779,7 +779,8 @@ def run_items_here(replicas: list, items: list, account, prefix: str, verb: str,
     the job stops after each thread's current item (``--limit`` reached) and ``run_items_here`` returns True.
 
     A failure in a thread, or an exception here (Ctrl-C), stops every thread after its current item; the
-    items finished by then are accounted for before it is raised, so their work is kept. ``verb`` and
+    items finished by then are accounted for before it is raised (score commits the shards they complete, so
+    a rerun does not redo them). ``verb`` and
     ``doing`` ("score", "scoring") name the job in the line that says it is stopping."""
     import queue
 

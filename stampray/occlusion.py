@@ -523,7 +523,7 @@ def _plan(settings: OccludeSettings, manifest: st.Manifest) -> _Plan:
     # A read item per batch of rows, not per row group: each stamp is thousands of forwards, so a row group
     # given whole to one replica would leave the others idle.
     items = work_items(settings.data, [sh["path"] for sh in manifest.shards], rows=batch_size)
-    variants = int(settings.limit or len(settings.ids) or manifest.num_rows) * windows
+    variants = _wanted(settings, manifest) * windows
     compile_model = settings.compile == "on" or (settings.compile == "auto" and variants >= COMPILE_VARIANTS)
     return _Plan(items, windows, pairs, batch_size, variants, compile_model)
 
@@ -555,9 +555,15 @@ def _book(records: pa.Table, books: BlocksInOrder, progress: Progress, limit: in
     return limit is not None and books.mapped >= limit
 
 
+def _wanted(settings: OccludeSettings, manifest: st.Manifest) -> int:
+    """The most stamps the job can map: the table's rows, or fewer with --limit or --ids."""
+    bounds = [int(manifest.num_rows)] + ([int(settings.limit)] if settings.limit else []) + (
+        [len(settings.ids)] if settings.ids else [])
+    return min(bounds)
+
+
 def _progress(settings: OccludeSettings, manifest: st.Manifest) -> Progress:
-    return Progress("occlude", int(settings.limit or len(settings.ids) or manifest.num_rows), settings.progress,
-                    unit="maps")
+    return Progress("occlude", _wanted(settings, manifest), settings.progress, unit="maps")
 
 
 def _run_here(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manifest, old_files: list[str],
@@ -569,8 +575,13 @@ def _run_here(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manife
     does (:func:`stampray.pieces.commit_maps`)."""
     from .inference import CPU_BATCH
 
-    workers, threads = here_workers(local_cores(), settings.use_gpu, len(plan.items))
     limit = int(settings.limit) if settings.limit else None
+    # No more threads than the blocks that hold the first --limit stamps (more would map stamps the job
+    # drops), unless --where or --ids select an unknown share of each block.
+    needed = len(plan.items)
+    if limit is not None and not settings.where and not settings.ids:
+        needed = min(needed, -(-limit // plan.batch_size))
+    workers, threads = here_workers(local_cores(), settings.use_gpu, needed)
     books = BlocksInOrder(plan.items, limit)
 
     def make() -> Occluder:

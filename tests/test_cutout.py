@@ -9,7 +9,7 @@ import pytest
 
 from stampray import table as st
 from stampray.cutout import (NONFINITE, CutoutError, CutoutSettings, cut_piece, cutout, list_mosaics,
-                             read_header)
+                             read_header, read_headers)
 
 SIZE = 21
 C = SIZE // 2  # the centre pixel of a stamp
@@ -324,7 +324,7 @@ def test_truncated_mosaic_sets_aside_what_it_cannot_read(survey, tmp_path, ray_s
         warnings.simplefilter("error", AstropyUserWarning)
         r = cutout(CutoutSettings(images=str(cut), catalog=survey["catalog"], out=str(tmp_path / "out"),
                                   size=SIZE, classes=("noise", "source")))
-    need = header + 300 * NX * 4 + (-(300 * NX * 4) % 2880)
+    need = header + 300 * NX * 4  # the pixels the header promises (not the padding after them)
     assert [m for m in caplog.messages if "shorter" in m] == [
         f"cutout: warning: cut.fits is shorter than its header says ({header + 100 * NX * 4:,} of {need:,} bytes): "
         f"the stamps past its end are set aside as unreadable"]
@@ -332,4 +332,11 @@ def test_truncated_mosaic_sets_aside_what_it_cannot_read(survey, tmp_path, ray_s
     unreadable = {k[0]: v for k, v in _reasons(tmp_path / "out").items() if v.startswith("unreadable")}
     assert sorted(unreadable) == ["s2", "s7"]
     assert unreadable["s2"].startswith("unreadable: cut.fits: its pixels cannot be read (")
+    # The cutout tasks (run here, where a warning is an error) say nothing of their own about it either.
+    m = read_headers([(str(cut), "cut.fits")], None)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AstropyUserWarning)
+        piece = cut_piece(str(cut), m.hdu, m.naxis, SIZE, False, np.nan, np.array([20.0, 20.0]),
+                          np.array([20.0, 250.0]))
+    assert list(piece["errors"]) == [1]
     assert r.set_aside == {"unreadable": 2, "partial": 2, "outside": 1, "duplicate_id": 1, "label": 1}

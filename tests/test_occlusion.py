@@ -230,25 +230,44 @@ def _occlusion_threads() -> list:
 def test_in_process_threads_stop_at_the_limit_with_the_tables_first_maps(tno_small, tmp_path, make_checkpoint,
                                                                          monkeypatch, caplog):
     """--in-process on with two threads (each its own replica, compiled rather than loaded from a package):
-    --limit 5 of blocks of 2 keeps the table's first five stamps, whichever thread finished first; the job
-    stops quietly (no "stopping" line) with no thread left running, and draws the maps one replica draws."""
+    --limit 5 of blocks of 2 keeps the table's first five stamps although the first block finishes after two
+    later ones; the job stops quietly (no "stopping" line) with no thread left running, and draws the maps
+    one replica draws. Threads are asked for no more than the three blocks that hold the first five stamps."""
+    import threading
+
     from stampray import occlusion as oc
 
-    made = []
-    init = oc.Occluder.__init__
+    made, asked = [], []
+    init, call = oc.Occluder.__init__, oc.Occluder.__call__
     monkeypatch.setattr(oc.Occluder, "__init__", lambda self, *a, **k: made.append(k["use_package"]) or
                         init(self, *a, **k))
     ckpt = make_checkpoint(tmp_path / "m.pt")
     tables = {}
     for workers in (2, 1):
-        monkeypatch.setattr(oc, "here_workers", lambda cores, use_gpu, items, w=workers: (w, 1))
+        later, finished = threading.Event(), []
+
+        def first_block_last(self, batch, w=workers, later=later, finished=finished):
+            item = batch.to_pylist()[0]
+            start = (item["shard"], int(item["row0"]) + int(item.get("offset") or 0))
+            if w == 2 and start == ("part-00000.parquet", 0):
+                assert later.wait(60), "the other thread finished no two blocks while the first was held"
+                return call(self, batch)
+            out = call(self, batch)
+            finished.append(1)
+            if len(finished) >= 2:
+                later.set()
+            return out
+
+        monkeypatch.setattr(oc.Occluder, "__call__", first_block_last)
+        monkeypatch.setattr(oc, "here_workers",
+                            lambda cores, use_gpu, items, w=workers: asked.append(items) or (w, 1))
         out = str(tmp_path / f"maps{workers}")
         r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=out, limit=5, batch_size=2, in_process="on",
                                     progress=False))
         assert (r.rows, r.nodes) == (5, {"local": 5})
         tables[workers] = read_maps(out)
         assert not os.path.exists(os.path.join(out, "_parts")) and _occlusion_threads() == []
-    assert made == [False, False, True]
+    assert made == [False, False, True] and asked == [3, 3]
     assert "stopping" not in caplog.text
     first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
     assert tables[2].column("stamp_id").to_pylist() == tables[1].column("stamp_id").to_pylist() == \
@@ -303,6 +322,10 @@ def test_in_process_auto_maps_small_jobs_here(tno_small, monkeypatch):
     assert _plan(OccludeSettings(model="m", data=tno_small, out="o"), manifest).variants == 600 * 17 * 17
     assert IN_PROCESS_FORWARDS == 200_000 and 600 * 289 < IN_PROCESS_FORWARDS
     assert here() and here(ids=("a", "b")) and here(kernel=1, limit=200_000 // 441)
+    # the stamps the job can map: a --limit beyond the table's 600 rows maps no more than they
+    assert _plan(OccludeSettings(model="m", data=tno_small, out="o", limit=1000), manifest).variants == 600 * 289
+    assert _plan(OccludeSettings(model="m", data=tno_small, out="o", limit=9, ids=("a", "b")), manifest).variants \
+        == 2 * 289 and here(limit=1000)
     assert not here(kernel=1, limit=200_000 // 441 + 1) and not here(kernel=1)  # 600 x 441 windows
     assert not here(use_gpu=True) and not here(actors=1) and not here(address="auto")
     assert not here(in_process="off") and here(kernel=1, in_process="on")
