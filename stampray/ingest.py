@@ -1079,18 +1079,25 @@ def _select_hdus(hdul, tokens: tuple[int | str, ...]) -> list[tuple[object, np.n
 
 def _read_fits(path: str, fs: pafs.FileSystem | None = None, hdu: str | None = None) -> _FitsImage:
     """The ``--hdu`` image(s) of a FITS file as (C, H, W) float32 with their headers; through ``fs`` (a URI's
-    filesystem) when given. Several HDUs stack as channels; a cube's planes are channels."""
+    filesystem) when given. Several HDUs stack as channels; a cube's planes are channels. A file shorter
+    than its header says raises astropy's "File may have been truncated" warning as the error (the caller
+    sets the file aside with it as its reason) rather than letting astropy print it, naming no file, and read
+    on into an array of the wrong size."""
+    import warnings
+
     from astropy.io import fits
 
-    with fits.open(_fits_source(path, fs), memmap=False) as hdul:
-        chosen = _select_hdus(hdul, _hdu_tokens(hdu))
-        # FITS is big-endian on disk; astype to native float32 swaps the bytes once (BSCALE/BZERO and BLANK
-        # were applied by astropy: blank integers come out NaN).
-        data = np.stack([d for _, d in chosen]) if len(chosen) > 1 else chosen[0][1]
-        data = data.astype(np.float32)
-        if data.ndim == 2:
-            data = data[None]
-        return _FitsImage(data, chosen[0][0].header, hdul[0].header)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="File may have been truncated")
+        with fits.open(_fits_source(path, fs), memmap=False) as hdul:
+            chosen = _select_hdus(hdul, _hdu_tokens(hdu))
+            # FITS is big-endian on disk; astype to native float32 swaps the bytes once (BSCALE/BZERO and
+            # BLANK were applied by astropy: blank integers come out NaN).
+            data = np.stack([d for _, d in chosen]) if len(chosen) > 1 else chosen[0][1]
+            data = data.astype(np.float32)
+            if data.ndim == 2:
+                data = data[None]
+            return _FitsImage(data, chosen[0][0].header, hdul[0].header)
 
 
 def _fits_root(s: IngestSettings) -> tuple[pafs.FileSystem | None, str]:

@@ -106,19 +106,19 @@ def test_synth_appends_a_night_with_another_seed(tmp_path, capsys):
     assert ids[:50] == [f"tno-s1-{i:09d}" for i in range(50)] and ids[50:] == [f"tno-s2-{i:09d}" for i in range(30)]
 
 
-@pytest.mark.slow
-def test_after_an_append_score_scores_only_the_new_shards(tmp_path, ray_shared, make_checkpoint, stampray_log):
+def test_after_an_append_score_scores_only_the_new_shards(tmp_path, make_checkpoint, stampray_log):
+    """Scored in this process (--in-process on): which shards are new is the driver's to tell, either way."""
     from stampray.score import ScoreSettings, read_scores, score
     from stampray.synth import SynthSettings, synth
 
     data, out = str(tmp_path / "s"), str(tmp_path / "scores")
     synth(SynthSettings(out=data, n=300, seed=1, shard_rows=150, progress=False))
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    first = score(ScoreSettings(model=ckpt, data=data, out=out))
+    first = score(ScoreSettings(model=ckpt, data=data, out=out, in_process="on"))
     assert first.scored_now == 300
     synth(SynthSettings(out=data, n=120, seed=2, shard_rows=100, progress=False, append=True))
     stampray_log.clear()
-    again = score(ScoreSettings(model=ckpt, data=data, out=out))
+    again = score(ScoreSettings(model=ckpt, data=data, out=out, in_process="on"))
     assert "score: 2 new shards (120 stamps), 2 already scored" in stampray_log.text
     assert again.scored_now == 120 and again.skipped_shards == 2 and again.scored == 420
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()

@@ -110,13 +110,13 @@ def copy_table(src, dst) -> str:
     return str(dst)
 
 
-@pytest.mark.slow
-def test_scores_of_a_table_that_changed_are_refused_as_stale_and_overwrite_starts_over(tmp_path, ray_shared,
-                                                                                        survey, capsys):
+def test_scores_of_a_table_that_changed_are_refused_as_stale_and_overwrite_starts_over(tmp_path, survey, capsys):
+    """Scored in this process (--in-process on): the check and --overwrite are the driver's, either way."""
     _, model = survey
     data, out = str(tmp_path / "tR"), str(tmp_path / "sR")
     synth(SynthSettings(out=data, n=200, seed=1, shard_rows=100))
-    args = ["score", "--model", model, "--data", data, "--out", out, "--compile", "off", "--no-progress"]
+    args = ["score", "--model", model, "--data", data, "--out", out, "--compile", "off", "--no-progress",
+            "--in-process", "on"]
     assert main(args) == 0
     first = st.read_parquet(os.path.join(out, "part-00000.parquet")).column("p_source").to_pylist()
     open(os.path.join(out, "notes.txt"), "w").write("mine")

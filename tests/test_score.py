@@ -119,14 +119,14 @@ def test_model_data_mismatches_are_caught_before_any_work(cnn_ckpt, tmp_path, wr
         assert not os.path.exists(tmp_path / name)
 
 
-@pytest.mark.slow
-def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, ray_shared, make_checkpoint):
+def test_another_job_in_the_same_out_is_refused(tno_small, cnn_ckpt, tmp_path, make_checkpoint):
+    """Scored in this process (--in-process on): the job check is the driver's, either way."""
     out = str(tmp_path / "scores")
-    score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out))
+    score(ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on"))
     other = make_checkpoint(tmp_path / "other.pt", name="dense")
     with pytest.raises(ValueError, match="holds results of another job"):
-        score(ScoreSettings(model=other, data=tno_small, out=out))
-    r = score(ScoreSettings(model=other, data=tno_small, out=out, overwrite=True))
+        score(ScoreSettings(model=other, data=tno_small, out=out, in_process="on"))
+    r = score(ScoreSettings(model=other, data=tno_small, out=out, overwrite=True, in_process="on"))
     assert r.scored == 600
     tags = set(read_scores(out).column("model").to_pylist())
     assert len(tags) == 1 and tags.pop().startswith("dense@")
