@@ -162,6 +162,7 @@ def _stop_ray_head(head, temp_dir: str, grace_s: float = 3.0) -> None:
     import signal
     import subprocess
 
+    import ray  # noqa: F401 - puts Ray's own psutil (ray/thirdparty_files) on sys.path
     import psutil
 
     def signal_all(procs, sig):
