@@ -659,13 +659,16 @@ def require_cuda(flag: str = "--use-gpu") -> None:
 
     if torch.cuda.is_available():
         return
-    import ray
-
-    node = ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (torch.version.cuda is None)"
-    msg = (f"{flag}: node {node} was given a GPU by Ray but its torch {torch.__version__} cannot use CUDA "
-           f"({build}; torch.cuda.device_count() = {torch.cuda.device_count()}); install a CUDA build of torch "
-           f"matching the node's driver there (see cluster.yaml), or run without {flag}")
+    found = f"({build}; torch.cuda.device_count() = {torch.cuda.device_count()})"
+    ray = sys.modules.get("ray")  # a job run in-process (--in-process) has no Ray, and imports none for this
+    if ray is not None and ray.is_initialized():
+        msg = (f"{flag}: node {ray.util.get_node_ip_address()} was given a GPU by Ray but its torch "
+               f"{torch.__version__} cannot use CUDA {found}; install a CUDA build of torch matching the node's "
+               f"driver there (see cluster.yaml), or run without {flag}")
+    else:
+        msg = (f"{flag}: this machine ({socket.gethostname()}) has no GPU that its torch {torch.__version__} can "
+               f"use {found}; install a CUDA build of torch matching its driver, or run without {flag}")
     raise ValueError(msg)
 
 

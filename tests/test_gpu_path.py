@@ -1,7 +1,11 @@
 """The GPU path on a machine without CUDA (issue #19): what a CPU can show."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -41,6 +45,30 @@ def test_use_gpu_on_a_node_whose_torch_has_no_cuda_stops_with_one_line(tmp_path,
         assert "install a CUDA build of torch matching the node's driver" in err
         assert "Traceback" not in err and len([x for x in err.splitlines() if "stampray" in x]) == 1
         assert not any(f.startswith("part-") for f in files or [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine whose torch has no CUDA")
+@pytest.mark.parametrize("verb", ["score", "occlude"])
+def test_use_gpu_in_process_without_cuda_is_one_line_naming_this_machine(verb, tno_small, make_checkpoint,
+                                                                          tmp_path, capsys, monkeypatch):
+    """--in-process on --use-gpu where torch has no CUDA: one line that speaks of this machine, not of a Ray
+    node (there is no Ray), and nothing scored or mapped."""
+    import socket
+
+    import ray
+
+    from stampray.cli import main
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process that never started Ray
+    out = tmp_path / verb
+    code = main([verb, "--model", make_checkpoint(tmp_path / "m.pt"), "--data", tno_small, "--out", str(out),
+                 "--use-gpu", "--in-process", "on", "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stampray ")]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"stampray {verb}: error: --use-gpu: this machine ({socket.gethostname()}) has no "
+                             f"GPU that its torch {torch.__version__} can use (a CPU-only build"), err
+    assert err[0].endswith("install a CUDA build of torch matching its driver, or run without --use-gpu")
+    assert not [f for f in (os.listdir(out) if out.exists() else []) if f.startswith("part-")]
 
 
 @pytest.mark.slow
