@@ -702,9 +702,10 @@ def _run(s: CutoutSettings, p: _Plan, progress: Progress) -> Iterator[tuple[_Pie
                 logger.warning("cutout: no task finished in the last %.0f min (%d running); check that the Ray "
                                "cluster has free CPUs ('ray status')", STALL_S / 60, len(pending))
                 last = time.time()
-    except BaseException:
-        for ref in pending:  # a failed or interrupted cutout leaves no task running on a shared cluster
-            ray.cancel(ref)
+    except BaseException as e:
+        from .runtime import end_tasks
+
+        end_tasks(pending, e)  # a failed cutout leaves no task running on a shared cluster
         raise
 
 

@@ -1707,9 +1707,10 @@ def _dispatch(s: IngestSettings, plan: _Plan, todo: list[int], progress: _Progre
                 records[u] = _result(ref)
                 progress.update(records[u]["inputs"], records[u]["rows_in"])
             progress.show(len(pending))
-    except BaseException:
-        for ref in pending:  # a failed or interrupted ingest leaves no task running on a shared cluster
-            ray.cancel(ref)
+    except BaseException as e:
+        from .runtime import end_tasks
+
+        end_tasks(pending, e)  # a failed ingest leaves no task running on a shared cluster
         raise
     return records
 

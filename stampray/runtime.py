@@ -567,6 +567,31 @@ def reap_orphans(root: str | None = None, term_wait: float = 3.0, kill_wait: flo
     return ended
 
 
+FINISH_S = 60.0  # end_tasks: how long tasks in flight may take to finish before they are cancelled
+
+
+def end_tasks(refs, error: BaseException, wait_s: float = FINISH_S) -> None:
+    """After ``error`` stopped a job of Ray tasks: leave none of ``refs`` running on a shared cluster.
+
+    On Ray 2.60, cancelling a task at the moment its result arrives can end the calling process in a failed
+    internal check ("Tried to complete task that was not pending", ray-project/ray#54846; seen once in this
+    project's CI, in a test whose ingest stopped at a bad row). So the tasks in flight (bounded units of
+    work) are first given ``wait_s`` to finish, their results ignored, and only those still running then are
+    cancelled. After Ctrl-C nothing is waited for: the process is on its way out, and Ray ends the tasks of
+    an owner that has exited."""
+    import ray
+
+    refs = list(refs)
+    if not refs or isinstance(error, KeyboardInterrupt):
+        return
+    try:
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    except KeyboardInterrupt:
+        return
+    for ref in running:
+        ray.cancel(ref)
+
+
 def cluster_cpus() -> float:
     import ray
 

@@ -575,3 +575,33 @@ def test_nothing_in_stampray_unpickles_without_opt_in(tmp_path, write_stamps):
     with pytest.raises(Exception):  # noqa: B017 - what the payload returns is no image; only its side effect counts
         ingest(IngestSettings(out=str(tmp_path / "opted-in"), pickle=str(tmp_path / "evil.pkl"), allow_pickle=True))
     assert ran.exists()  # the opt-in does unpickle: the refusals above are not for want of a working payload
+
+
+def test_after_a_failure_tasks_in_flight_finish_or_are_cancelled(ray_shared):
+    """end_tasks: a task that finishes within the wait is let finish (not cancelled as its result arrives,
+    which can end the process on Ray 2.60); one still running after it is cancelled; after Ctrl-C nothing
+    is waited for or cancelled."""
+    from stampray.runtime import end_tasks
+
+    ray = ray_shared
+
+    @ray.remote(num_cpus=0)
+    def nap(seconds):
+        for _ in range(int(seconds * 10)):  # short sleeps: a cancel takes effect between them, as in a unit
+            time.sleep(0.1)
+        return seconds
+
+    quick, slow = nap.remote(0.5), nap.remote(60)
+    t0 = time.monotonic()
+    end_tasks({quick: 0, slow: 1}, RuntimeError("a unit failed"), wait_s=3)
+    assert 2.5 < time.monotonic() - t0 < 30
+    assert ray.get(quick, timeout=10) == 0.5
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(slow, timeout=30)
+    still = nap.remote(60)
+    t0 = time.monotonic()
+    end_tasks([still], KeyboardInterrupt(), wait_s=3)
+    assert time.monotonic() - t0 < 1
+    ready, running = ray.wait([still], timeout=1)
+    assert running == [still]
+    ray.cancel(still, force=True)
