@@ -229,7 +229,7 @@ def _occlusion_threads() -> list:
 
 def test_in_process_threads_stop_at_the_limit_with_the_tables_first_maps(tno_small, tmp_path, make_checkpoint,
                                                                          monkeypatch, caplog):
-    """--in-process on with two threads (each its own replica, compiled rather than loaded from a package):
+    """--in-process on with two threads (each its own replica, made to compile rather than load a package):
     --limit 5 of blocks of 2 keeps the table's first five stamps although the first block finishes after two
     later ones; the job stops quietly (no "stopping" line) with no thread left running, and draws the maps
     one replica draws. Threads are asked for no more than the three blocks that hold the first five stamps."""
