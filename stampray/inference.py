@@ -77,6 +77,7 @@ EAGER_PART = 3
 # is complete, and every such job would lose a replica to a build that never lands.
 PACKAGE_BUILD_FORWARDS = 750_000
 CPU_BATCH = 4096  # stamps per forward of a CPU replica (score's default --batch-size): its compiled shape
+GPU_BATCH = 16384  # stamps per forward of a GPU replica (score's default --batch-size with --use-gpu)
 BLOCKS_PER_REPLICA = 4  # on an autoscaling cluster, start one replica per this many input blocks
 IN_PROCESS = ("auto", "on", "off")  # --in-process of score and occlude
 IN_PROCESS_FORWARDS = 200_000  # --in-process auto: jobs of fewer forward passes than this run without Ray
@@ -473,7 +474,7 @@ def start_committer(cls: type, concurrency: int = 1):
 
 
 def plan_pool(use_gpu: bool, max_actors: int | None, capacity, node_cpus_now: list[float],
-              blocks: int | None = None, cpu_batch: int = CPU_BATCH, gpu_batch: int = 16384) -> PoolPlan:
+              blocks: int | None = None, cpu_batch: int = CPU_BATCH, gpu_batch: int = GPU_BATCH) -> PoolPlan:
     """Size the pool from the cluster's ``capacity`` (:class:`stampray.capacity.Capacity`), the CPU
     counts of the nodes up now and the job's number of input ``blocks``.
 

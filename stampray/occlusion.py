@@ -573,7 +573,7 @@ def _run_here(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manife
     take the work items from one queue and write the same pieces as a pool's replicas; this thread keeps the
     books (:class:`BlocksInOrder`, ``--limit`` in table order) and commits them as the pool's committer
     does (:func:`stampray.pieces.commit_maps`)."""
-    from .inference import CPU_BATCH
+    from .inference import CPU_BATCH, GPU_BATCH
 
     limit = int(settings.limit) if settings.limit else None
     # No more threads than the blocks that hold the first --limit stamps (more would map stamps the job
@@ -588,7 +588,7 @@ def _run_here(settings: OccludeSettings, model_bytes: bytes, manifest: st.Manife
         o = Occluder(model_bytes, settings.out, settings.kernel, settings.stride, list(settings.ids),
                      settings.where, threads=threads, use_gpu=settings.use_gpu, limit=settings.limit,
                      occlude_chunk=plan.pairs, compile=plan.compile, use_package=workers == 1,
-                     chunk=plan.pairs if plan.compile else (16384 if settings.use_gpu else CPU_BATCH),
+                     chunk=plan.pairs if plan.compile else (GPU_BATCH if settings.use_gpu else CPU_BATCH),
                      source={"root": settings.data, "columns": COLUMNS})
         o.node_id = LOCAL_NODE  # even where this process has Ray up (--in-process on): no Ray node did it
         return o

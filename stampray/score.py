@@ -53,10 +53,10 @@ from . import table as st
 from .classes import prob_column, std_column
 from .data import ROW, SHARD
 from .lock import output_lock
-from .inference import (COMPILE, HERE_WORKERS, IN_PROCESS, LOCAL_NODE, PARTS_DIR, READ_CPUS, TMP_DIR,  # noqa: F401
-                        ModelActor, Progress, check_compatible, check_in_process, delete_dir, here_workers,
-                        list_files, local_cores, open_model_for, reason_counts, run_items_here, runs_here,
-                        torch_threads_kept, write_atomic)
+from .inference import (COMPILE, CPU_BATCH, GPU_BATCH, HERE_WORKERS, IN_PROCESS, LOCAL_NODE,  # noqa: F401
+                        PARTS_DIR, READ_CPUS, TMP_DIR, ModelActor, Progress, check_compatible, check_in_process,
+                        delete_dir, here_workers, list_files, local_cores, open_model_for, reason_counts,
+                        run_items_here, runs_here, torch_threads_kept, write_atomic)
 from .inference import IN_PROCESS_FORWARDS as IN_PROCESS_ROWS  # noqa: F401 - --in-process auto's bound
 from .pieces import ERROR
 from .provenance import provenance
@@ -770,7 +770,7 @@ def _score_here(settings: ScoreSettings, model_bytes: bytes, tag: str, todo: dic
 
     def make() -> Scorer:
         s = Scorer(model_bytes, model_tag=tag, threads=threads, use_gpu=settings.use_gpu,
-                   chunk=settings.batch_size or (16384 if settings.use_gpu else 4096), duplicates=duplicates,
+                   chunk=settings.batch_size or (GPU_BATCH if settings.use_gpu else CPU_BATCH), duplicates=duplicates,
                    source={"root": settings.data, "columns": columns}, use_package=workers == 1, **kwargs)
         s.node_id = LOCAL_NODE  # even where this process has Ray up (--in-process on): no Ray node did it
         return s
