@@ -769,7 +769,7 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
     images_is_dir = not settings.images.lower().endswith(FITS_SUFFIXES)
     st.check_separate(settings.out, {"--images": settings.images}, files=not images_is_dir)
     st.check_separate(settings.out, {"--catalog": settings.catalog}, files=True)
-    with output_lock(settings.out, "cutout"):
+    with output_lock(settings.out, "cutout", scratch=(st.WRITER_MARK,)):
         _check_out(settings)
         p = plan(settings)
         writer = st.StampWriter(settings.out, p.spec, settings.shard_rows, settings={"cutout": asdict(settings)})

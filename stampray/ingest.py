@@ -1793,7 +1793,7 @@ def ingest(settings: IngestSettings) -> IngestResult:
                                      "--labels": settings.labels, "--hdf5": settings.hdf5,
                                      "--pickle": settings.pickle,
                                      **{f"--class {n}": f for n, f in settings.class_files}}, files=True)
-    with output_lock(settings.out, "ingest"):
+    with output_lock(settings.out, "ingest", scratch=(st.WRITER_MARK, f"{st.INGEST_DIR}/{JOB_NAME}")):
         if settings.append:
             return _append(settings, t0)
         return _ingest(settings, t0)

@@ -10,6 +10,11 @@ another machine once its heartbeat is older than ``STALE_S``. Local files are cr
 (``O_EXCL``); object stores have no create-if-absent in pyarrow, so there the lock is written and read
 back after a short pause, and the run proceeds only if it still holds its own token (a race of two runs
 started within that pause is not excluded there).
+
+A run that fails leaves no directory it created and did not fill: where ``--out`` did not exist before the
+run and the run stops with an error before writing anything there but its own bookkeeping (the ``scratch``
+files a verb names, such as score's ``_job.json``), that directory is removed again; a directory that
+existed, or one holding anything else (a result, a piece a rerun resumes from), stays as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -79,6 +85,7 @@ class _Lock:
                     "beat": time.time(), "token": uuid.uuid4().hex}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.created: list[str] = []  # --out and its parents that this run created, deepest first (_check_dir)
 
     def _create_local(self) -> bool:
         p = st.resolve(self.path)[1]
@@ -112,6 +119,13 @@ class _Lock:
         if fs.get_file_info(p).type == st.pafs.FileType.File:
             msg = f"--out {self.out} is a file; give a directory (a new one, or one stampray wrote)"
             raise ValueError(msg)
+        uri, parent = "://" in str(self.out), p.rstrip("/")
+        while fs.get_file_info(parent).type == st.pafs.FileType.NotFound:
+            self.created.append(parent)
+            up = posixpath.dirname(parent)
+            if up in ("", parent) or (uri and "/" not in up):  # the root; a bucket is never removed
+                break
+            parent = up
         try:
             fs.create_dir(p, recursive=True)
         except (OSError, st.pa.ArrowException) as e:
@@ -170,9 +184,37 @@ class _Lock:
                 fs.delete_file(p)
 
 
+def remove_if_unfilled(out: str, scratch: tuple[str, ...] = (), parents: list[str] = ()) -> bool:
+    """Remove ``out`` (a directory this run created) when the only files under it are ``scratch`` (paths
+    relative to ``out``), then those of ``parents`` (its parent directories the run created, deepest first)
+    left empty; True if ``out`` was removed. Anything else there keeps the whole directory."""
+    fs, p = st.resolve(out)
+    try:
+        infos = fs.get_file_info(st.pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    except (OSError, st.pa.ArrowException):
+        return False
+    root = p.rstrip("/") + "/"
+    files = [i.path[len(root):] for i in infos if i.type == st.pafs.FileType.File]
+    if any(f not in scratch for f in files):
+        return False
+    try:
+        fs.delete_dir(p)
+    except (OSError, st.pa.ArrowException) as e:
+        log.warning("%s: could not remove this directory, which the failed run created: %s", out, e)
+        return False
+    for parent in parents:
+        if fs.get_file_info(st.pafs.FileSelector(parent, allow_not_found=True)):
+            break
+        with contextlib.suppress(OSError, st.pa.ArrowException):
+            fs.delete_dir(parent)
+    return True
+
+
 @contextlib.contextmanager
-def output_lock(out: str, verb: str) -> Iterator[None]:
-    """Hold ``OUT/_lock.json`` while the block runs (re-entrant within a process); see the module docs."""
+def output_lock(out: str, verb: str, scratch: tuple[str, ...] = ()) -> Iterator[None]:
+    """Hold ``OUT/_lock.json`` while the block runs (re-entrant within a process); see the module docs.
+    ``scratch``: the verb's bookkeeping files (relative to ``out``) that do not keep a directory this run
+    created from being removed when the run fails (:func:`remove_if_unfilled`)."""
     key = st._canonical(out)
     if _held.get(key):
         _held[key] += 1
@@ -186,6 +228,11 @@ def output_lock(out: str, verb: str) -> Iterator[None]:
     _held[key] = 1
     try:
         yield
-    finally:
+    except BaseException:
         _held.pop(key, None)
         lock.release()
+        if lock.created:
+            remove_if_unfilled(out, scratch, lock.created[1:])
+        raise
+    _held.pop(key, None)
+    lock.release()

@@ -580,7 +580,7 @@ def score(settings: ScoreSettings) -> ScoreResult:
     job = _job_doc(settings, bundle, tag, shards, split, width)
     schema = result_schema(bundle["class_names"], _keep_fields(settings.data, manifest, settings.keep),
                            settings.passes > 1, width)
-    with output_lock(settings.out, "score"):
+    with output_lock(settings.out, "score", scratch=(JOB_FILE,)):
         return _score_locked(settings, manifest, bundle, model_bytes, tag, job, expected, t0, schema)
 
 

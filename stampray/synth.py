@@ -323,7 +323,7 @@ def synth(settings: SynthSettings) -> st.Manifest:
 
     Returns the dataset's :class:`~stampray.table.Manifest`.
     """
-    with output_lock(settings.out, "synth"):
+    with output_lock(settings.out, "synth", scratch=(st.WRITER_MARK,)):
         if not settings.append:
             return _synth(settings)
         from .append import AppendError, discard_stage, existing_table, merge, stage_dir

@@ -68,6 +68,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
 ERRORS_DIR = "_errors"
 INGEST_DIR = "_ingest"  # a distributed ingest's job file and unit markers; removed once the manifest is written
+WRITER_MARK = f"{INGEST_DIR}/writer.json"  # marks shards as a StampWriter's until its manifest is written
 METADATA_KEY = b"stampray"
 
 ID = "stamp_id"
@@ -638,7 +639,7 @@ class StampWriter:
         self.label_counts: dict[str, int] = {}
         self._error_counts: dict[str, int] = {}  # rows set aside and listed under _errors/ by Ray tasks
         self._columns: list[str] | None = None
-        self._marker = join(self.out, INGEST_DIR, "writer.json") if clear else None
+        self._marker = join(self.out, WRITER_MARK) if clear else None
         if clear:
             self._clear()
             # Marks the shards that follow as stampray's until the manifest is written: a rerun after a kill

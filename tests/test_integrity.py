@@ -265,3 +265,40 @@ def test_an_out_under_a_file_is_one_clear_line(survey, tmp_path, capsys, verb):
     err = capsys.readouterr().err
     assert f"--out {afile / 'sub'}: cannot create that directory" in err and "Traceback" not in err
     assert afile.read_text() == "x"
+
+
+def test_a_failed_run_removes_only_a_directory_it_created_and_left_unfilled(tmp_path, capsys):
+    """A refusal after --out was made (here: ingest stops at a non-finite row with --nonfinite fail, having
+    written its writer mark and job file) leaves no directory behind; a directory that was there before, or
+    one that holds anything besides the verb's bookkeeping, stays as it is."""
+    from stampray.lock import output_lock
+
+    images, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    bad = np.zeros((3, 21, 21), np.float32)
+    bad[1, 4, 4] = np.nan
+    np.save(images, bad)
+    np.save(labels, np.zeros(3, np.int64))
+    args = ["ingest", "--images", str(images), "--labels", str(labels), "--nonfinite", "fail"]
+    new = tmp_path / "new" / "table"
+    assert main([*args, "--out", str(new)]) == 2
+    assert "x.npy row 1 has 1 non-finite pixels" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # --out and the parent the run made for it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main([*args, "--out", str(mine)]) == 2
+    assert mine.is_dir()
+
+    def fails(out, scratch=(), write=()):
+        with pytest.raises(RuntimeError, match="stop"), output_lock(str(out), "score", scratch=scratch):
+            for name in write:
+                os.makedirs(os.path.dirname(out / name), exist_ok=True)
+                (out / name).write_text("x")
+            raise RuntimeError("stop")
+
+    fails(tmp_path / "a", scratch=("_job.json",), write=("_job.json",))
+    assert not (tmp_path / "a").exists()
+    fails(tmp_path / "b", scratch=("_job.json",), write=("_job.json", "_parts/s/0-10.parquet"))
+    assert tree_digest(tmp_path / "b").keys() == {"_job.json", os.path.join("_parts", "s", "0-10.parquet")}
+    with output_lock(str(tmp_path / "c"), "score"):
+        pass
+    assert (tmp_path / "c").is_dir() and not os.listdir(tmp_path / "c")  # a run that succeeds keeps its --out
