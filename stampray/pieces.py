@@ -25,8 +25,23 @@ PARTS_DIR = "_parts"  # pieces written by the replicas before their shard is com
 ERROR = "_error"  # on a piece's rows that could not be scored or occluded: their reason (to OUT/_errors/)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth Parquet's dictionary encoding in a result or map file: all but the stamp ids
+    (unique) and floating-point columns and lists of them (probabilities, maps, features: rarely repeated).
+    For those the writer fills a dictionary only to fall back to plain encoding: on a 50,000-row result
+    file that doubled the write time (16.4 ms against 8.3) and the file (592 KB against 344 KB)."""
+
+    def floats(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t)
+
+    return [f.name for f in schema if f.name != st.ID and not floats(f.type)]
+
+
 def write_atomic(table: pa.Table, path: str, tmp_root: str, metadata: dict | None = None) -> None:
-    """Write ``table`` to ``path`` so that a reader (or a rerun) sees the whole file or none of it.
+    """Write ``table`` to ``path`` so that a reader (or a rerun) sees the whole file or none of it
+    (zstd, page checksums, dictionaries only where they pay: :func:`dictionary_columns`).
 
     Local filesystems: write under ``tmp_root/_tmp/`` then rename into place. Object stores: one PUT
     is already atomic, so the file is written in place.
@@ -34,14 +49,15 @@ def write_atomic(table: pa.Table, path: str, tmp_root: str, metadata: dict | Non
     fs, p = st.resolve(path)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    options = {"compression": "zstd", "write_page_checksum": True, "use_dictionary": dictionary_columns(table.schema)}
     if not isinstance(fs, pafs.LocalFileSystem):
-        pq.write_table(table, p, filesystem=fs, compression="zstd", write_page_checksum=True)
+        pq.write_table(table, p, filesystem=fs, **options)
         return
     _, root = st.resolve(tmp_root)
     tmp = posixpath.join(root, TMP_DIR, f"{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}")
     fs.create_dir(posixpath.dirname(tmp), recursive=True)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd", write_page_checksum=True)
+    pq.write_table(table, tmp, filesystem=fs, **options)
     fs.move(tmp, p)
 
 

@@ -392,17 +392,19 @@ def commit_shard(out: str, name: str, expected: int, schema: pa.Schema | None = 
     tables = [st.read_parquet(st.join(parts, f)) for f in pieces]
     table = pa.concat_tables(tables, promote_options="default") if tables else None
     rows = table.column(ROW).to_numpy() if table is not None else np.zeros(0, np.int64)
-    order = np.argsort(rows, kind="stable")
-    first = np.ones(len(order), bool)
-    first[1:] = np.diff(rows[order]) != 0  # a row delivered twice (a block redone) is kept once
-    keep = order[first]
-    if len(keep) != expected or (expected and (rows[keep[0]] != 0 or rows[keep[-1]] != expected - 1)):
-        msg = (f"score: the pieces of {name} hold {len(keep)} distinct rows of {expected}; rerun the same "
-               f"command to redo that shard")
-        raise RuntimeError(msg)
-    if expected:
-        table = table.take(pa.array(keep))
-    else:
+    in_order = len(rows) == expected and np.array_equal(rows, np.arange(expected))  # the common case: no take
+    if not in_order:
+        order = np.argsort(rows, kind="stable")
+        first = np.ones(len(order), bool)
+        first[1:] = np.diff(rows[order]) != 0  # a row delivered twice (a block redone) is kept once
+        keep = order[first]
+        if len(keep) != expected or (expected and (rows[keep[0]] != 0 or rows[keep[-1]] != expected - 1)):
+            msg = (f"score: the pieces of {name} hold {len(keep)} distinct rows of {expected}; rerun the same "
+                   f"command to redo that shard")
+            raise RuntimeError(msg)
+        if expected:
+            table = table.take(pa.array(keep))
+    if not expected:
         table = schema.empty_table() if schema is not None else pa.table({st.ID: pa.array([], pa.string())})
     counts: dict[str, int] = {}
     if expected:
@@ -412,7 +414,7 @@ def commit_shard(out: str, name: str, expected: int, schema: pa.Schema | None = 
         counts = st.write_errors(out, name, {"stamp_id": errors.column(st.ID), "row": errors.column(ROW),
                                              "source": pa.array([name] * errors.num_rows, pa.string()),
                                              "reason": errors.column(ERROR)}, tmp_root=out)
-        table = table.filter(pc.invert(failed)).drop_columns([ROW, ERROR])
+        table = (table.filter(pc.invert(failed)) if errors.num_rows else table).drop_columns([ROW, ERROR])
     # The result file is written last: its presence marks the shard as done.
     write_atomic(table, st.join(out, name), out, metadata={ERRORS_META: json.dumps(counts).encode()})
     delete_dir(parts)

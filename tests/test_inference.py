@@ -13,7 +13,7 @@ import torch
 from stampray import checkpoint as ck
 from stampray import table as st
 from stampray.capacity import Capacity
-from stampray.inference import PARTS_DIR, plan_pool, replica_cpus
+from stampray.inference import PARTS_DIR, plan_pool, replica_cpus, write_atomic
 from stampray.models import create_model
 from stampray.score import ERROR, ERRORS_META, RECORD_SCHEMA, Books, Scorer, commit_shard, result_schema
 
@@ -92,6 +92,30 @@ def test_commit_keeps_each_row_once_and_writes_errors_then_the_result(tmp_path):
     assert errors == [{"stamp_id": "s3", "source": "part-00000.parquet", "row": 3,
                        "reason": "nonfinite: 3 non-finite pixels"}]
     assert not os.path.exists(parts)
+
+
+def test_commit_of_pieces_in_order_keeps_them_as_they_are_and_dictionaries_only_repeating_columns(tmp_path):
+    """Pieces that hold every row once, in order (the common case), are joined as they are; the result file
+    dictionary-encodes only the columns whose values repeat (not the ids, not the probabilities)."""
+    out = str(tmp_path / "scores")
+    parts = os.path.join(out, PARTS_DIR, "part-00000")
+    os.makedirs(parts)
+    pieces = [_piece(range(0, 6)), _piece(range(6, 10))]
+    for piece in pieces:
+        piece = piece.append_column("p_source", pa.array([r / 10 for r in piece.column("_row").to_pylist()],
+                                                          pa.float32()))
+        write_atomic(piece, os.path.join(parts, f"{piece.column('_row')[0].as_py():012d}-{piece.num_rows}.parquet"),
+                     out)
+    assert commit_shard(out, "part-00000.parquet", 10) == {"shard": "part-00000.parquet", "rows": 10, "errors": {}}
+    path = os.path.join(out, "part-00000.parquet")
+    result = pq.read_table(path)
+    assert result.column("stamp_id").to_pylist() == [f"s{i}" for i in range(10)]
+    assert result.column("p_source").to_pylist() == pytest.approx([i / 10 for i in range(10)])
+    assert not os.path.exists(os.path.join(out, "_errors", "part-00000.parquet"))
+    chunks = pq.read_metadata(path).row_group(0)
+    dictionary = {chunks.column(i).path_in_schema: any("DICTIONARY" in e for e in chunks.column(i).encodings)
+                  for i in range(chunks.num_columns)}
+    assert dictionary == {"stamp_id": False, "pred": True, "p_source": False}
 
 
 def test_a_retried_commit_of_a_done_shard_returns_it_whatever_pieces_are_left(tmp_path):
