@@ -187,26 +187,30 @@ class _Lock:
 def remove_if_unfilled(out: str, scratch: tuple[str, ...] = (), parents: list[str] = ()) -> bool:
     """Remove ``out`` (a directory this run created) when the only files under it are ``scratch`` (paths
     relative to ``out``), then those of ``parents`` (its parent directories the run created, deepest first)
-    left empty; True if ``out`` was removed. Anything else there keeps the whole directory."""
+    left empty; True if ``out`` was removed. Anything else there keeps the whole directory: the scratch
+    files are deleted one by one and the directories only while empty (locally ``rmdir``, which refuses a
+    directory someone has just written into)."""
     fs, p = st.resolve(out)
     try:
         infos = fs.get_file_info(st.pafs.FileSelector(p, recursive=True, allow_not_found=True))
-    except (OSError, st.pa.ArrowException):
-        return False
-    root = p.rstrip("/") + "/"
-    files = [i.path[len(root):] for i in infos if i.type == st.pafs.FileType.File]
-    if any(f not in scratch for f in files):
-        return False
-    try:
-        fs.delete_dir(p)
+        root = p.rstrip("/") + "/"
+        files = [i.path[len(root):] for i in infos if i.type == st.pafs.FileType.File]
+        if any(f not in scratch for f in files):
+            return False
+        for f in files:
+            fs.delete_file(root + f)
+        dirs = sorted((i.path for i in infos if i.type == st.pafs.FileType.Directory), key=len, reverse=True)
+        for d in [*dirs, p, *parents]:
+            if isinstance(fs, st.pafs.LocalFileSystem):
+                os.rmdir(d)
+            elif not fs.get_file_info(st.pafs.FileSelector(d, allow_not_found=True)):
+                fs.delete_dir(d)
+            else:
+                break
     except (OSError, st.pa.ArrowException) as e:
-        log.warning("%s: could not remove this directory, which the failed run created: %s", out, e)
-        return False
-    for parent in parents:
-        if fs.get_file_info(st.pafs.FileSelector(parent, allow_not_found=True)):
-            break
-        with contextlib.suppress(OSError, st.pa.ArrowException):
-            fs.delete_dir(parent)
+        if not fs.get_file_info(p).type == st.pafs.FileType.NotFound:
+            log.warning("%s: kept this directory, which the failed run created: %s", out, e)
+            return False
     return True
 
 
