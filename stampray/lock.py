@@ -13,8 +13,9 @@ started within that pause is not excluded there).
 
 A run that fails leaves no directory it created and did not fill: where ``--out`` did not exist before the
 run and the run stops with an error before writing anything there but its own bookkeeping (the ``scratch``
-files a verb names, such as score's ``_job.json``), that directory is removed again; a directory that
-existed, or one holding anything else (a result, a piece a rerun resumes from), stays as it is.
+files a verb names, such as score's ``_job.json``), that directory is removed again (:func:`remove_if_unfilled`);
+a directory that existed, or one holding anything else (a result, a piece a rerun resumes from), stays as
+it is. Not after Ctrl-C (``KeyboardInterrupt``): tasks or threads the run did not wait for may still write.
 """
 
 from __future__ import annotations
@@ -184,33 +185,40 @@ class _Lock:
                 fs.delete_file(p)
 
 
-def remove_if_unfilled(out: str, scratch: tuple[str, ...] = (), parents: list[str] = ()) -> bool:
+def remove_if_unfilled(out: str, scratch: tuple[str, ...] = (), parents: list[str] = (),
+                       before_dirs=lambda: None) -> bool:
     """Remove ``out`` (a directory this run created) when the only files under it are ``scratch`` (paths
-    relative to ``out``), then those of ``parents`` (its parent directories the run created, deepest first)
-    left empty; True if ``out`` was removed. Anything else there keeps the whole directory: the scratch
-    files are deleted one by one and the directories only while empty (locally ``rmdir``, which refuses a
-    directory someone has just written into)."""
+    relative to ``out``) and the run's own lock file, then those of ``parents`` (its parent directories the
+    run created, deepest first) left empty; True if ``out`` was removed. Anything else there keeps the
+    whole directory. The scratch files are deleted one by one, ``before_dirs()`` runs (the caller releases
+    its lock there), and then, locally, the directories are removed with ``rmdir``, which refuses one that
+    someone has just written into. On an object store only the files are deleted: its directories are
+    prefixes, and deleting one is recursive. Errors are logged, never raised: the run's own error is the
+    one to report."""
     fs, p = st.resolve(out)
+    root = p.rstrip("/") + "/"
     try:
         infos = fs.get_file_info(st.pafs.FileSelector(p, recursive=True, allow_not_found=True))
-        root = p.rstrip("/") + "/"
         files = [i.path[len(root):] for i in infos if i.type == st.pafs.FileType.File]
-        if any(f not in scratch for f in files):
+        if any(f not in (*scratch, LOCK_NAME) for f in files):
+            before_dirs()
             return False
         for f in files:
-            fs.delete_file(root + f)
+            if f != LOCK_NAME:
+                fs.delete_file(root + f)
+        before_dirs()
+        if not isinstance(fs, st.pafs.LocalFileSystem):
+            return True
         dirs = sorted((i.path for i in infos if i.type == st.pafs.FileType.Directory), key=len, reverse=True)
-        for d in [*dirs, p, *parents]:
-            if isinstance(fs, st.pafs.LocalFileSystem):
+        for d in [*dirs, p]:
+            os.rmdir(d)
+        for d in parents:
+            with contextlib.suppress(OSError):  # not empty: something else lives there
                 os.rmdir(d)
-            elif not fs.get_file_info(st.pafs.FileSelector(d, allow_not_found=True)):
-                fs.delete_dir(d)
-            else:
-                break
-    except (OSError, st.pa.ArrowException) as e:
-        if not fs.get_file_info(p).type == st.pafs.FileType.NotFound:
-            log.warning("%s: kept this directory, which the failed run created: %s", out, e)
-            return False
+    except Exception as e:  # noqa: BLE001 - logged: the run's own error is the one raised
+        before_dirs()
+        log.warning("%s: kept this directory, which the failed run created (%s)", out, st.one_line(e))
+        return False
     return True
 
 
@@ -232,11 +240,16 @@ def output_lock(out: str, verb: str, scratch: tuple[str, ...] = ()) -> Iterator[
     _held[key] = 1
     try:
         yield
+    except Exception:
+        # Not after Ctrl-C: tasks or threads the run did not wait for may still write there.
+        _held.pop(key, None)
+        if lock.created:  # still holding the lock: a rerun cannot start in between
+            remove_if_unfilled(out, scratch, lock.created[1:], before_dirs=lock.release)
+        lock.release()
+        raise
     except BaseException:
         _held.pop(key, None)
         lock.release()
-        if lock.created:
-            remove_if_unfilled(out, scratch, lock.created[1:])
         raise
     _held.pop(key, None)
     lock.release()

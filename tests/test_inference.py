@@ -94,28 +94,37 @@ def test_commit_keeps_each_row_once_and_writes_errors_then_the_result(tmp_path):
     assert not os.path.exists(parts)
 
 
-def test_commit_of_pieces_in_order_keeps_them_as_they_are_and_dictionaries_only_repeating_columns(tmp_path):
-    """Pieces that hold every row once, in order (the common case), are joined as they are; the result file
-    dictionary-encodes only the columns whose values repeat (not the ids, not the probabilities)."""
+def test_commit_of_pieces_in_order_keeps_them_as_they_are_and_dictionaries_only_repeating_columns(tmp_path,
+                                                                                                  monkeypatch):
+    """Pieces that hold every row once, in order (the common case), are joined as they are, without a take;
+    the result file dictionary-encodes only the columns whose values repeat (not the ids, not floating-point
+    values, nested ones included; a kept list of strings has its dictionary)."""
     out = str(tmp_path / "scores")
     parts = os.path.join(out, PARTS_DIR, "part-00000")
     os.makedirs(parts)
-    pieces = [_piece(range(0, 6)), _piece(range(6, 10))]
-    for piece in pieces:
-        piece = piece.append_column("p_source", pa.array([r / 10 for r in piece.column("_row").to_pylist()],
-                                                          pa.float32()))
-        write_atomic(piece, os.path.join(parts, f"{piece.column('_row')[0].as_py():012d}-{piece.num_rows}.parquet"),
-                     out)
+    for rows in (range(0, 6), range(6, 10)):
+        piece = _piece(rows)
+        piece = piece.append_column("p_source", pa.array([r / 10 for r in rows], pa.float32()))
+        piece = piece.append_column("map", pa.array([[r, r + 0.5] for r in rows], pa.list_(pa.float32(), 2)))
+        piece = piece.append_column("tags", pa.array([["a", "b"] for _ in rows], pa.list_(pa.string())))
+        write_atomic(piece, os.path.join(parts, f"{rows[0]:012d}-{len(rows)}.parquet"), out)
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("pieces in order need no sort and take")
+
+    monkeypatch.setattr(np, "argsort", no_sort)
     assert commit_shard(out, "part-00000.parquet", 10) == {"shard": "part-00000.parquet", "rows": 10, "errors": {}}
     path = os.path.join(out, "part-00000.parquet")
     result = pq.read_table(path)
     assert result.column("stamp_id").to_pylist() == [f"s{i}" for i in range(10)]
     assert result.column("p_source").to_pylist() == pytest.approx([i / 10 for i in range(10)])
+    assert result.column("map").to_pylist()[3] == [3.0, 3.5] and result.column("tags").to_pylist()[9] == ["a", "b"]
     assert not os.path.exists(os.path.join(out, "_errors", "part-00000.parquet"))
     chunks = pq.read_metadata(path).row_group(0)
     dictionary = {chunks.column(i).path_in_schema: any("DICTIONARY" in e for e in chunks.column(i).encodings)
                   for i in range(chunks.num_columns)}
-    assert dictionary == {"stamp_id": False, "pred": True, "p_source": False}
+    assert dictionary == {"stamp_id": False, "pred": True, "p_source": False, "map.list.element": False,
+                          "tags.list.element": True}
 
 
 def test_a_retried_commit_of_a_done_shard_returns_it_whatever_pieces_are_left(tmp_path):

@@ -297,8 +297,30 @@ def test_a_failed_run_removes_only_a_directory_it_created_and_left_unfilled(tmp_
 
     fails(tmp_path / "a", scratch=("_job.json",), write=("_job.json",))
     assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()  # an empty parent that was there before the run stays
+    fails(tmp_path / "empty" / "x" / "y", scratch=("_job.json",), write=("_job.json",))
+    assert os.listdir(tmp_path / "empty") == []
     fails(tmp_path / "b", scratch=("_job.json",), write=("_job.json", "_parts/s/0-10.parquet"))
     assert tree_digest(tmp_path / "b").keys() == {"_job.json", os.path.join("_parts", "s", "0-10.parquet")}
     with output_lock(str(tmp_path / "c"), "score"):
         pass
     assert (tmp_path / "c").is_dir() and not os.listdir(tmp_path / "c")  # a run that succeeds keeps its --out
+    # After Ctrl-C nothing is removed: threads or tasks the run did not wait for may still write there.
+    with pytest.raises(KeyboardInterrupt), output_lock(str(tmp_path / "d"), "score", scratch=("_job.json",)):
+        (tmp_path / "d" / "_job.json").write_text("x")
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path / "d") == ["_job.json"]
+
+
+def test_a_cleanup_that_fails_leaves_the_runs_own_error_to_be_reported(tmp_path, monkeypatch, caplog):
+    from stampray import lock
+
+    def broken(path):
+        raise PermissionError(f"cannot remove {path}")
+
+    monkeypatch.setattr(lock.os, "rmdir", broken)
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match="the run's own error"), lock.output_lock(str(out), "score"):
+        raise ValueError("the run's own error")
+    assert f"{out}: kept this directory, which the failed run created (cannot remove {out})" in caplog.text
+    assert out.is_dir() and os.listdir(out) == []  # its lock released all the same
