@@ -238,18 +238,14 @@ def output_lock(out: str, verb: str, scratch: tuple[str, ...] = ()) -> Iterator[
     lock = _Lock(out, verb)
     lock.acquire()
     _held[key] = 1
+    failed = False
     try:
         yield
-    except Exception:
-        # Not after Ctrl-C: tasks or threads the run did not wait for may still write there.
+    except Exception:  # not Ctrl-C: tasks or threads the run did not wait for may still write there
+        failed = True
+        raise
+    finally:
         _held.pop(key, None)
-        if lock.created:  # still holding the lock: a rerun cannot start in between
+        if failed and lock.created:  # still holding the lock: a rerun cannot start in between
             remove_if_unfilled(out, scratch, lock.created[1:], before_dirs=lock.release)
         lock.release()
-        raise
-    except BaseException:
-        _held.pop(key, None)
-        lock.release()
-        raise
-    _held.pop(key, None)
-    lock.release()

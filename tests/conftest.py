@@ -357,6 +357,22 @@ def write_stamps():
     return _write_stamps
 
 
+@pytest.fixture
+def failing_ingest(tmp_path):
+    """``failing_ingest(row, value) -> argv``: an ingest of three 21x21 npy stamps whose ``row`` has one pixel
+    ``value`` (NaN, inf), with ``--nonfinite fail``: it stops at that row, after making its --out (give one)."""
+
+    def args(row: int, value: float) -> list[str]:
+        images, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+        bad = np.zeros((3, 21, 21), np.float32)
+        bad[row, row, row] = value
+        np.save(images, bad)
+        np.save(labels, np.zeros(3, np.int64))
+        return ["ingest", "--images", str(images), "--labels", str(labels), "--nonfinite", "fail"]
+
+    return args
+
+
 # ------------------------------------------------------------------------------ HTML pages in Chromium
 def _chromium():
     import shutil

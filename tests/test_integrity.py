@@ -267,18 +267,13 @@ def test_an_out_under_a_file_is_one_clear_line(survey, tmp_path, capsys, verb):
     assert afile.read_text() == "x"
 
 
-def test_a_failed_run_removes_only_a_directory_it_created_and_left_unfilled(tmp_path, capsys):
+def test_a_failed_run_removes_only_a_directory_it_created_and_left_unfilled(tmp_path, capsys, failing_ingest):
     """A refusal after --out was made (here: ingest stops at a non-finite row with --nonfinite fail, having
     written its writer mark and job file) leaves no directory behind; a directory that was there before, or
     one that holds anything besides the verb's bookkeeping, stays as it is."""
     from stampray.lock import output_lock
 
-    images, labels = tmp_path / "x.npy", tmp_path / "y.npy"
-    bad = np.zeros((3, 21, 21), np.float32)
-    bad[1, 4, 4] = np.nan
-    np.save(images, bad)
-    np.save(labels, np.zeros(3, np.int64))
-    args = ["ingest", "--images", str(images), "--labels", str(labels), "--nonfinite", "fail"]
+    args = failing_ingest(1, np.nan)
     new = tmp_path / "new" / "table"
     assert main([*args, "--out", str(new)]) == 2
     assert "x.npy row 1 has 1 non-finite pixels" in capsys.readouterr().err

@@ -250,7 +250,7 @@ def test_score_and_occlude_write_from_the_workers_to_s3(s3_env, run_scenario, tm
                       "scores": ["scores/part-00000.parquet", "scores/part-00001.parquet", "scores/part-00002.parquet"]}
 
 
-def test_a_failed_run_on_s3_removes_only_its_own_bookkeeping(tmp_path, s3, capsys):
+def test_a_failed_run_on_s3_removes_only_its_own_bookkeeping(s3, capsys, failing_ingest):
     """On an object store a failed run deletes the bookkeeping files it wrote in an --out it created, and only
     those: a prefix that held objects before keeps them (and the failed run's files stay beside them)."""
     import numpy as np
@@ -258,12 +258,7 @@ def test_a_failed_run_on_s3_removes_only_its_own_bookkeeping(tmp_path, s3, capsy
     from stampray.cli import main
 
     bucket = s3("failing")
-    images, labels = tmp_path / "x.npy", tmp_path / "y.npy"
-    bad = np.zeros((3, 21, 21), np.float32)
-    bad[2, 0, 0] = np.inf
-    np.save(images, bad)
-    np.save(labels, np.zeros(3, np.int64))
-    args = ["ingest", "--images", str(images), "--labels", str(labels), "--nonfinite", "fail"]
+    args = failing_ingest(2, np.inf)
     assert main([*args, "--out", f"s3://{bucket}/new/table"]) == 2
     assert "x.npy row 2 has 1 non-finite pixels" in capsys.readouterr().err
     assert keys(s3.client, bucket) == []
