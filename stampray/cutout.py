@@ -747,6 +747,10 @@ def _check_out(s: CutoutSettings) -> None:
     """Refuse to replace a finished stamp table without ``overwrite`` (a killed run's files are replaced)."""
     from . import table as st
 
+    why = st.not_a_stamp_manifest(s.out)
+    if why:
+        raise CutoutError(f"--out {s.out} is not a stamp table stampray wrote ({why}), so nothing in it is "
+                          f"replaced; choose a new or empty directory")
     if not s.overwrite and st.exists(st.join(s.out, st.MANIFEST_NAME)):
         raise CutoutError(f"--out {s.out} already holds a stamp table; pass --overwrite to replace it, or choose "
                           f"another --out")

@@ -15,10 +15,11 @@ the negative of the completeness curves. The metrics are scikit-learn's. Output:
 number, PNG plots and one self-contained ``report.html`` (images embedded), plus TensorBoard scalars when
 asked.
 
-Every path may be local or a URI (``s3://bucket/prefix``). For a URI ``--out`` the report is built in a
-local temporary directory and uploaded through pyarrow's filesystem when it is complete (PNGs first,
-``report.json``, then ``report.html`` last); a URI ``--tensorboard`` logdir gets event files written
-locally and then uploaded; ``--run`` and ``--scores`` are read through the filesystem.
+Every path may be local or a URI (``s3://bucket/prefix``). The report is built in a local temporary
+directory and put in ``--out`` when it is complete (PNGs first, ``report.json``, then ``report.html``
+last), replacing only files an earlier ``evaluate`` wrote there (:mod:`stampray.outfiles`); a URI
+``--tensorboard`` logdir gets event files written locally and then uploaded; ``--run`` and ``--scores``
+are read through the filesystem.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from . import outfiles
 from . import table as st
 from .lock import output_lock
 from .classes import NEGATIVE, check_class_names, positive_classes, prob_column, std_column
@@ -626,9 +628,9 @@ def table_labels(paths, names=()) -> list[str]:
     norm = [str(p) if "://" in str(p) else os.path.normpath(str(p)) for p in paths]
     parts = [[p for p in path.replace("://", "/").split("/") if p] or [path] for path in norm]
     whole = ["/".join(p) for p in parts]
-    twice = [w for i, w in enumerate(whole) if w in whole[:i]]
+    twice = [i for i, w in enumerate(whole) if w in whole[:i]]
     if twice:
-        msg = f"--scores {twice[0]} is given twice"
+        msg = f"--scores {paths[whole.index(whole[twice[0]])]} is given twice"
         raise ValueError(msg)
     for k in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-k:]) for p in parts]
@@ -640,21 +642,34 @@ def table_labels(paths, names=()) -> list[str]:
 def evaluate(settings: EvaluateSettings) -> EvaluateResult:
     """Build the report for one or more score tables."""
     t0 = time.time()
-    st.check_separate(settings.out, {"--data": settings.data, "--run": settings.run,
-                                     **{f"--scores {p}": p for p in settings.scores}})
+    inputs = [("--data", settings.data), ("--run", settings.run), *(("--scores", p) for p in settings.scores)]
+    st.check_separate(settings.out, inputs)
+    if settings.tensorboard:  # inside --run is fine: training's own TensorBoard logs are there
+        st.check_separate(settings.tensorboard, [i for i in inputs if i[0] != "--run"], flag="--tensorboard")
     table_labels(settings.scores, settings.names)  # two tables under one name: refused before any work
-    remote = _is_uri(settings.out)
     if _is_uri(settings.tensorboard):  # fail before any work, not after it
         _check_uri_dir(settings.tensorboard, "--tensorboard")
-    if remote:  # build the report here, upload it when complete
+    if _is_uri(settings.out):
         _check_uri_dir(settings.out, "--out")
+    outfiles.check(settings.out, "evaluate", "--out", ["report.html", "report.json", "roc.png"], _legacy_report)
     with output_lock(settings.out, "evaluate"):
-        work = tempfile.mkdtemp(prefix="stampray-report-") if remote else settings.out
+        work = tempfile.mkdtemp(prefix="stampray-report-")  # the report is built here, put in place when complete
         try:
             return _evaluate(settings, work, t0)
         finally:
-            if remote:
-                shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _legacy_report(out: str) -> set[str]:
+    """The files of a report written before the outfiles marker: those its report.json lists."""
+    try:
+        doc = json.loads(st.read_text(st.join(out, "report.json")))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return set()
+    if not (isinstance(doc, dict) and {"settings", "results", "plots"} <= set(doc)
+            and isinstance(doc["plots"], dict)):
+        return set()
+    return {"report.json", "report.html", *(str(v) for v in doc["plots"].values())}
 
 
 def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dict, dict, list[str]]:
@@ -712,6 +727,16 @@ def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out
         if settings.data and res["misclassified"]["rows"]:
             rows = res["misclassified"]["rows"][:settings.misclassified_grid]
             found = _find_stamps(settings.data, [r["stamp_id"] for r in rows])
+            lost = [r["stamp_id"] for r in rows if r["stamp_id"] not in found]
+            if len(lost) == len(rows):
+                msg = (f"--data {settings.data} holds none of the {len(rows)} misclassified stamps of {name} "
+                       f"({', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}); give the stamp table these "
+                       f"scores came from, or leave --data out")
+                raise ValueError(msg)
+            if lost:
+                logger.warning("evaluate: warning: %d of the %d misclassified stamps of %s are not in --data %s "
+                               "(%s); the grid shows the others", len(lost), len(rows), name, settings.data,
+                               ", ".join(lost[:5]))
             rows = [r for r in rows if r["stamp_id"] in found]
             if rows:
                 titles = [f"true {r['label']}, pred {r['pred']}\np={r['probabilities'][r['pred']]:.3f}" for r in rows]
@@ -728,14 +753,14 @@ def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out
 def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult:
     """The report, written into the local directory ``out`` (``settings.out`` itself when it is local)."""
     progress = Progress("evaluate", len(settings.scores), settings.progress, unit="score tables")
+    history = _read_history(settings.run) if settings.run else []  # every input checked before the work
+    if settings.data:
+        st.read_manifest(settings.data)
     results, meta, class_names = _read_and_score(settings, progress)
     progress.say(f"drawing the plots of {len(results)} score table(s)")
     plots = _draw(settings, results, class_names, out)
-    history = []
-    if settings.run:
-        history = _read_history(settings.run)
-        if history:
-            plots["curves"] = plot_curves(history, os.path.join(out, "training_curves.png"))
+    if history:
+        plots["curves"] = plot_curves(history, os.path.join(out, "training_curves.png"))
 
     report = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
               "provenance": provenance(),
@@ -745,16 +770,18 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
               "seconds": round(time.time() - t0, 2)}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    html_path = os.path.join(out, "report.html")
-    with open(html_path, "w") as f:
+    with open(os.path.join(out, "report.html"), "w") as f:
         f.write(render_html(report, plots))
-    plot_paths = list(plots.values())
+    names = [os.path.basename(p) for p in plots.values()]
     if _is_uri(settings.out):
-        names = [os.path.basename(p) for p in plot_paths]
         progress.say(f"uploading the report to {settings.out}")
-        _upload(out, [*names, "report.json", "report.html"], settings.out, "--out")  # report.html last
-        html_path = st.join(settings.out, "report.html")
-        plot_paths = [st.join(settings.out, n) for n in names]
+    try:
+        outfiles.publish(out, [*names, "report.json", "report.html"], settings.out, "evaluate", "--out",
+                         _legacy_report)  # report.html last
+    except OSError as e:
+        raise _storage_error("--out", settings.out, e, "write") from None
+    html_path = st.join(settings.out, "report.html")
+    plot_paths = [st.join(settings.out, n) for n in names]
     if settings.tensorboard:
         progress.say(f"writing TensorBoard events to {settings.tensorboard}")
         if _is_uri(settings.tensorboard):

@@ -13,20 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import outfiles
 from . import preprocess as pp
 from . import table as st
 
 TOLERANCE = 1e-5
 OPSET = 18
+WRITTEN_BY = ("stampray.written_by", "stampray export")  # metadata entry that marks an ONNX file as export's own
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,8 @@ class ExportSettings:
 
     Args:
         model: checkpoint: model.pt, a checkpoint directory, or a run directory (its best.pt).
-        onnx: the ONNX file to write (local path or URI); an existing file is replaced only once the new
-            one is complete and checked.
+        onnx: the ONNX file to write (local path or URI); an existing file is replaced only when an earlier
+            export wrote it (its metadata says so), and only once the new one is complete and checked.
     """
 
     model: str
@@ -67,6 +72,7 @@ def export(settings: ExportSettings) -> ExportResult:
         msg = f"export needs the onnx extras ({e.name} is missing): pip install 'stampray[onnx]'"
         raise ValueError(msg) from None
 
+    check_out(settings.onnx)
     bundle = ck.load_bundle(ck.resolve_path(settings.model))
     net = _WithSoftmax(ck.build_model(bundle)).eval()
     shape = (int(bundle["in_channels"]), *(int(s) for s in bundle["image_size"]))
@@ -96,7 +102,8 @@ def export(settings: ExportSettings) -> ExportResult:
         model = onnx.load(local)
         meta = {"stampray.model": str(bundle["model"]), "stampray.preprocess": str(bundle["preprocess"]),
                 "stampray.class_names": json.dumps(list(bundle["class_names"])),
-                "stampray.input_shape": json.dumps(list(shape)), "stampray.checkpoint": str(settings.model)}
+                "stampray.input_shape": json.dumps(list(shape)), "stampray.checkpoint": str(settings.model),
+                WRITTEN_BY[0]: WRITTEN_BY[1]}
         del model.metadata_props[:]
         for k, v in meta.items():
             entry = model.metadata_props.add()
@@ -106,13 +113,43 @@ def export(settings: ExportSettings) -> ExportResult:
         diff = _check(local, x, want)
         with open(local, "rb") as f:
             data = f.read()
-    tmp_path = settings.onnx + ".tmp"
-    fs, p = st.resolve(tmp_path)
-    fs.create_dir(os.path.dirname(p) or ".", recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-    fs.move(p, st.resolve(settings.onnx)[1])
+    check_out(settings.onnx)  # again, just before replacing: the file may have appeared since
+    fs, p = st.resolve(settings.onnx)
+    parent = posixpath.dirname(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store's PUT is atomic already
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return ExportResult(settings.onnx, diff, meta)
+    tmp = posixpath.join(parent, f".{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, p)
+    finally:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
     return ExportResult(settings.onnx, diff, meta)
+
+
+def written_by_export(path: str) -> bool:
+    """Whether the existing file ``path`` is an ONNX model that ``stampray export`` wrote (its metadata)."""
+    import onnx
+
+    fs, p = st.resolve(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            model = onnx.load_model_from_string(f.read())
+    except Exception:  # noqa: BLE001 - any file that does not parse as ONNX is not export's
+        return False
+    return any((e.key, e.value) == WRITTEN_BY for e in model.metadata_props)
+
+
+def check_out(path: str) -> None:
+    """Refuse an ``--onnx`` that is a directory, or an existing file that 'stampray export' did not write."""
+    outfiles.check_file(path, "--onnx", "export", written_by_export,
+                        f"no {WRITTEN_BY[0]} in an ONNX model's metadata", posixpath.join(path, "model.onnx"))
 
 
 def _check(path: str, x: np.ndarray, want: np.ndarray) -> float | None:

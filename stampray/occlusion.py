@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import outfiles
 from . import table as st
 from .data import ROW, SHARD
 from .lock import output_lock
@@ -423,17 +424,16 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     st.check_separate(settings.out, {"--data": settings.data})
     if settings.png:
         st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
+        outfiles.check(settings.png, "occlude", "--png", ["index.csv"], legacy_pngs)
     st.inspect_shards(settings.data, manifest)
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
         msg = f"--out {settings.out} is a file; give a directory for the occlusion maps"
         raise ValueError(msg)
+    if settings.ids:
+        check_some_ids_present(settings.data, settings.ids)  # before --out is touched: a typo keeps the old maps
     with output_lock(settings.out, "occlude"):
         total, set_aside, nodes, missing = _occlude_locked(settings, model_bytes, manifest)
-    if missing and len(missing) == len(settings.ids):
-        msg = (f"none of the {len(missing)} --ids is in {settings.data} ({', '.join(missing[:10])}"
-               f"{' ...' if len(missing) > 10 else ''}); check the ids against the table's stamp_id column")
-        raise ValueError(msg)
     if missing:
         log.warning(f"occlude: warning: {len(missing)} of the {len(settings.ids)} --ids are not in "
                     f"{settings.data}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
@@ -448,6 +448,22 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
             first = pq.ParquetFile(f).read_row_group(0).slice(0, settings.png_limit)
         pngs = write_pngs(first, settings.png, list(bundle["class_names"]), settings.kernel)
     return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes, missing)
+
+
+def check_some_ids_present(data: str, ids: tuple[str, ...]) -> None:
+    """Refuse ``--ids`` none of which is in the table (reads its id column only, in bounded batches)."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    found: set[str] = set()
+    for batch in st.iter_batches(data, columns=[st.ID]):
+        hit = pc.is_in(batch.column(0), value_set=wanted)
+        if pc.any(hit).as_py():
+            found.update(batch.column(0).filter(hit).to_pylist())
+            break  # one is enough; the run reports any others it does not find
+    if not found:
+        missing = list(dict.fromkeys(ids))
+        msg = (f"none of the {len(missing)} --ids is in {data} ({', '.join(missing[:10])}"
+               f"{' ...' if len(missing) > 10 else ''}); check the ids against the table's stamp_id column")
+        raise ValueError(msg)
 
 
 def _occlude_locked(settings: OccludeSettings, model_bytes: bytes,
@@ -673,21 +689,31 @@ def png_name(stamp_id: str) -> str:
 
 def write_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: int) -> list[str]:
     """The stamp beside its probability-change map (:func:`stampray.drawing.draw_occlusion`), one PNG per
-    stamp, one grid of the change maps and ``index.csv`` (stamp id, file). ``out_dir`` may be a URI: the
-    files are drawn locally, then uploaded."""
-    if "://" not in str(out_dir):
-        return _draw_pngs(table, out_dir, class_names, kernel)
-    fs, root = st.resolve(out_dir)
+    stamp, one grid of the change maps and ``index.csv`` (stamp id, file). They are drawn in a local staging
+    directory, then put in ``out_dir`` (a path or a URI), ``index.csv`` last, replacing only files an earlier
+    ``occlude --png`` wrote there (:mod:`stampray.outfiles`)."""
     with tempfile.TemporaryDirectory(prefix="stampray-png-") as tmp:
         local = _draw_pngs(table, tmp, class_names, kernel)
-        fs.create_dir(root, recursive=True)
-        paths = []
-        for path in local + [os.path.join(tmp, "index.csv")]:
-            target = st.join(out_dir, os.path.basename(path))
-            with open(path, "rb") as src, fs.open_output_stream(st.resolve(target)[1]) as dst:
-                dst.write(src.read())
-            paths.append(target)
+        paths = outfiles.publish(tmp, [os.path.basename(p) for p in local] + ["index.csv"], out_dir, "occlude",
+                                 "--png", legacy_pngs)
     return paths[:-1]
+
+
+def legacy_pngs(out_dir: str) -> set[str]:
+    """The files of an ``occlude --png`` directory written before the outfiles marker: its index.csv's."""
+    import csv
+    import io
+
+    path = st.join(out_dir, "index.csv")
+    if not st.exists(path):
+        return set()
+    try:
+        rows = list(csv.reader(io.StringIO(st.read_text(path))))
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
+        return set()
+    if not rows or rows[0] != ["stamp_id", "file"] or any(len(r) != 2 for r in rows[1:]):
+        return set()
+    return {"index.csv", "occlusion_grid.png", *(r[1] for r in rows[1:])}
 
 
 def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: int) -> list[str]:

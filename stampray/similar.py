@@ -62,6 +62,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import outfiles
 from . import table as st
 from .classes import prob_column
 from .progress import Progress
@@ -423,17 +424,9 @@ def written_by_similar(out: str) -> bool:
 
 def check_out(out: str) -> None:
     """Refuse an ``--out`` that is a directory, or a file that 'stampray similar' did not write."""
-    fs, p = st.resolve(out)
-    kind = fs.get_file_info(p).type
-    if kind == pafs.FileType.Directory:
-        msg = f"--out {out} is a directory; give a file name ending in .parquet or .csv"
-        raise ValueError(msg)
-    if kind == pafs.FileType.File and not written_by_similar(out):
-        how = "no stampray_similar footer" if out_format(out) == "parquet" else \
-            f"no {posixpath.basename(_sidecar(out))} beside it that matches its content"
-        msg = (f"--out {out} exists and 'stampray similar' did not write it ({how}), so it is not replaced; "
-               f"choose another file name, or delete that file first if you no longer need it")
-        raise ValueError(msg)
+    how = "no stampray_similar footer" if out_format(out) == "parquet" else \
+        f"no {posixpath.basename(_sidecar(out))} beside it that matches its content"
+    outfiles.check_file(out, "--out", "similar", written_by_similar, how, posixpath.join(out, "neighbours.csv"))
 
 
 def _record(result: SimilarResult, settings: SimilarSettings) -> dict:

@@ -147,12 +147,14 @@ def _canonical(path: str) -> str:
     return os.path.realpath(path).rstrip("/")
 
 
-def check_separate(out: str, inputs: dict[str, str | None], flag: str = "--out", files: bool = False) -> None:
+def check_separate(out: str, inputs: dict[str, str | None] | Sequence[tuple[str, str | None]], flag: str = "--out",
+                   files: bool = False) -> None:
     """Refuse an output that equals, lies inside or contains an input: writing there would replace or mix
-    with what the user gave (``score --data d --out d`` once overwrote the input's manifest). With
-    ``files``, the inputs are single files, and an output directory beside them is fine."""
+    with what the user gave (``score --data d --out d`` once overwrote the input's manifest). ``inputs``:
+    {flag: path}, or (flag, path) pairs where a flag repeats. With ``files``, the inputs are single files,
+    and an output directory beside them is fine."""
     o = _canonical(out)
-    for name, path in inputs.items():
+    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
         if not path:
             continue
         i = _canonical(path)
@@ -425,13 +427,35 @@ class Manifest:
         )
 
 
+def not_a_stamp_manifest(path: str) -> str | None:
+    """Why the ``_manifest.json`` at ``path`` is not a stamp table's, in words for a message (a score
+    directory has one too); None when it is one, or when there is none."""
+    mpath = join(path, MANIFEST_NAME)
+    if not exists(mpath):
+        return None
+    try:
+        doc = json.loads(read_text(mpath))
+    except (ValueError, UnicodeDecodeError):
+        return f"its {MANIFEST_NAME} is not JSON"
+    if isinstance(doc, dict) and "schema_version" in doc and "image_shape" in doc:
+        return None
+    if isinstance(doc, dict) and "model_tag" in doc:
+        return "it holds the results of 'stampray score'"
+    return f"its {MANIFEST_NAME} is not one stampray wrote for a stamp table"
+
+
 def read_manifest(path: str) -> Manifest:
-    """Read a dataset's manifest, with a message that says what to do when it is missing."""
+    """Read a dataset's manifest, with a message that says what to do when it is missing or is not a
+    stamp table's."""
     mpath = join(path, MANIFEST_NAME)
     if not exists(mpath):
         msg = (f"{path} is not a stamp dataset (no {MANIFEST_NAME}); create one with "
                f"'stampray ingest' or 'stampray synth'")
         raise FileNotFoundError(msg)
+    why = not_a_stamp_manifest(path)
+    if why:
+        msg = f"{path} is not a stamp table ({why}); give a table written by 'stampray ingest', 'synth' or 'cutout'"
+        raise ValueError(msg)
     return Manifest.from_json(read_text(mpath))
 
 
@@ -564,6 +588,11 @@ def clear_dataset(path: str) -> None:
         msg = f"--out {path} is a file; give a directory for the stamp dataset"
         raise ValueError(msg)
     if info.type == pafs.FileType.Directory:
+        why = not_a_stamp_manifest(path)
+        if why:
+            msg = (f"--out {path} is not a stamp table stampray wrote ({why}), so nothing in it is replaced; "
+                   f"choose a new or empty directory")
+            raise ValueError(msg)
         items = fs.get_file_info(pafs.FileSelector(p))
         names = {posixpath.basename(i.path) for i in items}
         theirs = sorted(n for n in names if (n.startswith("part-") and n.endswith(".parquet")) or n == ERRORS_DIR)

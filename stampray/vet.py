@@ -34,6 +34,8 @@ import base64
 import html
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import outfiles
 from . import table as st
 from .classes import positive_classes, prob_column, std_column
 from .data import SHARD
@@ -54,6 +57,7 @@ logger = logging.getLogger(__name__)
 HTML_NAME = "vet.html"
 CANDIDATES_NAME = "candidates.parquet"
 SETTINGS_NAME = "vet.json"
+OUT_FILES = (CANDIDATES_NAME, SETTINGS_NAME, HTML_NAME)  # in the order they are put in place: the page last
 SCORE_COLUMNS = (st.ID, st.LABEL, st.SPLIT, "pred", "pred_name", "model", "features")
 GALLERIES = ("top", "borderline")
 
@@ -210,6 +214,36 @@ def fetch_stamps(data: str, ids: list[str], shards: list[str], columns: list[str
     return pa.concat_tables(found, promote_options="default")
 
 
+MAP_COLUMNS = (st.ID, "heatmap", "base_prob", "target")
+
+
+def check_maps(maps: str) -> None:
+    """Refuse a ``--maps`` that is missing or holds no occlusion maps (a score or stamp table, say), before
+    any work."""
+    from .pieces import list_files
+
+    fs, p = st.resolve(maps)
+    kind = fs.get_file_info(p).type
+    if kind == st.pafs.FileType.NotFound:
+        msg = f"--maps {maps} does not exist; give the --out directory of 'stampray occlude'"
+        raise FileNotFoundError(msg)
+    files = [maps] if kind == st.pafs.FileType.File else [st.join(maps, n) for n in list_files(maps)
+                                                          if n.startswith("part-")]
+    if not files:
+        msg = f"--maps {maps} holds no occlusion maps (no part-*.parquet); give the --out directory of 'stampray occlude'"
+        raise FileNotFoundError(msg)
+    try:
+        names = pq.read_schema(st.resolve(files[0])[1], filesystem=fs).names
+    except (OSError, pa.ArrowException) as e:
+        msg = f"--maps {maps}: {files[0]} is not a Parquet file of occlusion maps ({st.one_line(e)})"
+        raise ValueError(msg) from None
+    lacking = [c for c in MAP_COLUMNS if c not in names]
+    if lacking:
+        msg = (f"--maps {maps} holds no occlusion maps ({files[0]} has no {', '.join(lacking)} column); give the "
+               f"--out directory of 'stampray occlude'")
+        raise ValueError(msg)
+
+
 def read_map_rows(maps: str, ids: list[str]) -> tuple[dict[str, dict], int | None]:
     """``{stamp_id: {"heatmap", "base_prob", "target"}}`` for the ids an occlude output holds, and its kernel
     (from its ``_maps.json``; None when unknown)."""
@@ -281,6 +315,9 @@ def vet(settings: VetSettings) -> VetResult:
     progress = Progress("vet", 0, settings.progress, unit="stages")
     say = progress.say
     st.check_separate(settings.out, {"--scores": settings.scores, "--data": settings.data, "--maps": settings.maps})
+    outfiles.check(settings.out, "vet", "--out", OUT_FILES, _legacy_vet)
+    if settings.maps:
+        check_maps(settings.maps)
     from .score import score_manifest  # torch: only when vet runs, not for --help
 
     doc = score_manifest(settings.scores)
@@ -315,22 +352,33 @@ def vet(settings: VetSettings) -> VetResult:
     say(f"drawing {len(shown)} stamps")
     page = render_page(settings, t, names, cls, candidates, images, maps, kernel or 1, meta_scores + meta_data,
                        len(shards), len(manifest.shards))
-    st.make_dirs(settings.out)
     cand_path, html_path = st.join(settings.out, CANDIDATES_NAME), st.join(settings.out, HTML_NAME)
-    fs, p_cand = st.resolve(cand_path)
-    pq.write_table(candidates, p_cand, filesystem=fs)
     result = VetResult(settings.out, html_path, cand_path, t.num_rows, shards,
                        int((pc.equal(candidates.column("gallery"), "top")).to_numpy(zero_copy_only=False).sum()),
                        int((pc.equal(candidates.column("gallery"), "borderline")).to_numpy(zero_copy_only=False).sum()),
                        len(maps), cls, 0.0)
     result.seconds = round(time.time() - t0, 2)
-    st.write_text(st.join(settings.out, SETTINGS_NAME), json.dumps(
-        {"settings": asdict(settings), "class": cls, "rows": result.rows, "shards": shards, "top": result.top,
-         "borderline": result.borderline, "maps": result.maps, "kernel": kernel, "seconds": result.seconds,
-         "provenance": provenance()}, indent=1))
-    st.write_text(html_path, page)  # last: the page marks the output complete
+    with tempfile.TemporaryDirectory(prefix="stampray-vet-") as staged:
+        pq.write_table(candidates, os.path.join(staged, CANDIDATES_NAME))
+        with open(os.path.join(staged, SETTINGS_NAME), "w") as f:
+            json.dump({"settings": asdict(settings), "class": cls, "rows": result.rows, "shards": shards,
+                       "top": result.top, "borderline": result.borderline, "maps": result.maps, "kernel": kernel,
+                       "seconds": result.seconds, "provenance": provenance()}, f, indent=1)
+        with open(os.path.join(staged, HTML_NAME), "w") as f:
+            f.write(page)
+        outfiles.publish(staged, list(OUT_FILES), settings.out, "vet", "--out", _legacy_vet)  # the page last
     progress.close()
     return result
+
+
+def _legacy_vet(out: str) -> set[str]:
+    """The files of a vet output written before the outfiles marker, known by its vet.json."""
+    try:
+        doc = json.loads(st.read_text(st.join(out, SETTINGS_NAME)))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return set()
+    ours = isinstance(doc, dict) and {"settings", "class", "provenance"} <= set(doc)
+    return set(OUT_FILES) if ours else set()
 
 
 def build_candidates(t: pa.Table, picks: dict[str, np.ndarray], data_meta: dict[str, dict], shard_of: dict,

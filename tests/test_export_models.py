@@ -8,6 +8,7 @@ and the fast subset keeps the demo model's export (tests/test_notebook.py).
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +80,20 @@ def test_model_exports_and_matches_pytorch(tmp_path, make_checkpoint, name):
             want = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
         assert got.shape == (n, k)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_an_export_replaces_only_an_onnx_file_an_export_wrote(tmp_path, make_checkpoint):
+    """A second export to the same file replaces the first; a file of the user's at that name stays."""
+    path = make_checkpoint(str(tmp_path / "model.pt"))
+    onnx_path = tmp_path / "model.onnx"
+    export(ExportSettings(model=path, onnx=str(onnx_path)))
+    import onnx
+
+    first = onnx_path.read_bytes()
+    changed = onnx.load(str(onnx_path))
+    changed.doc_string = "edited after the export"  # still export's (its metadata is intact), but changed
+    onnx.save(changed, str(onnx_path))
+    assert onnx_path.read_bytes() != first
+    export(ExportSettings(model=path, onnx=str(onnx_path)))
+    assert onnx_path.read_bytes() == first  # replaced by a complete new export
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.pt"]  # no temporary file left beside it

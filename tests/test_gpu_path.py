@@ -1,8 +1,5 @@
 """The GPU path on a machine without CUDA (issue #19): what a CPU can show."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch

@@ -240,6 +240,110 @@ def test_a_verb_never_replaces_part_files_it_did_not_write(survey, tmp_path, cap
     assert sorted(os.listdir(out)) == ["part-00000.parquet"]
 
 
+@pytest.mark.parametrize("verb", ["synth", "ingest", "cutout"])
+@pytest.mark.parametrize("kind", ["scores", "foreign"])
+def test_a_directory_with_a_manifest_that_is_not_a_stamp_tables_is_never_replaced(survey, tmp_path, capsys,
+                                                                                  score_table, verb, kind):
+    """Score results have a _manifest.json too: ingest, synth and cutout (even with --overwrite) must not take
+    them, or a user's own _manifest.json, for a stamp table of theirs to replace."""
+    out = tmp_path / "out"
+    if kind == "scores":
+        score_table(out, [0, 1], [[0.9, 0.1], [0.2, 0.8]], ("noise", "source"))
+        why = "it holds the results of 'stampray score'"
+    else:
+        out.mkdir()
+        (out / "_manifest.json").write_text("{}")
+        (out / "part-00000.parquet").write_bytes(b"my own file")
+        why = "its _manifest.json is not one stampray wrote for a stamp table"
+    before = tree_digest(out)
+    np.save(tmp_path / "a.npy", np.zeros((3, 21, 21), np.float32))
+    (tmp_path / "cat.csv").write_text("id,ra,dec\ns1,150.0,2.0\n")
+    args = {"synth": ["synth", "-n", "10"], "ingest": ["ingest", "--class", f"noise={tmp_path / 'a.npy'}"],
+            "cutout": ["cutout", "--images", str(tmp_path / "m.fits"), "--catalog", str(tmp_path / "cat.csv"),
+                       "--size", "11", "--overwrite"]}[verb]
+    assert main(args + ["--out", str(out)]) == 2
+    assert (f"--out {out} is not a stamp table stampray wrote ({why}), so nothing in it is replaced; choose a new "
+            f"or empty directory") in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
+def test_score_output_given_as_data_is_named_as_such(survey, tmp_path, capsys, score_table):
+    _, model = survey
+    scores = score_table(tmp_path / "scores", [0, 1], [[0.9, 0.1], [0.2, 0.8]], ("noise", "source"))
+    for verb in (["score", "--model", model, "--out", str(tmp_path / "s2")],
+                 ["occlude", "--model", model, "--out", str(tmp_path / "m2")]):
+        assert main(verb + ["--data", scores]) == 2
+        assert (f"{scores} is not a stamp table (it holds the results of 'stampray score'); give a table written "
+                f"by 'stampray ingest', 'synth' or 'cutout'") in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "m2").exists()
+
+
+def test_export_never_replaces_a_file_it_did_not_write(survey, tmp_path, capsys):
+    """The checkpoint itself, a stamp shard or a user's file given as --onnx stays as it was; refused before the
+    export's work."""
+    pytest.importorskip("onnx")
+    data, model = survey
+    mine = tmp_path / "mine.onnx"
+    mine.write_bytes(b"the user's own model")
+    for target in (model, os.path.join(data, "part-00000.parquet"), str(mine)):
+        before = open(target, "rb").read()
+        assert main(["export", "--model", model, "--onnx", target]) == 2
+        assert (f"--onnx {target} exists and 'stampray export' did not write it (no stampray.written_by in an ONNX "
+                f"model's metadata), so it is not replaced; choose another file name") in capsys.readouterr().err
+        assert open(target, "rb").read() == before
+    assert main(["export", "--model", model, "--onnx", str(tmp_path)]) == 2
+    assert (f"--onnx {tmp_path} is a directory; give a file name such as {tmp_path}/model.onnx"
+            in capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["mine.onnx"]
+
+
+def test_a_report_replaces_only_its_own_files_and_only_once_complete(survey, tmp_path, capsys, score_table,
+                                                                     eight_stamps):
+    s = score_table(tmp_path / "scores", list(eight_stamps.labels), eight_stamps.probs, eight_stamps.class_names)
+    args = ["evaluate", "--scores", s, "--split", "all", "--no-progress"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    assert main(args + ["--out", str(mine)]) == 2
+    assert (f"--out {mine} holds report.html, which 'stampray evaluate' did not write there (not listed in its "
+            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert tree_digest(mine) == {"report.html": hashlib.sha256(b"my own report").hexdigest()}
+
+    out = tmp_path / "rep"
+    assert main(args + ["--out", str(out), "--names", "first"]) == 0
+    assert "confusion_first.png" in os.listdir(out)
+    (out / "notes.txt").write_text("the user's, beside the report")
+    before = tree_digest(out)
+    for bad in (["--run", str(tmp_path / "scores")], ["--data", str(tmp_path / "nowhere")], ["--data", s]):
+        assert main(args + ["--out", str(out), "--names", "second"] + bad) == 2  # refused before any plot
+        assert tree_digest(out) == before
+    capsys.readouterr()
+    assert main(args + ["--out", str(out), "--names", "second", "--data", survey[0]]) == 2  # another table
+    err = capsys.readouterr().err
+    assert f"--data {survey[0]} holds none of the 2 misclassified stamps of second (" in err
+    assert err.endswith("); give the stamp table these scores came from, or leave --data out\n")
+    assert tree_digest(out) == before
+    assert main(args + ["--out", str(out), "--names", "second"]) == 0
+    names = sorted(os.listdir(out))
+    assert "confusion_second.png" in names and not [n for n in names if n.endswith("_first.png")]
+    assert (out / "notes.txt").read_text() == "the user's, beside the report"
+    assert json.loads((out / "_stampray.json").read_text()) == {
+        "verb": "evaluate", "files": sorted(set(names) - {"notes.txt", "_stampray.json"})}
+
+
+def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, capsys):
+    data, model = survey
+    png = tmp_path / "png"
+    png.mkdir()
+    (png / "index.csv").write_text("my own index")
+    assert main(["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "maps"), "--limit", "2",
+                 "--png", str(png), "--no-progress"]) == 2
+    assert (f"--png {png} holds index.csv, which 'stampray occlude' did not write there (not listed in its "
+            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert os.listdir(png) == ["index.csv"] and (png / "index.csv").read_text() == "my own index"
+    assert not (tmp_path / "maps").exists()  # refused before the maps were made
+
+
 def test_train_refuses_an_out_that_is_a_file(survey, tmp_path, capsys):
     data, _ = survey
     afile = tmp_path / "afile"

@@ -123,7 +123,7 @@ def test_occlude_end_to_end_with_pngs(tno_small, tmp_path, ray_shared, make_chec
     heat = t.column("heatmap").combine_chunks().to_numpy_ndarray()
     assert heat.shape == (4, 21, 21) and np.isfinite(heat).all() and (heat >= 0).all() and (heat <= 1).all()
     assert sorted(os.listdir(tmp_path / "png")) == sorted(
-        [f"{i}.png" for i in t.column("stamp_id").to_pylist()] + ["occlusion_grid.png", "index.csv"])
+        [f"{i}.png" for i in t.column("stamp_id").to_pylist()] + ["occlusion_grid.png", "index.csv", "_stampray.json"])
     assert not os.path.exists(tmp_path / "maps" / "_parts") and not os.path.exists(tmp_path / "maps" / "_tmp")
     ids = t.column("stamp_id").to_pylist()[:2]
     r = occlude(OccludeSettings(model=ckpt, data=tno_small, out=str(tmp_path / "maps2"), ids=tuple(ids)))
@@ -175,7 +175,8 @@ def test_png_names_are_unique_per_id_and_indexed(tmp_path):
                       "base_prob": pa.array([0.5] * n, pa.float32()),
                       "heatmap": _tensor(flat), "stamp": _tensor(flat)})
     paths = write_pngs(table, str(tmp_path / "png"), ["noise", "source"], kernel=5)
-    assert len(paths) == 5 and sorted(os.listdir(tmp_path / "png")) == sorted(names + ["occlusion_grid.png", "index.csv"])
+    assert len(paths) == 5 and sorted(os.listdir(tmp_path / "png")) == sorted(
+        names + ["occlusion_grid.png", "index.csv", "_stampray.json"])
     rows = (tmp_path / "png" / "index.csv").read_text().splitlines()
     assert rows[0] == "stamp_id,file" and len(rows) == 5
     assert dict(r.rsplit(",", 1) for r in rows[1:]) == dict(zip(ids, names))
@@ -297,7 +298,7 @@ def test_a_small_occlude_from_the_command_line_maps_without_ray(tno_small, tmp_p
     assert re.search(r"^occlude: 3 occlusion maps \(kernel 5, stride 1\) written to .*; 4 PNGs in ", run.stdout, re.M)
     first = pq.read_table(os.path.join(tno_small, "part-00000.parquet"), columns=["stamp_id"]).column(0)
     assert read_maps(out).column("stamp_id").to_pylist() == first.to_pylist()[:3]
-    assert len(os.listdir(png)) == 5  # 3 overlays, the grid and index.csv
+    assert len(os.listdir(png)) == 6  # 3 overlays, the grid, index.csv and the _stampray.json that lists them
 
 
 def test_in_process_auto_maps_small_jobs_here(tno_small, monkeypatch):

@@ -73,6 +73,8 @@ def test_score_tables_with_the_same_last_name_keep_their_own_labels():
     assert table_labels(["s1", "s2"], ("cnn", "vgg")) == ["cnn", "vgg"]
     with pytest.raises(ValueError, match="--scores a/s is given twice"):
         table_labels(["a/s", "a/s/"])
+    with pytest.raises(ValueError, match="^--scores /data/s is given twice$"):  # as given, its leading / kept
+        table_labels(["/data/s", "/data/s"])
     with pytest.raises(ValueError, match="--names gives 'x' twice"):
         table_labels(["a", "b"], ("x", "x"))
 
@@ -102,9 +104,15 @@ def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, capsys):
     captured = capsys.readouterr()
     assert f"occlude: warning: 2 of the 3 --ids are not in {data}: TYPO, nope" in captured.err
     assert st.read_parquet(os.path.join(out, "part-00000.parquet")).column("stamp_id").to_pylist() == [good]
+    before = {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
     assert main(["occlude", "--model", model, "--data", data, "--out", out, "--ids", "TYPO", "--no-progress",
                  "--in-process", "on"]) == 2
     assert f"none of the 1 --ids is in {data} (TYPO); check the ids" in capsys.readouterr().err
+    # refused before --out is touched: the earlier maps and their _maps.json stay as they were
+    assert {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))} == before
+    assert main(["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "new" / "maps"), "--ids",
+                 "TYPO", "--no-progress", "--in-process", "on"]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("doc, words", [

@@ -68,7 +68,7 @@ def test_evaluate_writes_a_complete_report_to_s3(tmp_path, s3, score_table, eigh
     pngs = sorted(os.path.basename(p) for p in here.plots)
     assert "training_curves.png" in pngs and "accuracy_by_snr.png" in pngs and "roc.png" in pngs
     names = keys(s3.client, bucket, "report/")
-    assert names == sorted(f"report/{n}" for n in [*pngs, "report.json", "report.html"])
+    assert names == sorted(f"report/{n}" for n in [*pngs, "report.json", "report.html", "_stampray.json"])
     assert there.html == f"s3://{bucket}/report/report.html" and there.out == f"s3://{bucket}/report"
     assert sorted(there.plots) == [f"s3://{bucket}/report/{n}" for n in pngs]
     remote = json.loads(st.read_text(f"s3://{bucket}/report/report.json"))

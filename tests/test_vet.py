@@ -220,3 +220,41 @@ def test_page_renders_with_every_image(tmp_path, images_in_chromium):
     page = open(r.html).read()
     images, broken = images_in_chromium(page)
     assert (images, broken) == (1 + 6 * 3 + 1, 0)
+
+
+def test_a_users_files_are_never_replaced_and_a_second_vet_replaces_its_own(tmp_path, capsys):
+    from stampray.cli import main
+
+    m, _ = write_stamps(tmp_path / "stamps", 1)
+    data = str(tmp_path / "stamps")
+    s = write_scores(tmp_path / "scores", m)
+    args = ["vet", "--scores", s, "--data", data, "--top", "2", "--borderline", "1", "--no-progress"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "vet.html").write_text("my notes")
+    assert main(args + ["--out", str(mine)]) == 2
+    assert (f"--out {mine} holds vet.html, which 'stampray vet' did not write there (not listed in its "
+            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert os.listdir(mine) == ["vet.html"] and (mine / "vet.html").read_text() == "my notes"
+
+    out = tmp_path / "vet"
+    assert main(args + ["--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["_stampray.json", "candidates.parquet", "vet.html", "vet.json"]
+    (out / "notes.txt").write_text("the user's, beside the page")
+    first = (out / "vet.html").read_text()
+    assert main(args[:-5] + ["--top", "3", "--borderline", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (out / "vet.html").read_text() != first and len(gallery(str(out), "top")) == 3
+    assert (out / "notes.txt").read_text() == "the user's, beside the page"
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    capsys.readouterr()
+    assert main(args + ["--out", str(afile)]) == 2
+    assert f"--out {afile} is a file; give a directory" in capsys.readouterr().err
+    none = str(tmp_path / "none")
+    for maps, why in ((s, f"holds no occlusion maps ({s}/part-00000.parquet has no heatmap, base_prob, target "
+                          f"column)"), (none, "does not exist")):
+        assert main(args + ["--out", str(tmp_path / "v2"), "--maps", maps]) == 2
+        assert capsys.readouterr().err == (f"stampray vet: error: --maps {maps} {why}; give the --out directory of "
+                                           f"'stampray occlude'\n")
+    assert not (tmp_path / "v2").exists()
