@@ -108,14 +108,26 @@ def bundle_from_bytes(data: bytes, path: str, map_location: str | torch.device =
     place stampray calls ``torch.load``, always with ``weights_only=True``."""
     import torch
 
+    import pickle
+    import zipfile
+
+    written_by = ("Checkpoints are written by 'stampray train' (best.pt, last.pt, epoch-NNNN/model.pt) or "
+                  "stampray.checkpoint.save")
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        msg = (f"{path} is not a stampray checkpoint: it is not the zip archive that torch.save writes "
+               f"({len(data):,} bytes: empty, cut short in a copy, or another format such as ONNX). {written_by}")
+        raise ValueError(msg)
     try:
         bundle = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception:  # noqa: BLE001 - anything that is not a plain-tensor checkpoint
+    except pickle.UnpicklingError:
         # PyTorch's own message suggests loading with weights_only=False, which would run code stored in
         # the file: stampray does not repeat that advice.
         msg = (f"{path} is not a stampray checkpoint: it holds objects other than tensors and plain values, "
-               f"which stampray never loads. Checkpoints are written by 'stampray train' (best.pt, last.pt, "
-               f"epoch-NNNN/model.pt) or stampray.checkpoint.save")
+               f"which stampray never loads. {written_by}")
+        raise ValueError(msg) from None
+    except Exception as e:  # noqa: BLE001 - a damaged archive: torch's reader raises RuntimeError and others
+        detail = " ".join(str(e).split())[:200]
+        msg = f"{path} is damaged and cannot be read as a checkpoint ({type(e).__name__}: {detail}). {written_by}"
         raise ValueError(msg) from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         msg = f"{path} is not a stampray checkpoint (no '{FORMAT}' marker)"

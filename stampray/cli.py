@@ -18,9 +18,17 @@ S = argparse.SUPPRESS
 
 def _shape(text: str) -> tuple[int, int, int]:
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"--shape wants C,H,W such as 1,21,21, got {text!r}")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape wants C,H,W such as 1,21,21 (each at least 1), got {text!r}")
+    if int(parts[1]) * int(parts[2]) > 4096 * 4096:
+        raise argparse.ArgumentTypeError(f"--shape {text}: stamps of at most 4096x4096 pixels")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _classes(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"--classes wants a number of classes, at least 2, got {text!r}")
+    return int(text)
 
 
 def _settings(cls, ns: argparse.Namespace, **fixed):
@@ -104,7 +112,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         if module is None:
             p.add_argument("--shape", type=_shape, default=(1, 21, 21), help="C,H,W (default 1,21,21)")
-            p.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
+            p.add_argument("--classes", type=_classes, default=2, help="number of classes (default 2)")
             continue
         add_arguments(p, settings_class(verb))
         p.add_argument("--config", default=None, metavar="FILE",
@@ -142,12 +150,28 @@ def _cmd_ingest(settings):
     print(f"ingest: read {r.rows_in} rows; {what}; set aside {aside} ({detail})"
           + (f", listed in {settings.out}/_errors" if aside else "")
           + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
+    _refuse_nothing("ingest", r.appended if r.appended is not None else r.ingested, r.rows_in, aside, settings.out)
+
+
+def _refuse_nothing(verb: str, written: int, rows_in: int, aside: int, out: str) -> None:
+    """A run that wrote no stamp at all ends non-zero, saying why (the empty table and its list of set-aside
+    rows stay, to read the reasons from)."""
+    if written:
+        return
+    if rows_in == 0:
+        msg = f"the input holds no rows: no stamp was written to {out}; check that it is the file you meant"
+    else:
+        msg = (f"none of the {rows_in} input rows could be used ({aside} set aside, with their reasons, in "
+               f"{out}/_errors); fix the input, or the flags that select from it")
+    raise ValueError(msg)
 
 
 def _cmd_cutout(settings):
     from .cutout import cutout, summary
 
-    print(summary(settings, cutout(settings)))
+    r = cutout(settings)
+    print(summary(settings, r))
+    _refuse_nothing("cutout", r.stamps, r.rows_in, sum(r.set_aside.values()), settings.out)
 
 
 def _cmd_models(ns):
@@ -214,7 +238,8 @@ def _cmd_evaluate(settings):
         print(f"evaluate: {name}: {res['n']} stamps ({settings.split} split), accuracy {res['accuracy']:.4f}, "
               f"AUC {res['auc'] if res['auc'] is None else round(res['auc'], 4)}, "
               f"{res['misclassified']['n']} misclassified")
-    print(f"evaluate: report {r.html} ({len(r.plots)} plots), numbers in {settings.out}/report.json")
+    print(f"evaluate: report {r.html} ({len(r.plots)} plots), numbers in {settings.out}/report.json; "
+          f"{r.report['seconds']:.1f} s")
 
 
 def _cmd_vet(settings):
@@ -235,15 +260,18 @@ def _cmd_similar(settings):
 def _cmd_export(settings):
     import json
 
+    import time
+
     from .export import export
 
+    t0 = time.time()
     r = export(settings)
     check = (f"onnxruntime matches PyTorch within {r.max_abs_diff:.1e}" if r.max_abs_diff is not None
              else "onnxruntime not installed: not checked")
     c, h, w = json.loads(r.metadata["stampray.input_shape"])
     print(f"export: wrote {r.path} (input (N, {c}, {h}, {w}) after preprocessing "
           f"{r.metadata['stampray.preprocess']}; output probabilities of {r.metadata['stampray.class_names']}); "
-          f"{check}")
+          f"{check}; {time.time() - t0:.1f} s")
 
 
 def _cmd_demo(settings):

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -353,7 +354,11 @@ class _StreamedNpy:
 
     def __init__(self, path: str, key: str, file=None, flag: str | None = None):
         self.path, self.key = path, key
-        self._zip = zipfile.ZipFile(path if file is None else file)
+        try:
+            self._zip = zipfile.ZipFile(path if file is None else file)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise IngestError(f"{path} is not a readable .npz archive ({e}); it may have been cut short in a "
+                              f"copy: save it again with numpy.savez, or copy it again") from None
         name = key if key.endswith(".npy") else key + ".npy"
         if name not in self._zip.namelist():
             keys = ", ".join(n[:-4] for n in self._zip.namelist() if n.endswith(".npy"))
@@ -383,7 +388,14 @@ class _StreamedNpy:
                 f.seek(start * row_bytes, os.SEEK_CUR)
             for a in range(start, stop, rows):
                 n = min(rows, stop - a)
-                buf = f.read(n * row_bytes)
+                try:
+                    buf = f.read(n * row_bytes)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                    raise IngestError(f"{self.path}[{self.key}] is damaged at rows {a}-{a + n - 1} ({e}); save it "
+                                      f"again with numpy.savez, or copy it again") from None
+                if len(buf) != n * row_bytes:
+                    raise IngestError(f"{self.path}[{self.key}] ends at row {a + len(buf) // max(1, row_bytes)} of "
+                                      f"{self.shape[0]}: the archive is cut short; save it again with numpy.savez")
                 yield a, np.frombuffer(buf, dtype=self.dtype).reshape(n, *row_shape)
 
     def read_all(self) -> np.ndarray:
@@ -894,7 +906,11 @@ def _plan_hdf5(s: IngestSettings, local: _LocalCopies):
         raise IngestError("HDF5 input needs h5py: pip install h5py") from None
     if not _exists(s.hdf5):
         raise IngestError(f"{s.hdf5} does not exist")
-    f = h5py.File(local(s.hdf5), "r")
+    try:
+        f = h5py.File(local(s.hdf5), "r")
+    except OSError as e:
+        raise IngestError(f"{s.hdf5} is not a readable HDF5 file ({' '.join(str(e).split())}); check that it is "
+                          f"HDF5 (h5dump -H {s.hdf5}) and was not cut short in a copy") from None
     if s.images_key not in f:
         raise IngestError(f"{s.hdf5} has no dataset {s.images_key!r}; it holds: {', '.join(f.keys())}; "
                           f"name the images with --images-key")
@@ -1086,8 +1102,11 @@ def _read_fits(path: str, fs: pafs.FileSystem | None = None, hdu: str | None = N
     import warnings
 
     from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
 
     with warnings.catch_warnings():
+        # astropy's notes on headers it repairs name no file; a header it cannot use raises, and sets the file aside
+        warnings.simplefilter("ignore", VerifyWarning)
         warnings.filterwarnings("error", message="File may have been truncated")
         with fits.open(_fits_source(path, fs), memmap=False) as hdul:
             chosen = _select_hdus(hdul, _hdu_tokens(hdu))

@@ -422,6 +422,7 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
         msg = f"--where misclassified needs labels, and {settings.data} holds none"
         raise ValueError(msg)
     st.check_separate(settings.out, {"--data": settings.data})
+    st.check_apart_from_model(settings.out, settings.model)
     if settings.png:
         st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
         outfiles.check(settings.png, "occlude", "--png", ["index.csv"], legacy_pngs)

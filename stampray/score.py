@@ -570,6 +570,7 @@ def score(settings: ScoreSettings) -> ScoreResult:
         raise ValueError(msg)
     expected = _check_shard_names(manifest, settings.data)
     st.check_separate(settings.out, {"--data": settings.data})
+    st.check_apart_from_model(settings.out, settings.model)
     unlisted = st.unlisted_shards(settings.data, manifest)
     if unlisted:
         logger.warning(f"score: warning: {settings.data} holds Parquet files its manifest does not list, which are "

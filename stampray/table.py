@@ -166,6 +166,13 @@ def check_separate(out: str, inputs: dict[str, str | None] | Sequence[tuple[str,
             raise ValueError(msg)
 
 
+def check_apart_from_model(out: str, model: str, flag: str = "--out") -> None:
+    """:func:`check_separate` for ``--model``: a run directory is an input like any other; a checkpoint file
+    only may not be the output itself."""
+    fs, p = resolve(model)
+    check_separate(out, {"--model": model}, flag=flag, files=fs.get_file_info(p).type != pafs.FileType.Directory)
+
+
 def unlisted_shards(path: str, manifest: "Manifest") -> list[str]:
     """Parquet files in the table's directory that its manifest does not list (another tool's, a copy)."""
     fs, p = resolve(path)

@@ -26,6 +26,18 @@ def test_models_lists_every_model(capsys):
         assert count in line
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--classes", "0"], "--classes wants a number of classes, at least 2, got '0'"),
+    (["--classes", "-1"], "--classes wants a number of classes, at least 2, got '-1'"),
+    (["--shape", "1,0,21"], "--shape wants C,H,W such as 1,21,21 (each at least 1), got '1,0,21'"),
+    (["--shape", "1,100000,100000"], "--shape 1,100000,100000: stamps of at most 4096x4096 pixels"),
+])
+def test_models_refuses_shapes_and_class_counts_no_model_has(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["models"] + args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_synth_then_ingest_cli(tmp_path, capsys):
     assert main(["synth", "-n", "300", "--seed", "2", "--out", str(tmp_path / "s"), "--shard-rows", "100"]) == 0
     assert "synth: wrote 300 tno stamps (1, 21, 21) in 3 shards" in capsys.readouterr().out

@@ -100,6 +100,87 @@ def test_hdf5_missing_key_is_named(tmp_path):
         ingest(IngestSettings(out=str(tmp_path / "o"), hdf5=str(tmp_path / "x.h5")))
 
 
+def test_files_that_are_not_what_their_flag_says_or_were_cut_short_are_named(tmp_path, capsys):
+    from stampray.cli import main
+
+    np.save(tmp_path / "lab.npy", np.zeros(4, np.int64))
+    with h5py.File(tmp_path / "good.h5", "w") as f:
+        f["images"] = np.zeros((4, 5, 5), np.float32)
+    (tmp_path / "cut.h5").write_bytes((tmp_path / "good.h5").read_bytes()[:1000])
+    np.savez(tmp_path / "good.npz", images=np.ones((400, 5, 5), np.float32))
+    whole = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    for source, words in (
+            (["--hdf5", str(tmp_path / "lab.npy"), "--images-key", "images"],
+             f"{tmp_path / 'lab.npy'} is not a readable HDF5 file ("),
+            (["--hdf5", str(tmp_path / "cut.h5"), "--images-key", "images"],
+             f"{tmp_path / 'cut.h5'} is not a readable HDF5 file ("),
+            (["--images", str(tmp_path / "cut.npz"), "--images-key", "images"],
+             f"{tmp_path / 'cut.npz'} is not a readable .npz archive (")):
+        assert main(["ingest", "--out", str(tmp_path / "o")] + source) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"stampray ingest: error: {words}") and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+    # a member whose data stops early (the central directory intact): the rows where it ends are named
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "good.npz") as z:
+        member = z.read("images.npy")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:
+        z.writestr("images.npy", member[:len(member) - 25 * 4 * 10])  # the last 10 of 400 rows are missing
+    assert main(["ingest", "--out", str(tmp_path / "o"), "--images", str(tmp_path / "short.npz"),
+                 "--images-key", "images"]) == 2
+    assert capsys.readouterr().err == (f"stampray ingest: error: {tmp_path / 'short.npz'}[images] ends at row 390 of "
+                                       f"400: the archive is cut short; save it again with numpy.savez\n")
+    assert not (tmp_path / "o").exists()  # the run made it, and leaves nothing behind
+
+
+def test_an_input_of_which_nothing_can_be_used_ends_non_zero_saying_why(tmp_path, capsys):
+    from stampray.cli import main
+
+    np.save(tmp_path / "im.npy", np.zeros((3, 5, 5), np.float32))
+    np.save(tmp_path / "neg.npy", np.full(3, -1, np.int64))  # every label out of range
+    out = tmp_path / "o"
+    assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--labels",
+                 str(tmp_path / "neg.npy"), "--classes", "a,b"]) == 2
+    captured = capsys.readouterr()
+    assert "ingested 0 stamps" in captured.out and "set aside 3" in captured.out
+    assert captured.err == (f"stampray ingest: error: none of the 3 input rows could be used (3 set aside, with "
+                            f"their reasons, in {out}/_errors); fix the input, or the flags that select from it\n")
+    assert st.read_manifest(str(out)).num_rows == 0 and st.read_errors(str(out)).num_rows == 3  # kept, to read
+    (tmp_path / "cat.csv").write_text("file,label\n")
+    (tmp_path / "cutouts").mkdir()
+    assert main(["ingest", "--out", str(tmp_path / "o2"), "--fits", str(tmp_path / "cutouts"), "--catalog",
+                 str(tmp_path / "cat.csv"), "--size", "5", "--classes", "a,b"]) == 2
+    assert capsys.readouterr().err == (f"stampray ingest: error: the input holds no rows: no stamp was written to "
+                                       f"{tmp_path / 'o2'}; check that it is the file you meant\n")
+
+
+def test_a_fits_header_astropy_cannot_parse_sets_the_file_aside_without_astropys_notes(tmp_path, capfd, recwarn):
+    from astropy.io.fits.verify import VerifyWarning
+
+    from stampray.cli import main
+
+    d = tmp_path / "cutouts"
+    d.mkdir()
+    for i in range(2):
+        fits.PrimaryHDU(np.full((5, 5), i, np.float32)).writeto(d / f"c{i}.fits")
+    b = bytearray((d / "c1.fits").read_bytes())
+    at = b.find(b"NAXIS1")
+    b[at + 10:at + 30] = b"  garbage!!         "  # an unparsable card
+    (d / "c1.fits").write_bytes(bytes(b))
+    (tmp_path / "cat.csv").write_text("file,label\nc0.fits,0\nc1.fits,1\n")
+    assert main(["ingest", "--out", str(tmp_path / "o"), "--fits", str(d), "--catalog", str(tmp_path / "cat.csv"),
+                 "--size", "5", "--classes", "a,b"]) == 0
+    out, err = capfd.readouterr()
+    assert "ingested 1 stamps" in out and "set aside 1 (unreadable 1)" in out
+    # no VerifyWarning, which names no file: the set-aside list names it, with the reason
+    assert err == "" and not [w for w in recwarn if issubclass(w.category, VerifyWarning)], err
+    assert st.read_errors(str(tmp_path / "o")).to_pylist() == [
+        {"stamp_id": "c1", "source": str(tmp_path / "cat.csv"), "row": 1,
+         "reason": f"unreadable: {d / 'c1.fits'}: Empty or corrupt FITS file"}]
+
+
 def write_fits(path, data):
     fits.PrimaryHDU(np.asarray(data).astype(">f4")).writeto(path)
 

@@ -70,6 +70,22 @@ def test_every_verb_refuses_an_output_inside_its_input(survey, tmp_path, capsys)
     assert not os.path.exists(tmp_path / "t") and not os.path.exists(tmp_path / "maps")
 
 
+def test_score_and_occlude_keep_out_of_the_model_run_directory(survey, tmp_path, capsys):
+    """A run directory given as --model is an input like --data; a checkpoint file may have outputs beside it."""
+    data, model = survey
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(open(model, "rb").read())
+    before = tree_digest(run)
+    for verb, out, how in (["score", run, "is"], ["occlude", run / "maps", "lies inside"]):
+        assert main([verb, "--model", str(run), "--data", data, "--out", str(out)]) == 2
+        assert (f"--out {out} {how} --model {run}; write the output to a directory of its own, outside every "
+                f"input") in capsys.readouterr().err
+    assert tree_digest(run) == before
+    assert main(["score", "--model", str(run / "best.pt"), "--data", data, "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0  # beside a checkpoint file: fine
+
+
 def test_an_output_beside_input_files_is_fine(tmp_path):
     st.check_separate(str(tmp_path / "stamps"), {"--class a": str(tmp_path / "a.npy")}, files=True)
     with pytest.raises(ValueError, match="is --class a"):

@@ -217,6 +217,20 @@ def test_non_checkpoints_are_refused(tmp_path):
         ck.load_model(str(tmp_path / "evil.pt"))
     assert "weights_only" not in str(e.value) and "stampray train" in str(e.value)  # no advice to load unsafely
 
+    # A file that is not a checkpoint at all, or one cut short, is named as such, not as unsafe
+    good = (tmp_path / "good.pt")
+    ck.save(ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("noise", "source"), preprocess="course"),
+            str(good))
+    for name, data in (("empty.pt", b""), ("notes.txt", b"hello\n"), ("model.onnx", b"\x08\x07\x12\x07pytorch"),
+                       ("cut.pt", good.read_bytes()[:2000])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            ck.load_model(str(tmp_path / name))
+        assert str(e.value) == (f"{tmp_path / name} is not a stampray checkpoint: it is not the zip archive that "
+                                f"torch.save writes ({len(data):,} bytes: empty, cut short in a copy, or another "
+                                f"format such as ONNX). Checkpoints are written by 'stampray train' (best.pt, "
+                                f"last.pt, epoch-NNNN/model.pt) or stampray.checkpoint.save")
+
 
 def test_class_weights_are_inverse_frequencies():
     assert class_weights_from_counts({"0": 30, "1": 10}, 2) == [40 / 60, 40 / 20]
