@@ -46,7 +46,6 @@ printed (:func:`format_table`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -394,15 +393,6 @@ def _sidecar(out: str) -> str:
     return out + SIDECAR_SUFFIX
 
 
-def _sha256(path: str) -> str:
-    fs, p = st.resolve(path)
-    h = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def written_by_similar(out: str) -> bool:
     """Whether the existing file ``out`` is one ``stampray similar`` wrote (see the module docstring)."""
     fs, p = st.resolve(out)
@@ -419,7 +409,8 @@ def written_by_similar(out: str) -> bool:
         doc = json.loads(st.read_text(side))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(doc, dict) and doc.get("written_by") == "stampray similar" and doc.get("sha256") == _sha256(out)
+    return (isinstance(doc, dict) and doc.get("written_by") == "stampray similar"
+            and doc.get("sha256") == outfiles.sha256(out))
 
 
 def check_out(out: str) -> None:
@@ -462,7 +453,7 @@ def write_out(result: SimilarResult, settings: SimilarSettings) -> None:
         if local and fs.get_file_info(tmp).type == pafs.FileType.File:
             fs.delete_file(tmp)
     if out_format(out) == "csv":
-        st.write_text(_sidecar(out), json.dumps({**record, "sha256": _sha256(out)}, indent=1))
+        st.write_text(_sidecar(out), json.dumps({**record, "sha256": outfiles.sha256(out)}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -321,8 +321,8 @@ def test_a_report_replaces_only_its_own_files_and_only_once_complete(survey, tmp
     mine.mkdir()
     (mine / "report.html").write_text("my own report")
     assert main(args + ["--out", str(mine)]) == 2
-    assert (f"--out {mine} holds report.html, which 'stampray evaluate' did not write there (not listed in its "
-            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert (f"--out {mine} holds report.html, which 'stampray evaluate' did not write there or which changed since "
+            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
     assert tree_digest(mine) == {"report.html": hashlib.sha256(b"my own report").hexdigest()}
 
     out = tmp_path / "rep"
@@ -344,7 +344,22 @@ def test_a_report_replaces_only_its_own_files_and_only_once_complete(survey, tmp
     assert "confusion_second.png" in names and not [n for n in names if n.endswith("_first.png")]
     assert (out / "notes.txt").read_text() == "the user's, beside the report"
     assert json.loads((out / "_stampray.json").read_text()) == {
-        "verb": "evaluate", "files": sorted(set(names) - {"notes.txt", "_stampray.json"})}
+        "verb": "evaluate", "files": {n: [hashlib.sha256((out / n).read_bytes()).hexdigest()]
+                                      for n in names if n not in ("notes.txt", "_stampray.json")}}
+
+    # A file of the report that the user changed since is theirs now: refused where it would be replaced,
+    # kept where the next report no longer draws it
+    (out / "confusion_second.png").write_bytes(b"annotated by hand")
+    (out / "report.html").write_text("my edits")
+    before = tree_digest(out)
+    assert main(args + ["--out", str(out), "--names", "third"]) == 2
+    assert (f"--out {out} holds report.html, which 'stampray evaluate' did not write there or which changed since"
+            in capsys.readouterr().err)
+    assert tree_digest(out) == before
+    (out / "report.html").unlink()
+    assert main(args + ["--out", str(out), "--names", "third"]) == 0
+    assert (out / "confusion_second.png").read_bytes() == b"annotated by hand"
+    assert "confusion_third.png" in os.listdir(out) and not (out / "histograms_second.png").exists()
 
 
 def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, capsys):
@@ -354,8 +369,8 @@ def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, capsys):
     (png / "index.csv").write_text("my own index")
     assert main(["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "maps"), "--limit", "2",
                  "--png", str(png), "--no-progress"]) == 2
-    assert (f"--png {png} holds index.csv, which 'stampray occlude' did not write there (not listed in its "
-            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert (f"--png {png} holds index.csv, which 'stampray occlude' did not write there or which changed since "
+            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
     assert os.listdir(png) == ["index.csv"] and (png / "index.csv").read_text() == "my own index"
     assert not (tmp_path / "maps").exists()  # refused before the maps were made
 

@@ -233,8 +233,8 @@ def test_a_users_files_are_never_replaced_and_a_second_vet_replaces_its_own(tmp_
     mine.mkdir()
     (mine / "vet.html").write_text("my notes")
     assert main(args + ["--out", str(mine)]) == 2
-    assert (f"--out {mine} holds vet.html, which 'stampray vet' did not write there (not listed in its "
-            f"_stampray.json), so nothing is replaced") in capsys.readouterr().err
+    assert (f"--out {mine} holds vet.html, which 'stampray vet' did not write there or which changed since "
+            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
     assert os.listdir(mine) == ["vet.html"] and (mine / "vet.html").read_text() == "my notes"
 
     out = tmp_path / "vet"
