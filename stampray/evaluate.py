@@ -651,7 +651,7 @@ def evaluate(settings: EvaluateSettings) -> EvaluateResult:
         _check_uri_dir(settings.tensorboard, "--tensorboard")
     if _is_uri(settings.out):
         _check_uri_dir(settings.out, "--out")
-    outfiles.check(settings.out, "evaluate", "--out", ["report.html", "report.json", "roc.png"], _legacy_report)
+    outfiles.check(settings.out, REPORT_FILES)
     with output_lock(settings.out, "evaluate"):
         work = tempfile.mkdtemp(prefix="stampray-report-")  # the report is built here, put in place when complete
         try:
@@ -666,10 +666,13 @@ def _legacy_report(out: str) -> set[str]:
         doc = json.loads(st.read_text(st.join(out, "report.json")))
     except (OSError, ValueError, UnicodeDecodeError):
         return set()
-    if not (isinstance(doc, dict) and {"settings", "results", "plots"} <= set(doc)
+    if not (isinstance(doc, dict) and {"settings", "provenance", "class_names", "tables", "results", "plots"} <= set(doc)
             and isinstance(doc["plots"], dict)):
         return set()
     return {"report.json", "report.html", *(str(v) for v in doc["plots"].values())}
+
+
+REPORT_FILES = outfiles.Files("evaluate", "--out", ("report.html", "report.json", "roc.png"), ".png", _legacy_report)
 
 
 def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dict, dict, list[str]]:
@@ -776,8 +779,7 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
     if _is_uri(settings.out):
         progress.say(f"uploading the report to {settings.out}")
     try:
-        outfiles.publish(out, [*names, "report.json", "report.html"], settings.out, "evaluate", "--out",
-                         _legacy_report)  # report.html last
+        outfiles.publish(out, [*names, "report.json", "report.html"], settings.out, REPORT_FILES)  # the page last
     except OSError as e:
         raise _storage_error("--out", settings.out, e, "write") from None
     html_path = st.join(settings.out, "report.html")

@@ -32,6 +32,9 @@ from . import table as st
 TOLERANCE = 1e-5
 OPSET = 18
 WRITTEN_BY = ("stampray.written_by", "stampray export")  # metadata entry that marks an ONNX file as export's own
+# what an export of an earlier stampray (before WRITTEN_BY) recorded: such a file is export's own too
+LEGACY_KEYS = {"stampray.model", "stampray.preprocess", "stampray.class_names", "stampray.input_shape",
+               "stampray.checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ def written_by_export(path: str) -> bool:
             model = onnx.load_model_from_string(f.read())
     except Exception:  # noqa: BLE001 - any file that does not parse as ONNX is not export's
         return False
-    return any((e.key, e.value) == WRITTEN_BY for e in model.metadata_props)
+    keys = {e.key: e.value for e in model.metadata_props}
+    return keys.get(WRITTEN_BY[0]) == WRITTEN_BY[1] or LEGACY_KEYS <= set(keys)
 
 
 def check_out(path: str) -> None:

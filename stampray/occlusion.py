@@ -425,7 +425,7 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     st.check_apart_from_model(settings.out, settings.model)
     if settings.png:
         st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
-        outfiles.check(settings.png, "occlude", "--png", ["index.csv"], legacy_pngs)
+        outfiles.check(settings.png, PNG_FILES)
     st.inspect_shards(settings.data, manifest)
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
@@ -447,7 +447,11 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     if settings.png and total:
         with fs.open_input_file(st.resolve(st.join(settings.out, "part-00000.parquet"))[1]) as f:
             first = pq.ParquetFile(f).read_row_group(0).slice(0, settings.png_limit)
-        pngs = write_pngs(first, settings.png, list(bundle["class_names"]), settings.kernel)
+        try:
+            pngs = write_pngs(first, settings.png, list(bundle["class_names"]), settings.kernel)
+        except ValueError as e:  # a user's file where a picture would go: the maps are in, say so
+            raise ValueError(f"{e} (the maps themselves are written to {settings.out}; only the PNGs are not)") \
+                from None
     return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes, missing)
 
 
@@ -695,8 +699,8 @@ def write_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: in
     ``occlude --png`` wrote there (:mod:`stampray.outfiles`)."""
     with tempfile.TemporaryDirectory(prefix="stampray-png-") as tmp:
         local = _draw_pngs(table, tmp, class_names, kernel)
-        paths = outfiles.publish(tmp, [os.path.basename(p) for p in local] + ["index.csv"], out_dir, "occlude",
-                                 "--png", legacy_pngs)
+        with output_lock(out_dir, "occlude"):
+            paths = outfiles.publish(tmp, [os.path.basename(p) for p in local] + ["index.csv"], out_dir, PNG_FILES)
     return paths[:-1]
 
 
@@ -712,9 +716,12 @@ def legacy_pngs(out_dir: str) -> set[str]:
         rows = list(csv.reader(io.StringIO(st.read_text(path))))
     except (OSError, ValueError, UnicodeDecodeError, csv.Error):
         return set()
-    if not rows or rows[0] != ["stamp_id", "file"] or any(len(r) != 2 for r in rows[1:]):
-        return set()
+    if not rows or rows[0] != ["stamp_id", "file"] or any(len(r) != 2 or r[1] != png_name(r[0]) for r in rows[1:]):
+        return set()  # not occlude's: it names each picture png_name(stamp_id)
     return {"index.csv", "occlusion_grid.png", *(r[1] for r in rows[1:])}
+
+
+PNG_FILES = outfiles.Files("occlude", "--png", ("index.csv",), ".png", legacy_pngs)
 
 
 def _draw_pngs(table: pa.Table, out_dir: str, class_names: list[str], kernel: int) -> list[str]:

@@ -2,21 +2,22 @@
 report, ``vet``'s page and ``occlude --png``'s pictures.
 
 The files are drawn in a local staging directory first. Only once all of them are complete are they put in
-place (:func:`publish`), one by one, each atomically (a temporary file beside it, then a rename; an object
-store's PUT is atomic already), the page that marks the output complete last. ``DIR/_stampray.json`` lists
-the files the verb wrote there, so a later run of the same verb replaces those, and removes the ones it no
-longer writes; a file of the same name that the verb did not write is never replaced, and the run stops
-before it replaces anything, naming it. Directories written before the marker existed are recognised by
-each verb's own record (``legacy``).
+place (:func:`publish`), one by one, each atomically (:func:`stampray.table.write_bytes`), the page that
+marks the output complete last. ``DIR/_stampray.json`` lists the files the verb wrote there with their
+SHA-256, so a later run of the same verb replaces those and removes the ones it no longer writes, while a
+file of the same name that the verb did not write, or that changed since, is never replaced or removed:
+the run stops before it replaces anything, naming it. Only plain file names of the kind the verb writes
+(:class:`Files`) are ever taken from the list. Directories written before the list existed are recognised
+by each verb's own record (``Files.legacy``); their files may be replaced, never removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
-import uuid
+import re
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pyarrow.fs as pafs
@@ -24,6 +25,25 @@ import pyarrow.fs as pafs
 from . import table as st
 
 MARKER = "_stampray.json"
+
+
+@dataclass(frozen=True)
+class Files:
+    """What one verb writes into such a directory: ``fixed`` names it always writes (checked before any
+    work), other names ending in ``suffix``; ``legacy(out)``: the names an output of an earlier stampray
+    (before the marker) holds, or an empty set."""
+
+    verb: str
+    flag: str
+    fixed: tuple[str, ...]
+    suffix: str = ".png"
+    legacy: Callable[[str], set[str]] | None = None
+
+    def allows(self, name: str) -> bool:
+        """A plain file name of this directory (no path, not hidden) of the kind the verb writes."""
+        plain = (name == posixpath.basename(name) and "\\" not in name and not name.startswith(".")
+                 and name != MARKER)
+        return plain and (name in self.fixed or (name.endswith(self.suffix) and len(name) > len(self.suffix)))
 
 
 def sha256(path: str) -> str:
@@ -53,26 +73,26 @@ def _marker_doc(out: str) -> dict | None:
     return doc
 
 
-def owned(out: str, verb: str, flag: str, legacy: Callable[[str], set[str]] | None = None) -> dict[str, list]:
-    """The files in ``out`` that ``stampray VERB`` wrote there, each with the SHA-256 digests it may have
-    (from its marker; an empty list, for any content, for a directory written before the marker existed,
-    from ``legacy(out)``). Refuses an ``out`` that is a file, or whose marker another verb wrote (the two
-    would share and overwrite the marker)."""
+def owned(out: str, kind: Files) -> dict[str, list]:
+    """The files in ``out`` that the verb wrote there, each with the SHA-256 digests it may have (from the
+    marker), or an empty list for a file of an earlier stampray's output (``kind.legacy``), whatever its
+    content (such a file may be replaced, never removed). Refuses an ``out`` that is a file, or whose marker another verb wrote (the two would share and
+    overwrite the marker)."""
     fs, p = st.resolve(out)
-    kind = fs.get_file_info(p).type
-    if kind == pafs.FileType.File:
-        msg = f"{flag} {out} is a file; give a directory"
+    what = fs.get_file_info(p).type
+    if what == pafs.FileType.File:
+        msg = f"{kind.flag} {out} is a file; give a directory"
         raise ValueError(msg)
-    if kind == pafs.FileType.NotFound:
+    if what == pafs.FileType.NotFound:
         return {}
     doc = _marker_doc(out)
     if doc is None:
-        return {n: [] for n in legacy(out)} if legacy else {}
-    if doc["verb"] != verb:
-        msg = (f"{flag} {out} holds the output of 'stampray {doc['verb']}' (its {MARKER}); give 'stampray {verb}' "
-               f"a directory of its own")
+        return {n: [] for n in (kind.legacy(out) if kind.legacy else ()) if kind.allows(n)}
+    if doc["verb"] != kind.verb:
+        msg = (f"{kind.flag} {out} holds the output of 'stampray {doc['verb']}' (its {MARKER}); give "
+               f"'stampray {kind.verb}' a directory of its own")
         raise ValueError(msg)
-    return {str(n): [str(d) for d in v] for n, v in doc["files"].items()}
+    return {str(n): [str(d) for d in v] for n, v in doc["files"].items() if kind.allows(str(n))}
 
 
 def _still_ours(out: str, name: str, mine: dict[str, list]) -> bool:
@@ -82,22 +102,21 @@ def _still_ours(out: str, name: str, mine: dict[str, list]) -> bool:
     return not mine[name] or sha256(st.join(out, name)) in mine[name]
 
 
-def check(out: str, verb: str, flag: str, names: Iterable[str],
-          legacy: Callable[[str], set[str]] | None = None) -> dict[str, list]:
-    """Before any work: refuse ``out`` when one of the file ``names`` the verb will surely write is there and
-    is not its own, unchanged (see :func:`owned`); returns the files it owns."""
-    mine = owned(out, verb, flag, legacy)
-    _refuse_foreign(out, verb, flag, names, mine)
+def check(out: str, kind: Files) -> dict[str, list]:
+    """Before any work: refuse ``out`` when one of the names the verb always writes is there and is not its
+    own, unchanged (see :func:`owned`); returns the files it owns."""
+    mine = owned(out, kind)
+    _refuse_foreign(out, kind, kind.fixed, mine)
     return mine
 
 
-def _refuse_foreign(out: str, verb: str, flag: str, names: Iterable[str], mine: dict[str, list]) -> None:
+def _refuse_foreign(out: str, kind: Files, names: Iterable[str], mine: dict[str, list]) -> None:
     theirs = [n for n in dict.fromkeys(names) if st.exists(st.join(out, n)) and not _still_ours(out, n, mine)]
     if theirs:
         shown = ", ".join(theirs[:5]) + (" ..." if len(theirs) > 5 else "")
-        msg = (f"{flag} {out} holds {shown}, which 'stampray {verb}' did not write there or which changed since "
-               f"(not as listed in its {MARKER}), so nothing is replaced; choose another directory, or move those "
-               f"files away")
+        msg = (f"{kind.flag} {out} holds {shown}, which 'stampray {kind.verb}' did not write there or which "
+               f"changed since (not as listed in its {MARKER}), so nothing is replaced; choose another directory, "
+               f"or move those files away")
         raise ValueError(msg)
 
 
@@ -107,47 +126,52 @@ def _write_marker(out: str, verb: str, files: dict[str, list]) -> None:
 
 
 def _put_bytes(dest: str, data: bytes) -> None:
-    fs, p = st.resolve(dest)
-    if not isinstance(fs, pafs.LocalFileSystem):  # one PUT: atomic already
-        with fs.open_output_stream(p) as f:
-            f.write(data)
-        return
-    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    st.write_bytes(dest, data)
 
 
-def publish(staged: str, names: list[str], out: str, verb: str, flag: str,
-            legacy: Callable[[str], set[str]] | None = None) -> list[str]:
+def _leftover_temporaries(out: str, names: Iterable[str]) -> list[str]:
+    """Temporary files of ``names`` (and of the marker) that a run killed mid-write left in a local ``out``."""
+    fs, p = st.resolve(out)
+    if not isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    wanted = {*names, MARKER}
+    pattern = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(p))
+            if i.type == pafs.FileType.File and (m := pattern.match(posixpath.basename(i.path)))
+            and m.group(1) in wanted]
+
+
+def publish(staged: str, names: list[str], out: str, kind: Files) -> list[str]:
     """Put the complete files ``names`` (in this order: the one that marks the output complete last) from the
-    local directory ``staged`` into ``out``; remove the files an earlier run of the verb wrote there, unchanged
-    since, that this one did not. Returns their paths under ``out``."""
+    local directory ``staged`` into ``out``; remove the files an earlier run of the verb wrote there (and
+    listed, unchanged since) that this one did not. Returns their paths under ``out``. Callers hold
+    :func:`stampray.lock.output_lock` on ``out``."""
     names = list(dict.fromkeys(names))
-    mine = owned(out, verb, flag, legacy)  # again: files may have appeared or changed since the run began
-    _refuse_foreign(out, verb, flag, names, mine)
-    stale = [n for n in sorted(set(mine) - set(names) - {MARKER}) if st.exists(st.join(out, n))
+    bad = [n for n in names if not kind.allows(n)]
+    if bad:  # pragma: no cover - the verbs name their own files
+        raise AssertionError(f"stampray {kind.verb} would write {bad} into {out}")
+    mine = owned(out, kind)  # again: files may have appeared or changed since the run began
+    _refuse_foreign(out, kind, names, mine)
+    stale = [n for n in sorted(set(mine) - set(names)) if mine[n] and st.exists(st.join(out, n))
              and _still_ours(out, n, mine)]
     data = {}
     for name in names:
-        with open(os.path.join(staged, name), "rb") as f:
+        with open(posixpath.join(staged, name), "rb") as f:
             data[name] = f.read()
     new = {n: [hashlib.sha256(b).hexdigest()] for n, b in data.items()}
     fs, p = st.resolve(out)
     fs.create_dir(p, recursive=True)
-    # First the marker lists both contents of every file about to be replaced, so a run killed while putting
-    # them still owns each, old or new.
-    interim = {n: [*mine.get(n, []), *new.get(n, [])] if mine.get(n) != [] else [] for n in set(mine) | set(new)}
-    _write_marker(out, verb, interim)
+    for tmp in _leftover_temporaries(out, names):
+        fs.delete_file(tmp)
+    # First the marker lists both contents of every file about to be replaced (for an earlier stampray's
+    # file, any: an empty list), so a run killed while putting them still owns each, old or new.
+    _write_marker(out, kind.verb, {n: [] if mine.get(n) == [] else [*mine.get(n, []), *new.get(n, [])]
+                                   for n in set(mine) | set(new)})
     for name in names:
         _put_bytes(st.join(out, name), data[name])
     for name in stale:
         fs.delete_file(st.resolve(st.join(out, name))[1])
-    _write_marker(out, verb, new)
+    _write_marker(out, kind.verb, new)
     return [st.join(out, n) for n in names]
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -124,10 +125,28 @@ def exists(path: str) -> bool:
 
 
 def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a small file whole or not at all: locally a temporary file beside it, then a rename (a run killed
+    mid-write leaves the old file, never half of the new one); an object store's PUT is atomic already."""
     fs, p = resolve(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    import uuid
+
+    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_text(path: str) -> str:

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from . import outfiles
 from . import table as st
+from .lock import output_lock
 from .classes import positive_classes, prob_column, std_column
 from .data import SHARD
 from .drawing import STRETCHES, channel_png, draw_occlusion, figure_png, pyplot
@@ -315,7 +316,7 @@ def vet(settings: VetSettings) -> VetResult:
     progress = Progress("vet", 0, settings.progress, unit="stages")
     say = progress.say
     st.check_separate(settings.out, {"--scores": settings.scores, "--data": settings.data, "--maps": settings.maps})
-    outfiles.check(settings.out, "vet", "--out", OUT_FILES, _legacy_vet)
+    outfiles.check(settings.out, VET_FILES)
     if settings.maps:
         check_maps(settings.maps)
     from .score import score_manifest  # torch: only when vet runs, not for --help
@@ -366,7 +367,8 @@ def vet(settings: VetSettings) -> VetResult:
                        "seconds": result.seconds, "provenance": provenance()}, f, indent=1)
         with open(os.path.join(staged, HTML_NAME), "w") as f:
             f.write(page)
-        outfiles.publish(staged, list(OUT_FILES), settings.out, "vet", "--out", _legacy_vet)  # the page last
+        with output_lock(settings.out, "vet"):
+            outfiles.publish(staged, list(OUT_FILES), settings.out, VET_FILES)  # the page last
     progress.close()
     return result
 
@@ -379,6 +381,9 @@ def _legacy_vet(out: str) -> set[str]:
         return set()
     ours = isinstance(doc, dict) and {"settings", "class", "provenance"} <= set(doc)
     return set(OUT_FILES) if ours else set()
+
+
+VET_FILES = outfiles.Files("vet", "--out", OUT_FILES, ".html", _legacy_vet)  # ".html": vet.html only, in fixed
 
 
 def build_candidates(t: pa.Table, picks: dict[str, np.ndarray], data_meta: dict[str, dict], shard_of: dict,

@@ -96,4 +96,13 @@ def test_an_export_replaces_only_an_onnx_file_an_export_wrote(tmp_path, make_che
     assert onnx_path.read_bytes() != first
     export(ExportSettings(model=path, onnx=str(onnx_path)))
     assert onnx_path.read_bytes() == first  # replaced by a complete new export
+    older = onnx.load(str(onnx_path))  # as an earlier stampray exported it, without stampray.written_by
+    kept = [(e.key, e.value) for e in older.metadata_props if e.key != "stampray.written_by"]
+    del older.metadata_props[:]
+    for k, v in kept:
+        entry = older.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(older, str(onnx_path))
+    export(ExportSettings(model=path, onnx=str(onnx_path)))
+    assert onnx_path.read_bytes() == first
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.pt"]  # no temporary file left beside it

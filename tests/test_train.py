@@ -230,6 +230,13 @@ def test_non_checkpoints_are_refused(tmp_path):
                                 f"torch.save writes ({len(data):,} bytes: empty, cut short in a copy, or another "
                                 f"format such as ONNX). Checkpoints are written by 'stampray train' (best.pt, "
                                 f"last.pt, epoch-NNNN/model.pt) or stampray.checkpoint.save")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:  # a zip archive, but not torch.save's
+        z.writestr("notes.txt", "not a model")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'other.zip'} is damaged and cannot be read as a "
+                                         rf"checkpoint \(RuntimeError: .*\)\. Checkpoints are written by"):
+        ck.load_model(str(tmp_path / "other.zip"))
 
 
 def test_class_weights_are_inverse_frequencies():
