@@ -776,23 +776,28 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
     with output_lock(settings.out, "cutout", scratch=(st.WRITER_MARK,)):
         _check_out(settings)
         p = plan(settings)
-        writer = st.StampWriter(settings.out, p.spec, settings.shard_rows, settings={"cutout": asdict(settings)})
-        for row, reason in sorted(p.reasons.items()):
-            writer.set_aside(p.catalog.ids[row], p.catalog.path, row, reason)
-        if p.pieces:
-            from .runtime import ray_session
+        from .replace import replacing
 
-            with ray_session(settings.address):
-                progress = Progress("cutout", len(p.pieces), settings.progress, unit="tasks")
-                # closing: a failed write stops the generator at once, which cancels the tasks still running
-                with contextlib.closing(_run(settings, p, progress)) as results:
-                    try:
-                        for piece, result in results:
-                            _write_piece(writer, settings, p, piece, result)
-                    finally:
-                        progress.close()
-        writer.errors.sort(key=lambda e: e["row"])  # the _errors table in catalogue order
-        manifest = writer.close()
+        with replacing(settings.out) as target:  # a table already there is replaced once the new one is complete
+            writer = st.StampWriter(target, p.spec, settings.shard_rows, settings={"cutout": asdict(settings)})
+            for row, reason in sorted(p.reasons.items()):
+                writer.set_aside(p.catalog.ids[row], p.catalog.path, row, reason)
+            if p.pieces:
+                from .runtime import ray_session
+
+                with ray_session(settings.address):
+                    progress = Progress("cutout", len(p.pieces), settings.progress, unit="tasks")
+                    # closing: a failed write stops the generator at once, which cancels the tasks still running
+                    with contextlib.closing(_run(settings, p, progress)) as results:
+                        try:
+                            for piece, result in results:
+                                _write_piece(writer, settings, p, piece, result)
+                        finally:
+                            progress.close()
+            writer.errors.sort(key=lambda e: e["row"])  # the _errors table in catalogue order
+            manifest = writer.close()
+        if target != settings.out:
+            manifest = st.read_manifest(settings.out)
     assert manifest.num_rows + len(writer.errors) == len(p.catalog), "a catalogue row was neither cut nor set aside"
     result = CutoutResult(manifest, len(p.catalog), p.found, len({pc.mosaic for pc in p.pieces}), len(p.pieces),
                           time.time() - t0)

@@ -1815,7 +1815,11 @@ def ingest(settings: IngestSettings) -> IngestResult:
     with output_lock(settings.out, "ingest", scratch=(st.WRITER_MARK, f"{st.INGEST_DIR}/{JOB_NAME}")):
         if settings.append:
             return _append(settings, t0)
-        return _ingest(settings, t0)
+        from .replace import replacing
+
+        with replacing(settings.out) as target:  # a table already there is replaced once the new one is complete
+            r = _ingest(replace(settings, out=target), t0)
+        return r if target == settings.out else replace(r, manifest=st.read_manifest(settings.out))
 
 
 def _append(settings: IngestSettings, t0: float) -> IngestResult:

@@ -325,7 +325,11 @@ def synth(settings: SynthSettings) -> st.Manifest:
     """
     with output_lock(settings.out, "synth", scratch=(st.WRITER_MARK,)):
         if not settings.append:
-            return _synth(settings)
+            from .replace import replacing
+
+            with replacing(settings.out) as target:  # a table already there is replaced once the new one is complete
+                _synth(replace(settings, out=target))
+            return st.read_manifest(settings.out)
         from .append import AppendError, discard_stage, existing_table, merge, stage_dir
 
         existing_table(settings.out)

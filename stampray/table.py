@@ -475,6 +475,10 @@ def read_manifest(path: str) -> Manifest:
     stamp table's."""
     mpath = join(path, MANIFEST_NAME)
     if not exists(mpath):
+        if exists(join(path, "_replace", "plan.json")):  # stampray.replace: a swap under way, or interrupted
+            msg = (f"{path} is being replaced by a new stamp table (no {MANIFEST_NAME} while the files are swapped "
+                   f"in); if no ingest, synth or cutout is running there, rerun the one that was, to finish it")
+            raise FileNotFoundError(msg)
         msg = (f"{path} is not a stamp dataset (no {MANIFEST_NAME}); create one with "
                f"'stampray ingest' or 'stampray synth'")
         raise FileNotFoundError(msg)

@@ -232,10 +232,16 @@ def test_other_settings_or_a_stale_job_start_over(class_inputs, ray_shared, tmp_
     assert clean.set_aside == {} and not (tmp_path / "clean" / "_errors").exists()  # as in-process
     assert not (out / "part-00009-000.parquet").exists() and (out / "notes.txt").read_text() == "mine"
     assert_clean(str(out))
-    # A failing unit stops the ingest with the input's own one-line message, and no manifest.
+    # A failing unit stops the ingest with the input's own one-line message; the table it would have replaced
+    # stays as it was, and so does a new --out's lack of a manifest.
+    before = (out / "_manifest.json").read_text()
     with pytest.raises(IngestError, match=r"stamps.npy row 77 has 1 non-finite pixels .* --nonfinite set-aside"):
         ingest(IngestSettings(**base, nonfinite="fail"))
-    assert not (out / "_manifest.json").exists()
+    assert (out / "_manifest.json").read_text() == before and not (out / "_replace").exists()
+    assert st.read_manifest(str(out)).num_rows == 129
+    with pytest.raises(IngestError, match=r"stamps.npy row 77 has 1 non-finite pixels .* --nonfinite set-aside"):
+        ingest(IngestSettings(**{**base, "out": str(tmp_path / "new")}, nonfinite="fail"))
+    assert not (tmp_path / "new" / "_manifest.json").exists()
 
 
 def test_file_uris_read_like_local_paths(tmp_path):

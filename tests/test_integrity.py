@@ -442,6 +442,42 @@ def test_a_failed_run_removes_only_a_directory_it_created_and_left_unfilled(tmp_
     assert os.listdir(tmp_path / "d") == ["_job.json"]
 
 
+def test_a_table_is_replaced_only_once_the_new_one_is_complete(tmp_path, capsys, failing_ingest, monkeypatch):
+    from stampray import replace
+
+    out = tmp_path / "t"
+    assert main(["synth", "-n", "30", "--seed", "1", "--shard-rows", "10", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's")
+    before = tree_digest(out)
+    # a run that fails, and one that can use no row, leave the old table as it was, and no staging area
+    assert main(failing_ingest(1, float("nan")) + ["--out", str(out)]) == 2
+    assert tree_digest(out) == before and sorted(os.listdir(out)) == sorted(["_manifest.json", "notes.txt"] + [
+        f"part-0000{i}.parquet" for i in range(3)])
+    np.save(tmp_path / "im.npy", np.zeros((3, 21, 21), np.float32))
+    np.save(tmp_path / "neg.npy", np.full(3, -1, np.int64))
+    capsys.readouterr()
+    assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--labels",
+                 str(tmp_path / "neg.npy"), "--classes", "noise,source"]) == 2
+    assert capsys.readouterr().err == (f"stampray ingest: error: no stamp could be written (label 3), so the table at "
+                                       f"{out} is left as it was; fix the input, or the flags that select from it\n")
+    assert tree_digest(out) == before
+
+    # a swap killed once its plan is written is finished by the next verb that writes the table
+    real = replace.roll_forward
+    monkeypatch.setattr(replace, "roll_forward", lambda out: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["synth", "-n", "12", "--seed", "2", "--shard-rows", "5", "--out", str(out)]) == 130
+    monkeypatch.setattr(replace, "roll_forward", real)
+    assert tree_digest(out).items() >= before.items()  # the old table whole; the plan and stage beside it
+    (out / "_manifest.json").unlink()  # as if killed just after the swap began
+    with pytest.raises(FileNotFoundError, match=f"^{out} is being replaced by a new stamp table"):
+        st.read_manifest(str(out))
+    assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--classes", "noise,source"]) == 0
+    assert st.read_manifest(str(out)).num_rows == 3
+    assert sorted(os.listdir(out)) == ["_manifest.json", "notes.txt", "part-00000.parquet"]
+    assert st.read_manifest(str(out)).settings["ingest"]["out"] == str(out)  # not the staging area's
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_a_cleanup_that_fails_leaves_the_runs_own_error_to_be_reported(tmp_path, monkeypatch, caplog):
     from stampray import lock
 

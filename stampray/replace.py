@@ -1,0 +1,133 @@
+"""A stamp table replaced only once the new one is complete: ``ingest``, ``synth`` and ``cutout --overwrite``
+into a directory that already holds a table.
+
+The new table is written as a table of its own under ``TABLE/_replace/stage/`` by the verb's usual
+machinery (a killed ingest resumes there like any other). Only when it is complete does the swap run:
+
+1. its plan (the old table's files to remove, the staged ones to move in, the new manifest) is written to
+   ``TABLE/_replace/plan.json``;
+2. the old manifest goes first, so no reader ever pairs it with new shards; then the old shards, ``_errors``
+   and bookkeeping; then the staged ones move in under the same names; the new manifest is written last
+   (whole or not at all), and ``_replace/`` is removed.
+
+A swap killed after step 1 is finished by the next verb that writes the table (:func:`roll_forward`), and a
+reader that finds no manifest meanwhile is told so. A run that fails before the swap leaves the old table as
+it was (its staging area is removed, unless the run was interrupted and can resume); so does one that could
+use no input row at all, which stops saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from . import table as st
+
+REPLACE_DIR = "_replace"
+PLAN_FILE = "plan.json"
+OLD_DIRS = (st.ERRORS_DIR, st.INGEST_DIR, "_append")  # the old table's directories (clear_dataset's)
+
+
+def stage_dir(out: str) -> str:
+    return st.join(out, REPLACE_DIR, "stage")
+
+
+def pending(out: str) -> bool:
+    """Whether a swap into ``out`` was planned and not finished."""
+    return st.exists(st.join(out, REPLACE_DIR, PLAN_FILE))
+
+
+def holds_table(out: str) -> bool:
+    """Whether ``out`` holds a complete stamp table (its manifest a stamp table's)."""
+    return st.exists(st.join(out, st.MANIFEST_NAME)) and st.not_a_stamp_manifest(out) is None
+
+
+@contextlib.contextmanager
+def replacing(out: str) -> Iterator[str]:
+    """Where a verb writes its new table: ``out`` itself when it holds no table yet, else the staging area,
+    swapped in when the block ends without an error (see the module docstring)."""
+    if pending(out):
+        roll_forward(out)
+    if not holds_table(out):
+        yield out
+        return
+    stage = stage_dir(out)
+    try:
+        yield stage
+    except Exception:
+        _remove(st.join(out, REPLACE_DIR))  # refused or failed: the old table is as it was
+        raise
+    new = st.read_manifest(stage)
+    if new.num_rows == 0:
+        aside = ", ".join(f"{k} {v}" for k, v in sorted(new.errors.items())) or "no input rows"
+        _remove(st.join(out, REPLACE_DIR))
+        msg = (f"no stamp could be written ({aside}), so the table at {out} is left as it was; fix the input, "
+               f"or the flags that select from it")
+        raise ValueError(msg)
+    swap(out)
+
+
+def swap(out: str) -> None:
+    """Plan the swap of the complete staged table into ``out``, then carry it out."""
+    fs, root = st.resolve(out)
+    stage = stage_dir(out)
+    _, sroot = st.resolve(stage)
+    old = [i for i in fs.get_file_info(pafs.FileSelector(root))
+           if _old_part(posixpath.basename(i.path), i.type)]
+    staged = [i for i in fs.get_file_info(pafs.FileSelector(sroot)) if posixpath.basename(i.path) != st.MANIFEST_NAME]
+    doc = json.loads(st.read_text(st.join(stage, st.MANIFEST_NAME)))
+    for verb_settings in (doc.get("settings") or {}).values():  # the verb wrote to the stage: record --out
+        if isinstance(verb_settings, dict) and verb_settings.get("out") == stage:
+            verb_settings["out"] = out
+    plan = {"remove": [posixpath.basename(i.path) for i in old],
+            "move": [posixpath.basename(i.path) for i in staged],
+            "manifest": json.dumps(doc, indent=2)}
+    st.write_text(st.join(out, REPLACE_DIR, PLAN_FILE), json.dumps(plan))
+    roll_forward(out)
+
+
+def _old_part(name: str, kind: pafs.FileType) -> bool:
+    if kind == pafs.FileType.File:
+        return name.startswith("part-") and name.endswith(".parquet")
+    return kind == pafs.FileType.Directory and name in OLD_DIRS
+
+
+def roll_forward(out: str) -> None:
+    """Carry out a written swap plan (again, after a kill: each step is skipped once done)."""
+    plan = json.loads(st.read_text(st.join(out, REPLACE_DIR, PLAN_FILE)))
+    fs, root = st.resolve(out)
+    _, sroot = st.resolve(stage_dir(out))
+    manifest = posixpath.join(root, st.MANIFEST_NAME)
+    if fs.get_file_info(manifest).type == pafs.FileType.File and not _is_new(out, plan):
+        fs.delete_file(manifest)
+    for name in plan["remove"]:
+        if name not in plan["move"]:  # one of the same name is replaced as the staged file moves in
+            _remove_path(fs, posixpath.join(root, name))
+    for name in plan["move"]:
+        src, dst = posixpath.join(sroot, name), posixpath.join(root, name)
+        if fs.get_file_info(src).type != pafs.FileType.NotFound:
+            _remove_path(fs, dst)
+            fs.move(src, dst)
+    st.write_text(st.join(out, st.MANIFEST_NAME), plan["manifest"])
+    _remove(st.join(out, REPLACE_DIR))
+
+
+def _is_new(out: str, plan: dict) -> bool:
+    return st.read_text(st.join(out, st.MANIFEST_NAME)) == plan["manifest"]
+
+
+def _remove_path(fs: pafs.FileSystem, path: str) -> None:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def _remove(path: str) -> None:
+    fs, p = st.resolve(path)
+    _remove_path(fs, p)
