@@ -54,7 +54,12 @@ def discard_stage(out: str) -> None:
 
 
 def existing_table(out: str, flag: str = "--append") -> st.Manifest:
-    """The manifest of the table ``out`` grows, after rolling forward a merge a kill interrupted."""
+    """The manifest of the table ``out`` grows, after rolling forward a merge (or a replacement of the whole
+    table, :mod:`stampray.replace`) a kill interrupted."""
+    from .replace import pending, roll_forward
+
+    if pending(out):
+        roll_forward(out)
     if not st.exists(st.join(out, st.MANIFEST_NAME)):
         msg = f"{flag}: {out} holds no stamp table (no {st.MANIFEST_NAME}); drop {flag} to create one"
         raise AppendError(msg)
