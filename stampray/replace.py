@@ -72,28 +72,30 @@ def replacing(out: str) -> Iterator[str]:
 
 
 def swap(out: str) -> None:
-    """Plan the swap of the complete staged table into ``out``, then carry it out."""
-    fs, root = st.resolve(out)
-    stage = stage_dir(out)
-    _, sroot = st.resolve(stage)
-    old = [i for i in fs.get_file_info(pafs.FileSelector(root))
-           if _old_part(posixpath.basename(i.path), i.type)]
-    staged = [i for i in fs.get_file_info(pafs.FileSelector(sroot)) if posixpath.basename(i.path) != st.MANIFEST_NAME]
-    doc = json.loads(st.read_text(st.join(stage, st.MANIFEST_NAME)))
+    """Plan the swap of the complete staged table into ``out``, then carry it out. Files, not directories,
+    are listed and moved one by one: an object store has no directories to move."""
+    doc = json.loads(st.read_text(st.join(stage_dir(out), st.MANIFEST_NAME)))
     for verb_settings in (doc.get("settings") or {}).values():  # the verb wrote to the stage: record --out
-        if isinstance(verb_settings, dict) and verb_settings.get("out") == stage:
+        if isinstance(verb_settings, dict) and verb_settings.get("out") == stage_dir(out):
             verb_settings["out"] = out
-    plan = {"remove": [posixpath.basename(i.path) for i in old],
-            "move": [posixpath.basename(i.path) for i in staged],
+    plan = {"remove": _old_files(out), "move": [n for n in _files(stage_dir(out)) if n != st.MANIFEST_NAME],
             "manifest": json.dumps(doc, indent=2)}
     st.write_text(st.join(out, REPLACE_DIR, PLAN_FILE), json.dumps(plan))
     roll_forward(out)
 
 
-def _old_part(name: str, kind: pafs.FileType) -> bool:
-    if kind == pafs.FileType.File:
-        return name.startswith("part-") and name.endswith(".parquet")
-    return kind == pafs.FileType.Directory and name in OLD_DIRS
+def _files(root: str) -> list[str]:
+    """Every file under ``root``, as paths relative to it."""
+    fs, p = st.resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    base = p.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(base))
+
+
+def _old_files(out: str) -> list[str]:
+    """The old table's files: its shards, and what lies under its own directories (clear_dataset's)."""
+    return [n for n in _files(out) if (("/" not in n and n.startswith("part-") and n.endswith(".parquet"))
+                                       or n.split("/", 1)[0] in OLD_DIRS)]
 
 
 def roll_forward(out: str) -> None:
@@ -104,14 +106,20 @@ def roll_forward(out: str) -> None:
     manifest = posixpath.join(root, st.MANIFEST_NAME)
     if fs.get_file_info(manifest).type == pafs.FileType.File and not _is_new(out, plan):
         fs.delete_file(manifest)
+    moving = set(plan["move"])
     for name in plan["remove"]:
-        if name not in plan["move"]:  # one of the same name is replaced as the staged file moves in
+        if name not in moving:  # one of the same name is replaced as the staged file moves in
             _remove_path(fs, posixpath.join(root, name))
     for name in plan["move"]:
         src, dst = posixpath.join(sroot, name), posixpath.join(root, name)
-        if fs.get_file_info(src).type != pafs.FileType.NotFound:
+        if fs.get_file_info(src).type == pafs.FileType.File:
+            fs.create_dir(posixpath.dirname(dst), recursive=True)
             _remove_path(fs, dst)
             fs.move(src, dst)
+    for d in OLD_DIRS:  # directories the old table had and the new one has not
+        path = posixpath.join(root, d)
+        if fs.get_file_info(path).type == pafs.FileType.Directory and not _files(st.join(out, d)):
+            fs.delete_dir(path)
     st.write_text(st.join(out, st.MANIFEST_NAME), plan["manifest"])
     _remove(st.join(out, REPLACE_DIR))
 

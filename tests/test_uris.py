@@ -265,3 +265,28 @@ def test_a_failed_run_on_s3_removes_only_its_own_bookkeeping(s3, capsys, failing
     s3.client.put_object(Bucket=bucket, Key="mine/notes.txt", Body=b"mine")
     assert main([*args, "--out", f"s3://{bucket}/mine"]) == 2
     assert keys(s3.client, bucket) == ["mine/_ingest/writer.json", "mine/notes.txt"]
+
+
+def test_a_table_on_s3_is_replaced_file_by_file_once_the_new_one_is_complete(s3, tmp_path, capsys):
+    """The swap moves files (an object store has no directories to move); the user's object stays."""
+    import numpy as np
+
+    from stampray import table as st
+    from stampray.cli import main
+
+    bucket = s3("replace")
+    out = f"s3://{bucket}/t"
+    images = np.zeros((3, 21, 21), np.float32)
+    images[1, 0, 0] = np.nan  # set aside: the new table has an _errors file
+    np.save(tmp_path / "x.npy", images)
+    assert main(["synth", "-n", "25", "--seed", "1", "--shard-rows", "10", "--out", out]) == 0
+    s3.client.put_object(Bucket=bucket, Key="t/notes.txt", Body=b"mine")
+    assert main(["ingest", "--images", str(tmp_path / "x.npy"), "--classes", "noise,source", "--out", out]) == 0
+    assert keys(s3.client, bucket) == ["t/_errors/part-00000.parquet", "t/_manifest.json", "t/notes.txt",
+                                       "t/part-00000.parquet"]
+    assert st.read_manifest(out).num_rows == 2 and st.read_errors(out).num_rows == 1
+    capsys.readouterr()
+    assert main(["synth", "-n", "25", "--seed", "1", "--shard-rows", "10", "--out", out]) == 0
+    assert keys(s3.client, bucket) == ["t/_manifest.json", "t/notes.txt", "t/part-00000.parquet",
+                                       "t/part-00001.parquet", "t/part-00002.parquet"]
+    assert st.read_manifest(out).num_rows == 25
