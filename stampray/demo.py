@@ -4,8 +4,9 @@ Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score ever
 draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
 One Ray instance serves every step and is shut down at the end; a second run in the same place starts
 over: the run (``runs/cnn``) and the scores, maps and report directories an earlier demo made there (listed
-in its ``_demo.json``) are replaced, each as a whole; one of them that no demo made is refused, never
-deleted, and other runs beside ``runs/cnn`` stay. ``--out`` may be a local
+in its ``_demo.json``) are replaced, each as a whole, once the new demo is complete (meanwhile they wait in
+``_demo-previous/``, and are put back if it fails, or by the next demo if it was killed); one of them that
+no demo made is refused, never deleted, and other runs beside ``runs/cnn`` stay. ``--out`` may be a local
 directory or a URI (``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
 """
 
@@ -57,12 +58,37 @@ class DemoSettings:
     workers: int = 2
     address: str | None = None
 
+    def __post_init__(self):
+        if int(self.n) < MIN_N:
+            msg = (f"-n {self.n}: a demo needs at least {MIN_N:,} stamps, so that its validation and test splits "
+                   f"hold some of each class")
+            raise ValueError(msg)
+        for flag, value in (("--epochs", self.epochs), ("--workers", self.workers)):
+            if int(value) < 1:
+                msg = f"{flag} must be at least 1, got {value}"
+                raise ValueError(msg)
+
+
+MIN_N = 200
+ASIDE = "_demo-previous"  # in --out while a demo runs: the earlier demo's directories, put back if it fails
+
 
 def demo(settings: DemoSettings) -> dict:
-    """Run the demo; returns the numbers it prints."""
-    t0 = time.time()
+    """Run the demo; returns the numbers it prints. The earlier demo's directories are set aside while it
+    runs, and put back if it fails: they are replaced only once the new ones are complete."""
     out = settings.out.rstrip("/") if "://" in settings.out else os.path.abspath(settings.out)
     _start_over(out, settings)
+    try:
+        result = _demo(settings, out)
+    except Exception:
+        _restore(out)
+        raise
+    _remove(out, ASIDE)
+    return result
+
+
+def _demo(settings: DemoSettings, out: str) -> dict:
+    t0 = time.time()
     paths = {k: st.join(out, k) for k in ("survey", "runs", "scores", "maps", "report")}
     with ray_session(settings.address):
         m = synth(SynthSettings(out=paths["survey"], n=settings.n, seed=settings.seed, shard_rows=5000,
@@ -101,8 +127,8 @@ def demo(settings: DemoSettings) -> dict:
 
 
 def _start_over(out: str, settings: DemoSettings) -> None:
-    """Delete the directories an earlier demo made in ``out`` (``OWN_DIRS`` listed in its ``DEMO_FILE``) and
-    nothing else, then mark them as this demo's; the survey is rewritten in place by ``synth`` (which
+    """Set aside (under ``ASIDE``) the directories an earlier demo made in ``out`` (``OWN_DIRS`` listed in its
+    ``DEMO_FILE``) and nothing else, then mark them as this demo's; the survey is rewritten in place by ``synth`` (which
     replaces only a table it wrote). One of them that no demo made (no marker, or not listed) is refused
     with the fix, before anything is deleted. Local or a URI."""
     try:
@@ -128,18 +154,54 @@ def _start_over(out: str, settings: DemoSettings) -> None:
                f"they are an older demo's, delete them yourself)")
         raise ValueError(msg)
     with _storage_errors(out, "write to"):
+        if st.exists(st.join(out, ASIDE)):  # a demo killed while it ran: put the last complete one back first
+            _restore(out)
+            present = [sub for sub in OWN_DIRS
+                       if fs.get_file_info(st.resolve(st.join(out, sub))[1]).type != pafs.FileType.NotFound]
         for sub in present:
             try:
-                fs.delete_dir(st.resolve(st.join(out, sub))[1])
+                _move_tree(fs, st.resolve(st.join(out, sub))[1], st.resolve(st.join(out, ASIDE, sub))[1],
+                           "://" not in out)
             except OSError as e:
                 if "://" in out:
                     raise
-                msg = (f"--out {out}: cannot delete {st.join(out, sub)}, an earlier demo's "
+                msg = (f"--out {out}: cannot move {st.join(out, sub)}, an earlier demo's, aside "
                        f"({st.one_line(e)}); delete it yourself or choose another --out")
                 raise PermissionError(msg) from None
         st.make_dirs(out)
         st.write_text(marker, json.dumps({"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings),
                                           "provenance": provenance()}, indent=2))
+
+
+def _move_tree(fs: pafs.FileSystem, src: str, dst: str, local: bool) -> None:
+    """Move a directory: one rename on a local disk; file by file on an object store."""
+    fs.create_dir(os.path.dirname(dst), recursive=True)
+    if local:
+        fs.move(src, dst)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            target = dst + info.path[len(src.rstrip("/")):]
+            fs.create_dir(os.path.dirname(target), recursive=True)
+            fs.move(info.path, target)
+    fs.delete_dir(src)
+
+
+def _remove(out: str, sub: str) -> None:
+    fs, p = st.resolve(st.join(out, sub))
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+
+
+def _restore(out: str) -> None:
+    """Put the earlier demo's directories back, in place of what the failed (or killed) demo made of them."""
+    fs, _ = st.resolve(out)
+    for sub in OWN_DIRS:
+        kept = st.resolve(st.join(out, ASIDE, sub))[1]
+        if fs.get_file_info(kept).type == pafs.FileType.Directory:
+            _remove(out, sub)
+            _move_tree(fs, kept, st.resolve(st.join(out, sub))[1], "://" not in out)
+    _remove(out, ASIDE)
 
 
 @contextlib.contextmanager

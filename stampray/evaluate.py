@@ -680,6 +680,7 @@ def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dic
     labels = table_labels(settings.scores, settings.names)
     results, meta = {}, {}
     class_names = None
+    seen_by: set[str] = set()
     for i, path in enumerate(settings.scores):
         progress.say(f"reading {path} ({i + 1}/{len(settings.scores)})")
         doc = score_manifest(path)
@@ -703,10 +704,23 @@ def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dic
                    f"try --split all, or score labelled data")
             raise ValueError(msg)
         _check_labels(path, t, class_names)
+        for col in settings.by:
+            if col in t.column_names:
+                typ = t.schema.field(col).type
+                if not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+                    msg = (f"--by {col}: that column of {path} holds {typ} values; --by takes numeric columns "
+                           f"(an SNR, a magnitude), kept with 'score --keep'")
+                    raise ValueError(msg)
+                seen_by.add(col)
         name = labels[i]
         results[name] = evaluate_table(t, class_names, settings)
         meta[name] = {"scores": path, "model": doc.get("model_tag"), "data": doc.get("data"), "split": doc.get("split"),
                       "rows_in_table": total, "rows_evaluated": t.num_rows, "set_aside_at_scoring": doc["set_aside"]}
+    missing = [c for c in settings.by if c not in seen_by]
+    if missing:
+        msg = (f"--by {', '.join(missing)}: no score table has {'that column' if len(missing) == 1 else 'those columns'}"
+               f"; score with --keep {','.join(missing)} to carry it from the stamp table")
+        raise ValueError(msg)
     return results, meta, class_names
 
 
@@ -745,11 +759,8 @@ def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out
                 titles = [f"true {r['label']}, pred {r['pred']}\np={r['probabilities'][r['pred']]:.3f}" for r in rows]
                 plots[f"misclassified:{name}"] = plot_stamps(np.stack([found[r["stamp_id"]] for r in rows]), titles,
                                                              os.path.join(out, f"misclassified_{safe}.png"))
-    for col in settings.by:
-        if any(col in res["by"] for res in results.values()):
-            plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{col}.png"))
-        else:
-            logger.warning("evaluate: warning: no score table has a column %r; score with --keep %s", col, col)
+    for col in settings.by:  # every one is in some table (_read_and_score)
+        plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{col}.png"))
     return plots
 
 

@@ -227,7 +227,7 @@ def output_lock(out: str, verb: str, scratch: tuple[str, ...] = ()) -> Iterator[
     """Hold ``OUT/_lock.json`` while the block runs (re-entrant within a process); see the module docs.
     ``scratch``: the verb's bookkeeping files (relative to ``out``) that do not keep a directory this run
     created from being removed when the run fails (:func:`remove_if_unfilled`)."""
-    key = st._canonical(out)
+    key = st.canonical(out)
     if _held.get(key):
         _held[key] += 1
         try:

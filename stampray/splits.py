@@ -23,7 +23,7 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     f = tuple(float(x) for x in fractions)
-    if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1.0) > 1e-6:
+    if len(f) != 3 or not all(0 <= x <= 1 for x in f) or abs(sum(f) - 1.0) > 1e-6:  # NaN fails 0 <= x
         msg = f"split fractions must be three non-negative numbers (train, val, test) summing to 1, got {fractions!r}"
         raise ValueError(msg)
     return f  # type: ignore[return-value]

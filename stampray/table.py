@@ -155,7 +155,7 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
-def _canonical(path: str) -> str:
+def canonical(path: str) -> str:
     """A comparable form of a path or URI: scheme plus the absolute path, no trailing slash."""
     path = str(path)
     if "://" in path:
@@ -172,11 +172,11 @@ def check_separate(out: str, inputs: dict[str, str | None] | Sequence[tuple[str,
     with what the user gave (``score --data d --out d`` once overwrote the input's manifest). ``inputs``:
     {flag: path}, or (flag, path) pairs where a flag repeats. With ``files``, the inputs are single files,
     and an output directory beside them is fine."""
-    o = _canonical(out)
+    o = canonical(out)
     for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
         if not path:
             continue
-        i = _canonical(path)
+        i = canonical(path)
         how = ("is" if o == i else "lies inside" if o.startswith(i + "/") else
                "contains" if i.startswith(o + "/") and not files else None)
         if how:

@@ -961,10 +961,18 @@ def _check_resume(run_dir: str, settings: TrainSettings) -> None:
     if not st.exists(path):
         return
     before = json.loads(st.read_text(path))
-    for key in ("model", "data", "preprocess"):
-        if str(before.get(key)) != str(getattr(settings, key)):
-            msg = (f"run {run_dir} was started with --{key} {before.get(key)}, not {getattr(settings, key)}; "
-                   f"rerun with the same settings to resume it, or choose another --name")
+    # What makes the resumed run another experiment: the model, its inputs, and the split (other fractions
+    # would put stamps the first epochs trained on into the test split).
+    same = {"model": str, "data": lambda p: st.canonical(str(p)), "preprocess": str,
+            "fractions": lambda f: [round(float(x), 12) for x in f] if f is not None else None}
+    for key, norm in same.items():
+        if before.get(key) is None and key == "fractions":
+            continue  # a run of an earlier stampray that did not record them
+        if norm(before.get(key)) != norm(getattr(settings, key)):
+            shown = ",".join(map(str, before.get(key))) if key == "fractions" else before.get(key)
+            now = ",".join(map(str, settings.fractions)) if key == "fractions" else getattr(settings, key)
+            msg = (f"run {run_dir} was started with --{key} {shown}, not {now}; rerun with the same settings to "
+                   f"resume it, or choose another --name")
             raise ValueError(msg)
 
 
@@ -1063,6 +1071,16 @@ def _check_inputs(settings: TrainSettings) -> tuple[st.Manifest, int]:
     if labelled == 0:
         msg = f"{settings.data} holds no labelled stamps; training needs labels"
         raise ValueError(msg)
+    counts = {k: int(manifest.label_counts.get(str(k), 0)) for k in range(spec.num_classes)}
+    empty = [spec.class_names[k] for k, n in counts.items() if n == 0]
+    if len(empty) > spec.num_classes - 2:
+        msg = (f"{settings.data} has labelled stamps of {spec.num_classes - len(empty)} class(es) only; classes "
+               f"{', '.join(empty)} have none, and a classifier needs examples of at least two: ingest stamps of "
+               f"those classes, or declare only the classes the table holds (--classes)")
+        raise ValueError(msg)
+    if empty:
+        log.warning(f"train: warning: classes {', '.join(empty)} of {settings.data} have no labelled stamps; the "
+                    f"model will never learn them")
     return manifest, labelled
 
 

@@ -80,6 +80,7 @@ def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, capl
     caplog.set_level(logging.INFO, logger="stampray")
     r = demo(DemoSettings(out=str(out), n=3000, epochs=2))
     assert not [sub for sub in OWN_DIRS if (out / sub / "earlier.txt").exists()]
+    assert not (out / "_demo-previous").exists()  # the earlier demo's directories, set aside, are gone now
     assert st.read_manifest(str(out / "survey")).num_rows == 3000  # one shard of 5000 rows: no part left over
     assert sorted(f for f in os.listdir(out / "survey") if f.startswith("part-")) == ["part-00000.parquet"]
     assert r["scored"] == 3000 and 0.5 < r["test_acc"] <= 1.0
@@ -88,3 +89,25 @@ def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, capl
     log_text = caplog.text
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "report:", "TensorBoard:"):
         assert step in log_text
+
+
+def test_a_demo_that_fails_puts_the_earlier_demos_results_back(tmp_path, capsys, monkeypatch):
+    from stampray.demo import OWN_DIRS, DemoSettings, _start_over
+
+    out = tmp_path / "demo"
+    _start_over(str(out), DemoSettings(out=str(out), n=1000, seed=1))
+    for sub in OWN_DIRS:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub / "earlier.txt").write_text("an earlier demo's")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != "_demo.json")
+    assert main(["demo", "--out", str(out), "-n", "10"]) == 2  # refused before anything is touched
+    assert capsys.readouterr().err == ("stampray demo: error: -n 10: a demo needs at least 200 stamps, so that its "
+                                       "validation and test splits hold some of each class\n")
+    def no_ray(address):
+        raise RuntimeError("no Ray there")
+
+    monkeypatch.setattr("stampray.demo.ray_session", no_ray)
+    assert main(["demo", "--out", str(out), "-n", "300"]) == 1
+    assert capsys.readouterr().err == "stampray demo: error: no Ray there\n"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != "_demo.json") == before
+    assert all((out / sub / "earlier.txt").read_text() == "an earlier demo's" for sub in OWN_DIRS)

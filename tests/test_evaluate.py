@@ -181,11 +181,16 @@ def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_wa
     assert evaluate_log.records == []
 
 
-def test_a_by_column_no_table_has_is_a_warning(tmp_path, evaluate_log, score_table, eight_stamps):
-    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
-    r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), by=("snr",)))
-    assert r.report["results"]["s"]["by"] == {}
-    assert evaluate_log.messages == ["evaluate: warning: no score table has a column 'snr'; score with --keep snr"]
+def test_a_by_column_no_table_has_or_that_is_not_numeric_is_refused(tmp_path, score_table, eight_stamps):
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
+                    extra={"artifact": ["star"] * 8})
+    with pytest.raises(ValueError, match=r"^--by snr: no score table has that column; score with --keep snr to "
+                                         r"carry it from the stamp table$"):
+        evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), by=("snr",)))
+    with pytest.raises(ValueError, match=rf"^--by artifact: that column of {s} holds string values; --by takes "
+                                         r"numeric columns"):
+        evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), by=("artifact",)))
+    assert not (tmp_path / "rep").exists()
 
 
 # --------------------------------------------------------------------------------------------------

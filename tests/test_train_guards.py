@@ -256,3 +256,34 @@ def test_resnet50_trains_when_the_last_batch_would_hold_one_stamp(tmp_path, ray_
     [epoch] = json.loads((tmp_path / "runs" / "resnet50" / "summary.json").read_text())["history"]
     assert epoch["train_dropped"] == 1 and epoch["train_n"] == n_train - 1
     assert np.isfinite(epoch["train_loss"])
+
+
+def test_a_table_with_labelled_stamps_of_one_class_is_refused_before_ray(tmp_path, capsys, write_stamps):
+    data = write_stamps(tmp_path / "one", np.zeros((6, 1, 21, 21), np.float32), labels=[0] * 6)
+    assert main(["train", "--model", "cnn", "--data", data, "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == (
+        f"stampray train: error: {data} has labelled stamps of 1 class(es) only; classes source have none, and a "
+        f"classifier needs examples of at least two: ingest stamps of those classes, or declare only the classes "
+        f"the table holds (--classes)\n")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_is_resumed_only_with_the_split_and_inputs_it_was_started_with(tno_small, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Other --fractions would move stamps the first epochs trained on into the test split: refused before Ray.
+    A relative --data naming the same table is the same table."""
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    preprocess = TrainSettings(model="cnn", data=tno_small, out=str(tmp_path)).preprocess  # the model's default
+    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": tno_small, "preprocess": preprocess,
+                                                   "fractions": [0.8, 0.1, 0.1]}))
+    args = ["train", "--model", "cnn", "--out", str(tmp_path / "runs"), "--fractions", "0.2,0.1,0.7"]
+    assert main(args + ["--data", tno_small]) == 2
+    assert capsys.readouterr().err == (f"stampray train: error: run {run} was started with --fractions 0.8,0.1,0.1, "
+                                       f"not 0.2,0.1,0.7; rerun with the same settings to resume it, or choose "
+                                       f"another --name\n")
+    monkeypatch.chdir(os.path.dirname(tno_small))
+    from stampray.train import _check_resume
+
+    _check_resume(str(run), TrainSettings(model="cnn", data=os.path.basename(tno_small), out=str(tmp_path / "runs"),
+                                          fractions=(0.8, 0.1, 0.1)))  # the same table, named relatively: no error

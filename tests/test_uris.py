@@ -123,9 +123,13 @@ def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path, monk
     for sub in ("survey", "runs/cnn", "runs/mine", "scores", "maps", "report", "notes"):
         (fresh / sub).mkdir(parents=True)
         (fresh / sub / "f.txt").write_text("x")
-    _start_over(str(fresh), settings)  # a second demo: its own go, the rest stays (a run of the user's too)
-    assert sorted(os.listdir(fresh)) == [DEMO_FILE, "notes", "runs", "survey"]
-    assert os.listdir(fresh / "runs") == ["mine"]
+    _start_over(str(fresh), settings)  # a second demo: its own go aside until it completes, the rest stays
+    assert sorted(os.listdir(fresh)) == ["_demo-previous", DEMO_FILE, "notes", "runs", "survey"]
+    assert os.listdir(fresh / "runs") == ["mine"]  # a run of the user's too
+    assert sorted(os.listdir(fresh / "_demo-previous")) == ["maps", "report", "runs", "scores"]
+    import shutil
+
+    shutil.rmtree(fresh / "_demo-previous")  # as the demo does once it is complete
 
     (fresh / "report").mkdir()
     real_resolve = st.resolve
@@ -137,12 +141,12 @@ def test_demo_starts_over_by_deleting_only_its_own_subdirectories(tmp_path, monk
         def __getattr__(self, name):
             return getattr(self.fs, name)
 
-        def delete_dir(self, path):
-            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+        def move(self, src, dst):
+            raise PermissionError(f"[Errno 13] Permission denied: '{src}'")
 
     monkeypatch.setattr(st, "resolve", lambda path: (NoDelete(real_resolve(path)[0]), real_resolve(path)[1]))
-    with pytest.raises(PermissionError, match=f"^--out {fresh}: cannot delete {fresh}/report, an earlier demo's "
-                                              f"\\(.*Permission denied.*\\); delete it yourself or choose "
+    with pytest.raises(PermissionError, match=f"^--out {fresh}: cannot move {fresh}/report, an earlier demo's, "
+                                              f"aside \\(.*Permission denied.*\\); delete it yourself or choose "
                                               f"another --out$"):
         _start_over(str(fresh), settings)
     monkeypatch.setattr(st, "resolve", real_resolve)
@@ -170,7 +174,7 @@ def test_demo_on_s3_replaces_only_its_own_and_names_a_missing_bucket(s3, tmp_pat
     _start_over(f"s3://{bucket}/d", settings)
     s3.client.put_object(Bucket=bucket, Key="d/scores/part-00000.parquet", Body=b"the demo's")
     _start_over(f"s3://{bucket}/d", settings)
-    assert keys(s3.client, bucket) == [f"d/{DEMO_FILE}", "d/notes.txt"]
+    assert keys(s3.client, bucket) == ["d/_demo-previous/scores/part-00000.parquet", f"d/{DEMO_FILE}", "d/notes.txt"]
     with pytest.raises(PermissionError, match="^--out s3://no-such-bucket/d: cannot write to it .*check that the bucket "
                                               "exists and that the AWS credentials allow reading and writing "
                                               "there$"):
