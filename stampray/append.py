@@ -98,9 +98,12 @@ def _ids(root: str, shards: list[dict]) -> pa.Array:
     return pa.concat_tables(tables).column(st.ID).combine_chunks()
 
 
-def _next_index(old: st.Manifest) -> int:
-    found = [int(m.group(1)) for s in old.shards if (m := _APPENDED.match(str(s["path"])))]
-    return max(found, default=0) + 1
+def _next_index(old: st.Manifest, out: str) -> int:
+    """The number of this append: past every earlier one's shards and set-aside files (an append whose every
+    row was set aside added files to _errors/ only), so no file of an earlier append is overwritten."""
+    names = [str(s["path"]) for s in old.shards] + _error_files(out)
+    found = [int(m.group(1)) for n in names if (m := _APPENDED.match(n))]
+    return max([*found, len(old.settings.get("appends", []))], default=0) + 1
 
 
 def merge(out: str, verb: str, settings: dict) -> tuple[st.Manifest, int, dict[str, int]]:
@@ -113,7 +116,7 @@ def merge(out: str, verb: str, settings: dict) -> tuple[st.Manifest, int, dict[s
                f"vs {_types(out, old.shards)}); give the metadata columns the same types")
         raise AppendError(msg)
     held = _ids(out, old.shards)
-    index = _next_index(old)
+    index = _next_index(old, out)
     moves, shards, label_counts = [], [], {k: int(v) for k, v in old.label_counts.items()}
     errors = {k: int(v) for k, v in old.errors.items()}
     for kind, n in new.errors.items():

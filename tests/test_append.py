@@ -124,3 +124,20 @@ def test_after_an_append_score_scores_only_the_new_shards(tmp_path, make_checkpo
     ids = read_scores(out, columns=["stamp_id"]).column("stamp_id").to_pylist()
     assert len(ids) == len(set(ids)) == 420
     assert set(ids) == set(st.read_table(data, [st.ID]).column(st.ID).to_pylist())
+
+
+def test_an_append_of_repeated_ids_only_keeps_its_ledger_and_the_next_one_its_own(tmp_path, table, capsys):
+    """Every row of a rerun night is a repeated id: nothing is appended (a warning, exit 0), the rows are listed,
+    and the next append's set-aside file does not overwrite that list."""
+    from stampray.cli import main
+
+    night1 = ["--class", f"noise={tmp_path / 'night1' / 'noise.npy'}", "--class",
+              f"source={tmp_path / 'night1' / 'source.npy'}"]
+    assert main(["ingest", "--out", table, "--append", "--shard-rows", "10", *night1]) == 0
+    assert f"ingest: warning: no stamp was appended to {table}; the 20 rows set aside" in capsys.readouterr().err
+    assert main(["ingest", "--out", table, "--append", "--shard-rows", "10", *night1[:2]]) == 0  # 12 again
+    m = st.read_manifest(table)
+    assert m.num_rows == 20 and m.errors == {"duplicate_id": 32}
+    assert st.read_errors(table).num_rows == 32  # every row the manifest counts is listed
+    assert sorted(os.listdir(os.path.join(table, "_errors"))) == ["part-a0001-00000.parquet",
+                                                                   "part-a0002-00000.parquet"]
