@@ -71,8 +71,10 @@ def existing_table(out: str, flag: str = "--append") -> st.Manifest:
 def check_fits(old: st.Manifest, new: st.Manifest, out: str) -> None:
     """Refuse new stamps whose shape, classes or columns differ from the table's."""
     if tuple(old.spec.shape) != tuple(new.spec.shape):
+        fits = str(new.spec.source).startswith(("FITS cutouts", "cutouts of"))  # where --size crops or pads
         msg = (f"--append: the new stamps are {'x'.join(map(str, new.spec.shape))}, the table {out} holds "
-               f"{'x'.join(map(str, old.spec.shape))} stamps; ingest them into a table of their own (or pass --size)")
+               f"{'x'.join(map(str, old.spec.shape))} stamps; ingest them into a table of their own"
+               + (" (or give FITS cutouts --size to crop or pad them)" if fits else ""))
         raise AppendError(msg)
     if list(old.spec.class_names) != list(new.spec.class_names):
         msg = (f"--append: the new stamps' classes {list(new.spec.class_names)} differ from the table's "

@@ -1,5 +1,5 @@
 """A stamp table replaced only once the new one is complete: ``ingest``, ``synth`` and ``cutout --overwrite``
-into a directory that already holds a table.
+into a directory that already holds a table (and, through :func:`swap`, ``score --overwrite``'s results).
 
 The new table is written as a table of its own under ``TABLE/_replace/stage/`` by the verb's usual
 machinery (a killed ingest resumes there like any other). Only when it is complete does the swap run:
@@ -71,20 +71,23 @@ def replacing(out: str) -> Iterator[str]:
     swap(out)
 
 
-def swap(out: str) -> None:
-    """Plan the swap of the complete staged table into ``out``, then carry it out. Files, not directories,
-    are listed and moved one by one: an object store has no directories to move."""
+def swap(out: str, old_files: list[str] | None = None) -> None:
+    """Plan the swap of the complete staged output into ``out``, then carry it out: a stamp table's, or
+    ``score --overwrite``'s results (``old_files``: the earlier job's files, relative to ``out``). Files, not
+    directories, are listed and moved one by one: an object store has no directories to move."""
     doc = json.loads(st.read_text(st.join(stage_dir(out), st.MANIFEST_NAME)))
-    for verb_settings in (doc.get("settings") or {}).values():  # the verb wrote to the stage: record --out
+    recorded = doc.get("settings") or {}
+    for verb_settings in [recorded, *recorded.values()]:  # the verb wrote to the stage: record --out
         if isinstance(verb_settings, dict) and verb_settings.get("out") == stage_dir(out):
             verb_settings["out"] = out
-    plan = {"remove": _old_files(out), "move": [n for n in _files(stage_dir(out)) if n != st.MANIFEST_NAME],
+    plan = {"remove": _old_files(out) if old_files is None else old_files,
+            "move": [n for n in files_under(stage_dir(out)) if n != st.MANIFEST_NAME],
             "manifest": json.dumps(doc, indent=2)}
     st.write_text(st.join(out, REPLACE_DIR, PLAN_FILE), json.dumps(plan))
     roll_forward(out)
 
 
-def _files(root: str) -> list[str]:
+def files_under(root: str) -> list[str]:
     """Every file under ``root``, as paths relative to it."""
     fs, p = st.resolve(root)
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
@@ -94,7 +97,7 @@ def _files(root: str) -> list[str]:
 
 def _old_files(out: str) -> list[str]:
     """The old table's files: its shards, and what lies under its own directories (clear_dataset's)."""
-    return [n for n in _files(out) if (("/" not in n and n.startswith("part-") and n.endswith(".parquet"))
+    return [n for n in files_under(out) if (("/" not in n and n.startswith("part-") and n.endswith(".parquet"))
                                        or n.split("/", 1)[0] in OLD_DIRS)]
 
 
@@ -116,9 +119,9 @@ def roll_forward(out: str) -> None:
             fs.create_dir(posixpath.dirname(dst), recursive=True)
             _remove_path(fs, dst)
             fs.move(src, dst)
-    for d in OLD_DIRS:  # directories the old table had and the new one has not
+    for d in sorted({n.split("/", 1)[0] for n in plan["remove"] if "/" in n}):  # left empty: the old had them
         path = posixpath.join(root, d)
-        if fs.get_file_info(path).type == pafs.FileType.Directory and not _files(st.join(out, d)):
+        if fs.get_file_info(path).type == pafs.FileType.Directory and not files_under(st.join(out, d)):
             fs.delete_dir(path)
     st.write_text(st.join(out, st.MANIFEST_NAME), plan["manifest"])
     _remove(st.join(out, REPLACE_DIR))

@@ -536,19 +536,27 @@ def _prepare_out(settings: ScoreSettings, job: dict) -> None:
     delete_dir(st.join(out, TMP_DIR))  # leftovers of a killed run
 
 
-def _clear_scores(out: str, before: dict, job: dict) -> None:
-    """Delete what an earlier score job wrote in ``out`` (its result files, books and manifests) and nothing
-    else: files a user put beside them stay."""
-    fs, _ = st.resolve(out)
+def _job_files(out: str, before: dict, job: dict) -> list[str]:
+    """The files an earlier score job wrote in ``out`` (its result files, books and manifests), relative to
+    it; files a user put beside them are not among them."""
+    from .replace import files_under
+
     names = set(before.get("data_shards") or {}) | set(job["data_shards"])
     if st.exists(st.join(out, SCORE_MANIFEST)):
         names |= {str(s["path"]) for s in json.loads(st.read_text(st.join(out, SCORE_MANIFEST))).get("shards", [])}
-    for name in sorted(names):
-        if posixpath.basename(name) == name and st.exists(st.join(out, name)):
-            fs.delete_file(st.resolve(st.join(out, name))[1])
-    for name in (SCORE_MANIFEST, JOB_FILE):
-        if st.exists(st.join(out, name)):
-            fs.delete_file(st.resolve(st.join(out, name))[1])
+    found = [n for n in sorted(names) if posixpath.basename(n) == n and st.exists(st.join(out, n))]
+    found += [n for n in (SCORE_MANIFEST, JOB_FILE) if st.exists(st.join(out, n))]
+    for d in (PARTS_DIR, TMP_DIR, st.ERRORS_DIR):
+        found += [f"{d}/{n}" for n in files_under(st.join(out, d))]
+    return found
+
+
+def _clear_scores(out: str, before: dict, job: dict) -> None:
+    """Delete what an earlier score job wrote in ``out`` (:func:`_job_files`) and nothing else: files a user
+    put beside them stay."""
+    fs, _ = st.resolve(out)
+    for name in _job_files(out, before, job):
+        fs.delete_file(st.resolve(st.join(out, name))[1])
     for name in (PARTS_DIR, TMP_DIR, st.ERRORS_DIR):
         delete_dir(st.join(out, name))
 
@@ -615,6 +623,29 @@ def _keep_fields(data: str, manifest: st.Manifest, keep) -> list[pa.Field]:
 
 def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
                   job: dict, expected: dict[str, int], t0: float, schema: pa.Schema) -> ScoreResult:
+    """Score into ``--out``; with ``--overwrite`` over an earlier job's complete results, into a staging area
+    swapped in only once the new results are complete (:mod:`stampray.replace`)."""
+    from . import replace as swap
+
+    out = settings.out
+    if swap.pending(out):
+        swap.roll_forward(out)  # an --overwrite killed while its results were swapped in
+    if not (settings.overwrite and st.exists(st.join(out, SCORE_MANIFEST)) and st.exists(st.join(out, JOB_FILE))):
+        return _score_into(settings, manifest, bundle, model_bytes, tag, job, expected, t0, schema)
+    before = json.loads(st.read_text(st.join(out, JOB_FILE)))
+    old_files = _job_files(out, before, job)
+    try:
+        r = _score_into(replace(settings, out=swap.stage_dir(out)), manifest, bundle, model_bytes, tag, job,
+                        expected, t0, schema)
+    except Exception:
+        delete_dir(st.join(out, swap.REPLACE_DIR))  # the earlier results are as they were
+        raise
+    swap.swap(out, old_files)
+    return replace(r, out=out)
+
+
+def _score_into(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
+                job: dict, expected: dict[str, int], t0: float, schema: pa.Schema) -> ScoreResult:
     out = settings.out
     _prepare_out(settings, job)
     done = {name for name in expected if st.exists(st.join(out, name))}

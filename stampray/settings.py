@@ -55,8 +55,10 @@ def _one(tp, value, name: str, where: str):
             return value
         want = "a string"
     elif origin is tuple:
-        if isinstance(value, str):  # "snr,artifact" as on the command line, never letter by letter
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "snr,artifact" or "0.7,0.1,0.2" as on the command line, never letter by letter
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            kinds = [args[0]] * len(parts) if len(args) == 2 and args[1] is Ellipsis else list(args)
+            value = [_from_text(k, v) for k, v in zip(kinds, parts)] + parts[len(kinds):]
         if isinstance(value, (list, tuple)):
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_one(args[0], v, name, where) for v in value)
@@ -69,6 +71,16 @@ def _one(tp, value, name: str, where: str):
         return value
     msg = f"{where}: {flag(name)} must be {want}, got {_describe(value)}"
     raise ValueError(msg)
+
+
+def _from_text(tp, text: str):
+    """A number written as text in a comma list, as the command line reads it; other text as it is."""
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            return text
+    return text
 
 
 def coerce(cls, values: dict, where: str = "settings") -> dict:

@@ -478,6 +478,33 @@ def test_a_table_is_replaced_only_once_the_new_one_is_complete(tmp_path, capsys,
     assert (out / "notes.txt").read_text() == "the user's"
 
 
+def test_score_overwrite_replaces_the_earlier_results_only_once_the_new_ones_are_complete(survey, tmp_path, capsys,
+                                                                                           monkeypatch):
+    from stampray import score as score_module
+
+    data, model = survey
+    out = tmp_path / "scores"
+    args = ["score", "--model", model, "--data", data, "--out", str(out), "--no-progress", "--in-process", "on"]
+    assert main(args) == 0
+    (out / "notes.txt").write_text("the user's")
+    before = tree_digest(out)
+
+    def fails(*a, **k):
+        raise RuntimeError("the new job failed")
+
+    monkeypatch.setattr(score_module, "run_here", fails)
+    assert main(args + ["--overwrite", "--tta", "2"]) == 1
+    assert "the new job failed" in capsys.readouterr().err
+    assert tree_digest(out) == before  # the earlier results whole, no staging area left
+    monkeypatch.undo()
+    assert main(args + ["--overwrite", "--tta", "2"]) == 0
+    doc = json.loads((out / "_manifest.json").read_text())
+    assert doc["tta"] == 2 and doc["settings"]["out"] == str(out) and doc["num_rows"] == 400
+    assert sorted(os.listdir(out)) == ["_job.json", "_manifest.json", "notes.txt"] + [
+        f"part-0000{i}.parquet" for i in range(4)]
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_a_cleanup_that_fails_leaves_the_runs_own_error_to_be_reported(tmp_path, monkeypatch, caplog):
     from stampray import lock
 

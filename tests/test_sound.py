@@ -120,6 +120,7 @@ def test_occlude_names_the_ids_it_did_not_find(tmp_path, model, capsys):
     ({"epochs": 2.5}, "--epochs must be an integer, got 2.5 (a number)"),
     ({"augment": "yes"}, "--augment must be true or false, got 'yes' (a string)"),
     ({"fractions": [0.5, 0.5]}, "--fractions must be a list of 3 values, got [0.5, 0.5] (a list)"),
+    ({"fractions": "0.5,x,0.5"}, "--fractions must be a number, got 'x' (a string)"),
     ({"bogus": 1}, "unknown settings bogus; known:"),
 ])
 def test_config_values_are_checked_by_their_declared_type(tmp_path, capsys, doc, words):
@@ -206,3 +207,11 @@ def test_an_internal_error_is_one_line_with_the_traceback_saved(monkeypatch, tmp
     path = err.split("the full traceback is in ")[1].split(" ")[0]
     assert "Traceback (most recent call last)" in open(path).read() and "KeyError: 'boom'" in open(path).read()
     os.remove(path)
+
+
+def test_a_comma_list_in_a_config_file_reads_as_on_the_command_line():
+    from stampray.settings import coerce
+    from stampray.train import TrainSettings
+
+    assert coerce(TrainSettings, {"fractions": "0.6, 0.2,0.2"})["fractions"] == (0.6, 0.2, 0.2)
+    assert coerce(TrainSettings, {"fractions": [0.6, 0.2, 0.2]})["fractions"] == (0.6, 0.2, 0.2)
