@@ -150,8 +150,9 @@ def _cmd_ingest(settings):
     print(f"ingest: read {r.rows_in} rows; {what}; set aside {aside} ({detail})"
           + (f", listed in {settings.out}/_errors" if aside else "")
           + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
-    if r.appended is None:
-        _refuse_nothing("ingest", r.ingested, r.rows_in, aside, settings.out)
+    if r.appended is None or r.rows_in == 0:
+        _refuse_nothing("ingest", r.appended if r.appended is not None else r.ingested, r.rows_in, aside,
+                        settings.out)
     elif not r.appended:  # the table is as it was, its ledger lists why: a rerun of the same night, say
         logging.getLogger("stampray").warning(f"ingest: warning: no stamp was appended to {settings.out}; the "
                                               f"{aside} rows set aside are listed in {settings.out}/_errors")

@@ -774,6 +774,10 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
     st.check_separate(settings.out, {"--images": settings.images}, files=not images_is_dir)
     st.check_separate(settings.out, {"--catalog": settings.catalog}, files=True)
     with output_lock(settings.out, "cutout", scratch=(st.WRITER_MARK,)):
+        from .replace import pending, roll_forward
+
+        if pending(settings.out):  # a replacement a kill interrupted: finished first, so --overwrite is asked
+            roll_forward(settings.out)
         _check_out(settings)
         p = plan(settings)
         from .replace import replacing

@@ -83,6 +83,7 @@ def demo(settings: DemoSettings) -> dict:
     except Exception:
         _restore(out)
         raise
+    _set_phase(out, "done")  # before the earlier results go: a kill while they do leaves nothing to put back
     _remove(out, ASIDE)
     return result
 
@@ -128,8 +129,9 @@ def _demo(settings: DemoSettings, out: str) -> dict:
 
 def _start_over(out: str, settings: DemoSettings) -> None:
     """Set aside (under ``ASIDE``) the directories an earlier demo made in ``out`` (``OWN_DIRS`` listed in its
-    ``DEMO_FILE``) and nothing else, then mark them as this demo's; the survey is rewritten in place by ``synth`` (which
-    replaces only a table it wrote). One of them that no demo made (no marker, or not listed) is refused
+    ``DEMO_FILE``) and nothing else, then mark them as this demo's (its ``phase``: setting-aside, running,
+    then done or restored); the survey is rewritten in place by ``synth`` (which replaces only a table it
+    wrote, once the new one is complete). One of them that no demo made (no marker, or not listed) is refused
     with the fix, before anything is deleted. Local or a URI."""
     try:
         fs, _ = st.resolve(out)
@@ -154,10 +156,13 @@ def _start_over(out: str, settings: DemoSettings) -> None:
                f"they are an older demo's, delete them yourself)")
         raise ValueError(msg)
     with _storage_errors(out, "write to"):
-        if st.exists(st.join(out, ASIDE)):  # a demo killed while it ran: put the last complete one back first
-            _restore(out)
+        if st.exists(st.join(out, ASIDE)):
+            _finish_earlier(out, json.loads(text) if text.strip() else {})
             present = [sub for sub in OWN_DIRS
                        if fs.get_file_info(st.resolve(st.join(out, sub))[1]).type != pafs.FileType.NotFound]
+        st.make_dirs(out)
+        doc = {"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings), "provenance": provenance()}
+        st.write_text(marker, json.dumps({**doc, "phase": "setting-aside"}, indent=2))
         for sub in present:
             try:
                 _move_tree(fs, st.resolve(st.join(out, sub))[1], st.resolve(st.join(out, ASIDE, sub))[1],
@@ -168,21 +173,42 @@ def _start_over(out: str, settings: DemoSettings) -> None:
                 msg = (f"--out {out}: cannot move {st.join(out, sub)}, an earlier demo's, aside "
                        f"({st.one_line(e)}); delete it yourself or choose another --out")
                 raise PermissionError(msg) from None
-        st.make_dirs(out)
-        st.write_text(marker, json.dumps({"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings),
-                                          "provenance": provenance()}, indent=2))
+        st.write_text(marker, json.dumps({**doc, "phase": "running"}, indent=2))
+
+
+def _finish_earlier(out: str, doc: dict) -> None:
+    """An ``ASIDE`` left by a demo that was killed: what its ``phase`` says to do with it."""
+    phase = doc.get("phase")
+    if phase == "done":  # killed while removing the results its complete run replaced
+        _remove(out, ASIDE)
+    elif phase in ("running", "restoring"):  # killed while it ran, or while it put them back
+        _restore(out)
+    elif phase == "setting-aside":  # killed while it set them aside: back, deleting nothing
+        _move_back(out)
+    else:
+        msg = (f"--out {out} holds {ASIDE}, which no demo there set aside (its {DEMO_FILE} says nothing of it); "
+               f"move it away or choose a new --out")
+        raise ValueError(msg)
+
+
+def _set_phase(out: str, phase: str) -> None:
+    marker = st.join(out, DEMO_FILE)
+    st.write_text(marker, json.dumps({**json.loads(st.read_text(marker)), "phase": phase}, indent=2))
 
 
 def _move_tree(fs: pafs.FileSystem, src: str, dst: str, local: bool) -> None:
-    """Move a directory: one rename on a local disk; file by file on an object store."""
+    """Move a directory: one rename on a local disk (to a place that does not exist yet); else file by file,
+    into what is already there, so a move cut short is finished by running it again."""
     fs.create_dir(os.path.dirname(dst), recursive=True)
-    if local:
+    if local and fs.get_file_info(dst).type == pafs.FileType.NotFound:
         fs.move(src, dst)
         return
     for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
         if info.type == pafs.FileType.File:
             target = dst + info.path[len(src.rstrip("/")):]
             fs.create_dir(os.path.dirname(target), recursive=True)
+            if fs.get_file_info(target).type == pafs.FileType.File:
+                fs.delete_file(target)
             fs.move(info.path, target)
     fs.delete_dir(src)
 
@@ -193,15 +219,26 @@ def _remove(out: str, sub: str) -> None:
         fs.delete_dir(p)
 
 
-def _restore(out: str) -> None:
-    """Put the earlier demo's directories back, in place of what the failed (or killed) demo made of them."""
+def _move_back(out: str) -> None:
     fs, _ = st.resolve(out)
     for sub in OWN_DIRS:
         kept = st.resolve(st.join(out, ASIDE, sub))[1]
         if fs.get_file_info(kept).type == pafs.FileType.Directory:
-            _remove(out, sub)
             _move_tree(fs, kept, st.resolve(st.join(out, sub))[1], "://" not in out)
     _remove(out, ASIDE)
+
+
+def _restore(out: str) -> None:
+    """Put the earlier demo's directories back, in place of what the failed (or killed) demo made of them:
+    first those are removed (phase ``running``), then the earlier ones move back (phase ``restoring``, in
+    which nothing is removed any more)."""
+    if json.loads(st.read_text(st.join(out, DEMO_FILE))).get("phase") != "restoring":
+        for sub in OWN_DIRS:
+            if st.exists(st.join(out, ASIDE, sub)):
+                _remove(out, sub)
+        _set_phase(out, "restoring")
+    _move_back(out)
+    _set_phase(out, "restored")
 
 
 @contextlib.contextmanager

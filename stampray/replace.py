@@ -12,8 +12,8 @@ machinery (a killed ingest resumes there like any other). Only when it is comple
 
 A swap killed after step 1 is finished by the next verb that writes the table (:func:`roll_forward`), and a
 reader that finds no manifest meanwhile is told so. A run that fails before the swap leaves the old table as
-it was (its staging area is removed, unless the run was interrupted and can resume); so does one that could
-use no input row at all, which stops saying why.
+it was (its staging area is removed, unless it holds finished units of an ingest that a rerun resumes from,
+or the run was interrupted); so does one that could use no input row at all, which stops saying why.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def replacing(out: str) -> Iterator[str]:
     stage = stage_dir(out)
     try:
         yield stage
-    except Exception:
-        _remove(st.join(out, REPLACE_DIR))  # refused or failed: the old table is as it was
+    except Exception:  # refused or failed: the old table is as it was
+        if not any(n.startswith(f"{st.INGEST_DIR}/unit-") for n in files_under(stage)):
+            _remove(st.join(out, REPLACE_DIR))  # else finished units of an ingest that a rerun resumes from
         raise
     new = st.read_manifest(stage)
     if new.num_rows == 0:

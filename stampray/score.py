@@ -634,14 +634,23 @@ def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, 
         return _score_into(settings, manifest, bundle, model_bytes, tag, job, expected, t0, schema)
     before = json.loads(st.read_text(st.join(out, JOB_FILE)))
     old_files = _job_files(out, before, job)
-    try:
-        r = _score_into(replace(settings, out=swap.stage_dir(out)), manifest, bundle, model_bytes, tag, job,
-                        expected, t0, schema)
+    stage = swap.stage_dir(out)
+    staged_job = st.join(stage, JOB_FILE)
+    resumes = st.exists(staged_job) and _same_job(json.loads(st.read_text(staged_job)), job)
+    try:  # a stage of this same job, killed or failed, resumes; another is started over
+        r = _score_into(replace(settings, out=stage, overwrite=not resumes), manifest, bundle, model_bytes, tag,
+                        job, expected, t0, schema)
     except Exception:
-        delete_dir(st.join(out, swap.REPLACE_DIR))  # the earlier results are as they were
+        if not [n for n in expected if st.exists(st.join(stage, n))]:
+            delete_dir(st.join(out, swap.REPLACE_DIR))  # nothing to resume from; the earlier results stand
         raise
     swap.swap(out, old_files)
     return replace(r, out=out)
+
+
+def _same_job(before: dict, job: dict) -> bool:
+    keys = ("model_tag", "data", "keep", "preprocess", "class_names", "split", *JOB_PASSES, "data_shards")
+    return all(before.get(k) == job.get(k) for k in keys)
 
 
 def _score_into(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
@@ -944,6 +953,10 @@ def read_scores(path: str, columns=None, skip: tuple[str, ...] = ()) -> pa.Table
 
 
 def score_manifest(path: str) -> dict:
+    if not st.exists(st.join(path, SCORE_MANIFEST)) and st.exists(st.join(path, "_replace", "plan.json")):
+        msg = (f"{path}: new results are being swapped in by 'stampray score --overwrite' (or that was interrupted: "
+               f"rerun the same score without --overwrite to finish it)")
+        raise FileNotFoundError(msg)
     if not st.exists(st.join(path, SCORE_MANIFEST)):
         msg = f"{path} holds no finished scores ({SCORE_MANIFEST} missing); run 'stampray score' first"
         raise FileNotFoundError(msg)

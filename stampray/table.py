@@ -477,7 +477,8 @@ def read_manifest(path: str) -> Manifest:
     if not exists(mpath):
         if exists(join(path, "_replace", "plan.json")):  # stampray.replace: a swap under way, or interrupted
             msg = (f"{path} is being replaced by a new stamp table (no {MANIFEST_NAME} while the files are swapped "
-                   f"in); if no ingest, synth or cutout is running there, rerun the one that was, to finish it")
+                   f"in); if no ingest, synth or cutout is running there, one was interrupted: the next ingest, "
+                   f"synth or cutout into it finishes the swap first")
             raise FileNotFoundError(msg)
         msg = (f"{path} is not a stamp dataset (no {MANIFEST_NAME}); create one with "
                f"'stampray ingest' or 'stampray synth'")
@@ -486,7 +487,10 @@ def read_manifest(path: str) -> Manifest:
     if why:
         msg = f"{path} is not a stamp table ({why}); give a table written by 'stampray ingest', 'synth' or 'cutout'"
         raise ValueError(msg)
-    return Manifest.from_json(read_text(mpath))
+    try:
+        return Manifest.from_json(read_text(mpath))
+    except FileNotFoundError:  # gone since: a replacement began (stampray.replace)
+        return read_manifest(path)
 
 
 def shard_paths(path: str, manifest: Manifest | None = None) -> list[str]:

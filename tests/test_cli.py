@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import subprocess
@@ -111,3 +112,36 @@ def test_a_demo_that_fails_puts_the_earlier_demos_results_back(tmp_path, capsys,
     assert capsys.readouterr().err == "stampray demo: error: no Ray there\n"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != "_demo.json") == before
     assert all((out / sub / "earlier.txt").read_text() == "an earlier demo's" for sub in OWN_DIRS)
+
+
+def test_a_killed_demo_is_undone_or_finished_as_its_phase_says(tmp_path):
+    from stampray.demo import ASIDE, DEMO_FILE, OWN_DIRS, DemoSettings, _set_phase, _start_over
+
+    out = tmp_path / "demo"
+    settings = DemoSettings(out=str(out))
+    _start_over(str(out), settings)
+    for sub in OWN_DIRS:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub / "earlier.txt").write_text("an earlier demo's")
+    _start_over(str(out), settings)  # a demo begins: the earlier results wait aside
+    assert json.loads((out / DEMO_FILE).read_text())["phase"] == "running"
+    (out / "scores").mkdir()
+    (out / "scores" / "half.parquet").write_text("the killed demo's")  # ... and is killed
+    _start_over(str(out), settings)  # the next demo puts the earlier results back first, then sets them aside
+    assert sorted(p.name for p in (out / ASIDE / "scores").iterdir()) == ["earlier.txt"]
+    assert not (out / "scores").exists()
+
+    for sub in OWN_DIRS:  # that demo completes: its results, then killed while removing the earlier ones
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub / "newer.txt").write_text("the complete demo's")
+    _set_phase(str(out), "done")
+    _start_over(str(out), settings)  # the earlier ones are not put back over the complete demo's
+    assert sorted(p.name for p in (out / ASIDE / "scores").iterdir()) == ["newer.txt"]
+
+    import shutil
+
+    shutil.rmtree(out / ASIDE)
+    (out / ASIDE).mkdir()
+    (out / DEMO_FILE).write_text(json.dumps({"verb": "demo", "dirs": list(OWN_DIRS)}))  # no phase: not a demo's
+    with pytest.raises(ValueError, match=f"^--out {out} holds {ASIDE}, which no demo there set aside"):
+        _start_over(str(out), settings)

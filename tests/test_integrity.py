@@ -504,6 +504,20 @@ def test_score_overwrite_replaces_the_earlier_results_only_once_the_new_ones_are
         f"part-0000{i}.parquet" for i in range(4)]
     assert (out / "notes.txt").read_text() == "the user's"
 
+    # An --overwrite killed once its new results were committed in the stage resumes from them: rerun, it has
+    # nothing left to score (run_here would fail) and only swaps them in.
+    import shutil
+
+    done = tmp_path / "done"
+    assert main(args[:5] + ["--out", str(done), "--no-progress", "--in-process", "on", "--tta", "4"]) == 0
+    stage = out / "_replace" / "stage"
+    stage.mkdir(parents=True)
+    for f in ["_job.json"] + [f"part-0000{i}.parquet" for i in range(4)]:
+        shutil.copy(done / f, stage / f)
+    monkeypatch.setattr(score_module, "run_here", fails)
+    assert main(args + ["--overwrite", "--tta", "4"]) == 0
+    assert json.loads((out / "_manifest.json").read_text())["tta"] == 4 and not (out / "_replace").exists()
+
 
 def test_a_cleanup_that_fails_leaves_the_runs_own_error_to_be_reported(tmp_path, monkeypatch, caplog):
     from stampray import lock
