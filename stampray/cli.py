@@ -151,14 +151,13 @@ def _cmd_ingest(settings):
           + (f", listed in {settings.out}/_errors" if aside else "")
           + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
     if r.appended is None or r.rows_in == 0:
-        _refuse_nothing("ingest", r.appended if r.appended is not None else r.ingested, r.rows_in, aside,
-                        settings.out)
+        _refuse_nothing(r.appended if r.appended is not None else r.ingested, r.rows_in, aside, settings.out)
     elif not r.appended:  # the table is as it was, its ledger lists why: a rerun of the same night, say
         logging.getLogger("stampray").warning(f"ingest: warning: no stamp was appended to {settings.out}; the "
                                               f"{aside} rows set aside are listed in {settings.out}/_errors")
 
 
-def _refuse_nothing(verb: str, written: int, rows_in: int, aside: int, out: str) -> None:
+def _refuse_nothing(written: int, rows_in: int, aside: int, out: str) -> None:
     """A run that wrote no stamp at all ends non-zero, saying why (the empty table and its list of set-aside
     rows stay, to read the reasons from)."""
     if written:
@@ -176,7 +175,7 @@ def _cmd_cutout(settings):
 
     r = cutout(settings)
     print(summary(settings, r))
-    _refuse_nothing("cutout", r.stamps, r.rows_in, sum(r.set_aside.values()), settings.out)
+    _refuse_nothing(r.stamps, r.rows_in, sum(r.set_aside.values()), settings.out)
 
 
 def _cmd_models(ns):
@@ -264,7 +263,6 @@ def _cmd_similar(settings):
 
 def _cmd_export(settings):
     import json
-
     import time
 
     from .export import export

@@ -760,7 +760,8 @@ def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out
                 plots[f"misclassified:{name}"] = plot_stamps(np.stack([found[r["stamp_id"]] for r in rows]), titles,
                                                              os.path.join(out, f"misclassified_{safe}.png"))
     for col in settings.by:  # every one is in some table (_read_and_score)
-        plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{col}.png"))
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in col)
+        plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{safe}.png"))
     return plots
 
 
