@@ -724,11 +724,16 @@ def _read_and_score(settings: EvaluateSettings, progress: Progress) -> tuple[dic
     return results, meta, class_names
 
 
+def _file_safe(name: str) -> str:
+    """A table or column name as part of a plot's file name: letters, digits, - and _ only."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
 def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out: str) -> dict[str, str]:
     """Every plot of the report, as PNGs in ``out``: {key: path}."""
     plots: dict[str, str] = {"roc": plot_roc(results, os.path.join(out, "roc.png"))}
     for name, res in results.items():
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+        safe = _file_safe(name)
         plots[f"confusion:{name}"] = plot_confusion(res["confusion"], class_names, f"{name}: confusion",
                                                     os.path.join(out, f"confusion_{safe}.png"))
         plots[f"confident:{name}"] = plot_confusion(res["confident"]["confusion"], class_names,
@@ -760,8 +765,7 @@ def _draw(settings: EvaluateSettings, results: dict, class_names: list[str], out
                 plots[f"misclassified:{name}"] = plot_stamps(np.stack([found[r["stamp_id"]] for r in rows]), titles,
                                                              os.path.join(out, f"misclassified_{safe}.png"))
     for col in settings.by:  # every one is in some table (_read_and_score)
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in col)
-        plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{safe}.png"))
+        plots[f"by:{col}"] = plot_by(results, col, os.path.join(out, f"accuracy_by_{_file_safe(col)}.png"))
     return plots
 
 

@@ -15,12 +15,10 @@ import logging
 import os
 import posixpath
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from torch import nn
 
@@ -117,22 +115,7 @@ def export(settings: ExportSettings) -> ExportResult:
         with open(local, "rb") as f:
             data = f.read()
     check_out(settings.onnx)  # again, just before replacing: the file may have appeared since
-    fs, p = st.resolve(settings.onnx)
-    parent = posixpath.dirname(p)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    if not isinstance(fs, pafs.LocalFileSystem):  # an object store's PUT is atomic already
-        with fs.open_output_stream(p) as f:
-            f.write(data)
-        return ExportResult(settings.onnx, diff, meta)
-    tmp = posixpath.join(parent, f".{posixpath.basename(p)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, p)
-    finally:
-        if fs.get_file_info(tmp).type == pafs.FileType.File:
-            fs.delete_file(tmp)
+    st.write_bytes(settings.onnx, data)  # whole or not at all
     return ExportResult(settings.onnx, diff, meta)
 
 

@@ -27,8 +27,7 @@ import pyarrow.fs as pafs
 
 from . import table as st
 
-REPLACE_DIR = "_replace"
-PLAN_FILE = "plan.json"
+REPLACE_DIR, PLAN_FILE = st.REPLACE_PLAN.split("/")
 OLD_DIRS = (st.ERRORS_DIR, st.INGEST_DIR, "_append")  # the old table's directories (clear_dataset's)
 
 

@@ -515,12 +515,11 @@ def _prepare_out(settings: ScoreSettings, job: dict) -> None:
                    f"'stampray score' did not write there (no {JOB_FILE}); choose a new or empty directory")
             raise ValueError(msg)
     elif not settings.overwrite:
-        for key in ("model_tag", "data", "keep", "preprocess", "class_names", "split", *JOB_PASSES):
-            was = before.get(key, JOB_PASSES.get(key, job[key]))
-            if was != job[key]:
-                msg = (f"{out} holds results of another job ({key}: {was} vs {job[key]}); "
-                       f"choose another --out, or pass --overwrite to start it again")
-                raise ValueError(msg)
+        key = _job_differs(before, job)
+        if key:
+            msg = (f"{out} holds results of another job ({key}: {before.get(key, JOB_PASSES.get(key))} vs "
+                   f"{job[key]}); choose another --out, or pass --overwrite to start it again")
+            raise ValueError(msg)
         old = before.get("data_shards")
         if old is not None:
             changed = sorted(n for n, d in old.items() if job["data_shards"].get(n) != d)
@@ -648,9 +647,17 @@ def _score_locked(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, 
     return replace(r, out=out)
 
 
+JOB_KEYS = ("model_tag", "data", "keep", "preprocess", "class_names", "split", *JOB_PASSES)  # what a job is
+
+
+def _job_differs(before: dict, job: dict, keys=JOB_KEYS) -> str | None:
+    """The first of ``keys`` in which the recorded job ``before`` differs from ``job`` (a pass setting an
+    earlier stampray did not record counts as its default), or None."""
+    return next((k for k in keys if before.get(k, JOB_PASSES.get(k, job[k])) != job[k]), None)
+
+
 def _same_job(before: dict, job: dict) -> bool:
-    keys = ("model_tag", "data", "keep", "preprocess", "class_names", "split", *JOB_PASSES, "data_shards")
-    return all(before.get(k) == job.get(k) for k in keys)
+    return _job_differs(before, job, (*JOB_KEYS, "data_shards")) is None
 
 
 def _score_into(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, model_bytes: bytes, tag: str,
@@ -953,7 +960,7 @@ def read_scores(path: str, columns=None, skip: tuple[str, ...] = ()) -> pa.Table
 
 
 def score_manifest(path: str) -> dict:
-    if not st.exists(st.join(path, SCORE_MANIFEST)) and st.exists(st.join(path, "_replace", "plan.json")):
+    if not st.exists(st.join(path, SCORE_MANIFEST)) and st.exists(st.join(path, st.REPLACE_PLAN)):
         msg = (f"{path}: new results are being swapped in by 'stampray score --overwrite' (or that was interrupted: "
                f"rerun the same score without --overwrite to finish it)")
         raise FileNotFoundError(msg)

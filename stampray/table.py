@@ -453,6 +453,9 @@ class Manifest:
         )
 
 
+REPLACE_PLAN = "_replace/plan.json"  # stampray.replace's plan of a swap under way (read here, by readers)
+
+
 def not_a_stamp_manifest(path: str) -> str | None:
     """Why the ``_manifest.json`` at ``path`` is not a stamp table's, in words for a message (a score
     directory has one too); None when it is one, or when there is none."""
@@ -475,7 +478,7 @@ def read_manifest(path: str) -> Manifest:
     stamp table's."""
     mpath = join(path, MANIFEST_NAME)
     if not exists(mpath):
-        if exists(join(path, "_replace", "plan.json")):  # stampray.replace: a swap under way, or interrupted
+        if exists(join(path, REPLACE_PLAN)):  # stampray.replace: a swap under way, or interrupted
             msg = (f"{path} is being replaced by a new stamp table (no {MANIFEST_NAME} while the files are swapped "
                    f"in); if no ingest, synth or cutout is running there, one was interrupted: the next ingest, "
                    f"synth or cutout into it finishes the swap first")

@@ -373,6 +373,25 @@ def failing_ingest(tmp_path):
     return args
 
 
+@pytest.fixture
+def refused_beside_a_users_file(tmp_path, capsys):
+    """``refused(argv, verb, name, flag="--out") -> dir``: runs ``argv`` with ``flag DIR``, where DIR holds only
+    the user's own file ``name``; asserts the run exits 2 naming it and leaves DIR exactly as it was."""
+    from stampray.cli import main
+
+    def refused(argv: list[str], verb: str, name: str, flag: str = "--out"):
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / name).write_text("the user's own")
+        assert main(argv + [flag, str(mine)]) == 2
+        assert (f"{flag} {mine} holds {name}, which 'stampray {verb}' did not write there or which changed since "
+                f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
+        assert os.listdir(mine) == [name] and (mine / name).read_text() == "the user's own"
+        return mine
+
+    return refused
+
+
 # ------------------------------------------------------------------------------ HTML pages in Chromium
 def _chromium():
     import shutil

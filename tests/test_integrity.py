@@ -314,16 +314,10 @@ def test_export_never_replaces_a_file_it_did_not_write(survey, tmp_path, capsys)
 
 
 def test_a_report_replaces_only_its_own_files_and_only_once_complete(survey, tmp_path, capsys, score_table,
-                                                                     eight_stamps):
+                                                                     eight_stamps, refused_beside_a_users_file):
     s = score_table(tmp_path / "scores", list(eight_stamps.labels), eight_stamps.probs, eight_stamps.class_names)
     args = ["evaluate", "--scores", s, "--split", "all", "--no-progress"]
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "report.html").write_text("my own report")
-    assert main(args + ["--out", str(mine)]) == 2
-    assert (f"--out {mine} holds report.html, which 'stampray evaluate' did not write there or which changed since "
-            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
-    assert tree_digest(mine) == {"report.html": hashlib.sha256(b"my own report").hexdigest()}
+    refused_beside_a_users_file(args, "evaluate", "report.html")
 
     out = tmp_path / "rep"
     assert main(args + ["--out", str(out), "--names", "first"]) == 0
@@ -362,16 +356,10 @@ def test_a_report_replaces_only_its_own_files_and_only_once_complete(survey, tmp
     assert "confusion_third.png" in os.listdir(out) and not (out / "histograms_second.png").exists()
 
 
-def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, capsys):
+def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, refused_beside_a_users_file):
     data, model = survey
-    png = tmp_path / "png"
-    png.mkdir()
-    (png / "index.csv").write_text("my own index")
-    assert main(["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "maps"), "--limit", "2",
-                 "--png", str(png), "--no-progress"]) == 2
-    assert (f"--png {png} holds index.csv, which 'stampray occlude' did not write there or which changed since "
-            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
-    assert os.listdir(png) == ["index.csv"] and (png / "index.csv").read_text() == "my own index"
+    refused_beside_a_users_file(["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "maps"),
+                                 "--limit", "2", "--no-progress"], "occlude", "index.csv", flag="--png")
     assert not (tmp_path / "maps").exists()  # refused before the maps were made
 
 

@@ -222,20 +222,15 @@ def test_page_renders_with_every_image(tmp_path, images_in_chromium):
     assert (images, broken) == (1 + 6 * 3 + 1, 0)
 
 
-def test_a_users_files_are_never_replaced_and_a_second_vet_replaces_its_own(tmp_path, capsys):
+def test_a_users_files_are_never_replaced_and_a_second_vet_replaces_its_own(tmp_path, capsys,
+                                                                            refused_beside_a_users_file):
     from stampray.cli import main
 
     m, _ = write_stamps(tmp_path / "stamps", 1)
     data = str(tmp_path / "stamps")
     s = write_scores(tmp_path / "scores", m)
     args = ["vet", "--scores", s, "--data", data, "--top", "2", "--borderline", "1", "--no-progress"]
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "vet.html").write_text("my notes")
-    assert main(args + ["--out", str(mine)]) == 2
-    assert (f"--out {mine} holds vet.html, which 'stampray vet' did not write there or which changed since "
-            f"(not as listed in its _stampray.json), so nothing is replaced") in capsys.readouterr().err
-    assert os.listdir(mine) == ["vet.html"] and (mine / "vet.html").read_text() == "my notes"
+    refused_beside_a_users_file(args, "vet", "vet.html")
 
     out = tmp_path / "vet"
     assert main(args + ["--out", str(out)]) == 0
