@@ -34,13 +34,19 @@ def _classes(text: str) -> int:
 def _settings(cls, ns: argparse.Namespace, **fixed):
     """Build a settings dataclass: config file, then the flags the user actually gave; every value is
     checked against its field's declared type (:mod:`stampray.settings`)."""
-    from .settings import coerce, load_config
+    from .settings import coerce, load_config, missing_required
 
     path = getattr(ns, "config", None)
     values = coerce(cls, load_config(path), f"--config {path}") if path else {}
     names = {f.name for f in fields(cls)}
     values.update(coerce(cls, {k: v for k, v in vars(ns).items() if k in names}, "command line"))
     values.update(fixed)
+    missing = missing_required(cls, values)
+    if missing:
+        flags, keys = ", ".join(m[0] for m in missing), ", ".join(m[1] for m in missing)
+        where = f"neither on the command line nor in --config {path}" if path else "missing"
+        raise ValueError(f"{flags}: required, {where}; give {'it' if len(missing) == 1 else 'them'} as flags "
+                         f"or in a --config file ({keys})")
     return cls(**values)
 
 

@@ -62,6 +62,18 @@ def check_passes(net: nn.Module, tta: int, mc_dropout: int, *, prefix: str = "",
         msg = (f"{prefix}--tta needs square stamps (a quarter turn makes an HxW stamp WxH), and the model takes "
                f"{h}x{w} stamps; leave TTA off")
         raise ValueError(msg)
+    top = tta_max(h, w)
+    if int(tta) > top:
+        msg = (f"{prefix}{tta_flag} {int(tta)}: at most {top} for {h}x{w} stamps (the 8 flips and quarter turns, "
+               f"then one-pixel steps of shift up to half the stamp, {(min(h, w) - 1) // 2} pixels, in 8 "
+               f"directions); 8 is the usual choice")
+        raise ValueError(msg)
+
+
+def tta_max(h: int, w: int) -> int:
+    """The most TTA transforms an ``h`` x ``w`` stamp has: the 8 symmetries, then shifts in 8 directions of up
+    to half the stamp (a longer shift leaves mostly repeated edge pixels)."""
+    return 8 + len(_SHIFTS) * max(0, (min(int(h), int(w)) - 1) // 2)
 
 
 def feature_width(net: nn.Module) -> int:

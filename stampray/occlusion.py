@@ -425,7 +425,7 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
     st.check_apart_from_model(settings.out, settings.model)
     if settings.png:
         st.check_separate(settings.png, {"--data": settings.data}, flag="--png")
-        outfiles.check(settings.png, PNG_FILES)
+        outfiles.check(settings.png, PNG_FILES, lambda found: _pngs_of(found, settings.data, settings.ids))
     st.inspect_shards(settings.data, manifest)
     fs, p = st.resolve(settings.out)
     if fs.get_file_info(p).type == st.pafs.FileType.File:
@@ -453,6 +453,17 @@ def occlude(settings: OccludeSettings) -> OccludeResult:
             raise ValueError(f"{e} (the maps themselves are written to {settings.out}; only the PNGs are not)") \
                 from None
     return OccludeResult(settings.out, total, pngs, time.time() - t0, set_aside, nodes, missing)
+
+
+def _pngs_of(names: set[str], data: str, ids: tuple[str, ...]) -> set[str]:
+    """Of the PNG file ``names``, those of stamps the run may map: of the ``--ids``, or of any stamp in
+    ``data`` (its id column read in bounded batches, only when such files are there)."""
+    if ids:
+        return names & {png_name(i) for i in ids}
+    hit: set[str] = set()
+    for batch in st.iter_batches(data, columns=[st.ID]):
+        hit |= names & {png_name(i) for i in batch.column(0).to_pylist()}
+    return hit
 
 
 def check_some_ids_present(data: str, ids: tuple[str, ...]) -> None:

@@ -102,12 +102,25 @@ def _still_ours(out: str, name: str, mine: dict[str, list]) -> bool:
     return not mine[name] or sha256(st.join(out, name)) in mine[name]
 
 
-def check(out: str, kind: Files) -> dict[str, list]:
+def check(out: str, kind: Files, may_write: Callable[[set[str]], set[str]] | None = None) -> dict[str, list]:
     """Before any work: refuse ``out`` when one of the names the verb always writes is there and is not its
-    own, unchanged (see :func:`owned`); returns the files it owns."""
+    own, unchanged (see :func:`owned`); returns the files it owns. ``may_write(names)``: of the files of the
+    verb's kind found in ``out``, those the run may write (asked only when some are there); they are
+    refused likewise, so that a user's file is found before the work, not once it is done."""
     mine = owned(out, kind)
-    _refuse_foreign(out, kind, kind.fixed, mine)
+    found: set[str] = set()
+    if may_write is not None:
+        found = {n for n in list_files(out, kind.suffix) if kind.allows(n) and n not in kind.fixed}
+    _refuse_foreign(out, kind, [*kind.fixed, *sorted(may_write(found) if found else ())], mine)
     return mine
+
+
+def list_files(out: str, suffix: str) -> list[str]:
+    """Names of the files directly inside ``out`` ending in ``suffix`` ([] where it is absent)."""
+    fs, p = st.resolve(out)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File
+                  and i.path.endswith(suffix))
 
 
 def _refuse_foreign(out: str, kind: Files, names: Iterable[str], mine: dict[str, list]) -> None:

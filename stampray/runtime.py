@@ -148,16 +148,53 @@ def check_cluster(addr: str, named: str) -> None:
     if not port.isdigit():
         msg = f"{named} has no port number; {form}"
         raise ValueError(msg)
+    where = ("the address Ray found for auto: RAY_ADDRESS, the last cluster 'ray start' started on this "
+             "machine, or a Ray running here" if asked == "auto" else f"where Ray looks for {addr}")
+    at = gcs if gcs == asked else f"{gcs} ({where})"
+    fix = ("start the cluster (ray start --head, or ray up cluster.yaml) or name the address of a running one (its "
+           "GCS host:port, printed by ray start; ray status shows the cluster)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_CHECK_S).close()
+        wrong = _not_a_gcs(host.strip("[]"), int(port), CONNECT_CHECK_S)
     except OSError as e:
-        where = ("the address Ray found for auto: RAY_ADDRESS, the last cluster 'ray start' started on this "
-                 "machine, or a Ray running here" if asked == "auto" else f"where Ray looks for {addr}")
-        at = gcs if gcs == asked else f"{gcs} ({where})"
-        msg = (f"{named}: no Ray cluster answers at {at}: {one_line(e)}; start the cluster (ray start --head, or "
-               f"ray up cluster.yaml) or name the address of a running one (its GCS host:port, printed by ray "
-               f"start; ray status shows the cluster)")
+        msg = f"{named}: no Ray cluster answers at {at}: {one_line(e)}; {fix}"
         raise RuntimeError(msg) from None
+    if wrong:
+        msg = (f"{named}: something listens at {at}, but it is not a Ray cluster's GCS ({wrong}; a dashboard's "
+               f"port, 8265 by default, or another service?); {fix}")
+        raise RuntimeError(msg)
+
+
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (a Ray GCS) answers with its SETTINGS.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _not_a_gcs(host: str, port: int, timeout: float) -> str | None:
+    """Connect to ``host:port`` (an OSError where nothing listens) and say why it is not a GCS, or None.
+
+    Ray's GCS is a gRPC server: sent HTTP/2's preface it answers at once with a SETTINGS frame (measured:
+    1 ms on a local Ray). A service that never answers, or answers otherwise, would have ``ray.init`` retry
+    for many minutes, printing a warning every few seconds. With TLS (``RAY_USE_TLS``) the GCS wants a
+    handshake first: only the connection is tried."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None
+        try:
+            conn.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                part = conn.recv(9 - len(head))
+                if not part:
+                    break
+                head += part
+        except socket.timeout:
+            return f"no gRPC answer within {timeout:.0f} s"
+        except OSError as e:
+            return f"it closed the connection ({e.strerror or e})"
+    if len(head) == 9 and head[3] == 0x04:  # a frame header whose type is SETTINGS
+        return None
+    return "it closed the connection without a gRPC answer" if not head else "its answer is not gRPC"
 
 
 @contextlib.contextmanager

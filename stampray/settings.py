@@ -190,7 +190,8 @@ def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
     ``metadata`` may add ``flag`` (another name, e.g. ``--class`` for ``class_name``), ``short`` (``-n``),
     ``metavar``, ``choices``, ``group`` (a heading in ``--help``), ``append`` (the flag repeats; each value parsed by ``parse``), ``parse`` (a
     function from the flag's text to the value) and ``cli=False`` (no flag: set from a config file or by a
-    caller only). A field without a default is a required flag; a bool that defaults to True becomes
+    caller only). A field without a default is a required setting: its flag, or its key in a ``--config``
+    file (:func:`missing_required` checks once both are read); a bool that defaults to True becomes
     ``--no-NAME``. Flags not given are absent from the namespace (``argparse.SUPPRESS``), so they never
     override a config file or the dataclass default.
     """
@@ -218,9 +219,9 @@ def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
         if meta.get("short"):
             names.insert(0, meta["short"])
         required = f.default is MISSING and f.default_factory is MISSING
-        kw: dict = {"dest": f.name, "help": helps.get(f.name) or None}
-        if not required:
-            kw["default"] = argparse.SUPPRESS
+        kw: dict = {"dest": f.name, "help": helps.get(f.name) or None, "default": argparse.SUPPRESS}
+        if required:
+            kw["help"] = f"{kw['help'] or ''} (required: this flag or {f.name} in --config)".lstrip()
         if tp is bool:
             if f.default is True:  # the flag turns the setting off: its help says what goes
                 names = [meta.get("flag") or "--no-" + f.name.replace("_", "-")]
@@ -239,8 +240,16 @@ def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
         for key in ("metavar", "choices"):
             if key in meta:
                 kw[key] = meta[key]
-        kw["required"] = required
         parser.add_argument(*names, **kw)
+
+
+def missing_required(cls, values: dict) -> list[tuple[str, str]]:
+    """The (flag, config key) of each of ``cls``'s required settings (fields without a default) that
+    ``values`` lacks."""
+    from dataclasses import MISSING
+
+    return [(f.metadata.get("flag") or flag(f.name), f.name) for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.init and f.name not in values]
 
 
 def _comma_list(tp, name: str):

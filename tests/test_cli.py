@@ -63,6 +63,24 @@ def test_config_file_then_flags(tmp_path, capsys):
     assert m.num_rows == 50 and m.settings["synth"]["seed"] == 9
 
 
+def test_a_config_file_may_give_the_required_settings_and_what_neither_gives_is_named(tmp_path, capsys):
+    cfg = tmp_path / "synth.toml"
+    cfg.write_text(f'out = "{tmp_path / "s"}"\nn = 60\n')
+    assert main(["synth", "--config", str(cfg)]) == 0
+    assert st.read_manifest(str(tmp_path / "s")).num_rows == 60
+    capsys.readouterr()
+    cfg_score = tmp_path / "score.toml"
+    cfg_score.write_text('data = "tno"\n')
+    assert main(["score", "--config", str(cfg_score), "--keep", "ra"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"stampray score: error: --model, --out: required, neither on the command line nor in --config "
+        f"{cfg_score}; give them as flags or in a --config file (model, out)")
+    assert main(["score", "--model", "m.pt"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "stampray score: error: --data, --out: required, missing; give them as flags or in a --config file "
+        "(data, out)")
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_at_reduced_size(tmp_path, ray_shared, caplog):
     from stampray.demo import OWN_DIRS, DemoSettings, _start_over, demo

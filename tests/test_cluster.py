@@ -476,13 +476,54 @@ def test_an_address_where_no_cluster_answers_stops_at_once_naming_it(tmp_path, m
     runtime.check_cluster("auto", "--address auto")  # a Ray Client address: Ray's own retries
     monkeypatch.delenv("RAY_ADDRESS")
 
-    with socket.socket() as s:  # something answers where Ray would connect (it may rewrite 127.0.0.1): go ahead
-        s.bind((services.resolve_ip_for_localhost("127.0.0.1"), 0))
-        s.listen()
-        runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
     runtime.check_cluster("ray://example:10001", "--address ray://example:10001")
     runtime.check_cluster("anyscale://prod/x", "--address anyscale://prod/x")  # other client schemes too
     runtime.check_cluster("local", "--address local")  # a new local Ray: nothing to reach
+
+
+def test_an_address_where_something_else_listens_stops_within_the_check_and_a_gcs_passes(ray_shared, monkeypatch):
+    """A port that accepts connections but is no GCS (a dashboard's port given as host:port, another service):
+    ray.init would retry it for many minutes, a warning every few seconds; the check names it at once."""
+    import threading
+
+    from ray._private import services
+
+    from stampray import runtime
+
+    monkeypatch.setattr(runtime, "CONNECT_CHECK_S", 1.0)
+    here = services.resolve_ip_for_localhost("127.0.0.1")  # where Ray connects (it may rewrite 127.0.0.1)
+    with socket.socket() as s:  # listens, never answers
+        s.bind((here, 0))
+        s.listen()
+        port = s.getsockname()[1]
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"^--address 127.0.0.1:{port}: something listens at .*:{port}.*, but "
+                                               r"it is not a Ray cluster's GCS \(no gRPC answer within 1 s; a "
+                                               r"dashboard's port, 8265 by default, or another service\?\); start"):
+            runtime.check_cluster(f"127.0.0.1:{port}", f"--address 127.0.0.1:{port}")
+        assert time.monotonic() - t < 5
+
+    with socket.socket() as s:  # answers as an HTTP/1.1 server does to what it cannot parse
+        s.bind((here, 0))
+        s.listen()
+
+        def answer():
+            conn, _ = s.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(RuntimeError, match=r"it is not a Ray cluster's GCS \(its answer is not gRPC; "):
+            runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
+
+    gcs = ray_shared.get_runtime_context().gcs_address  # a real GCS: go ahead
+    runtime.check_cluster(gcs, f"--address {gcs}")
+    monkeypatch.setenv("RAY_USE_TLS", "1")  # a GCS with TLS wants a handshake first: the connection alone
+    with socket.socket() as s:
+        s.bind((here, 0))
+        s.listen()
+        runtime.check_cluster(f"127.0.0.1:{s.getsockname()[1]}", "--address x")
 
 
 def test_a_cluster_that_refuses_the_connection_is_one_line_naming_where_the_address_came_from(monkeypatch):

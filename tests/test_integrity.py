@@ -363,6 +363,31 @@ def test_occlude_png_never_replaces_a_users_file(survey, tmp_path, refused_besid
     assert not (tmp_path / "maps").exists()  # refused before the maps were made
 
 
+@pytest.mark.parametrize("ids", [False, True])
+def test_occlude_png_finds_a_users_file_named_as_a_stamps_png_before_the_maps(survey, tmp_path, capsys, ids):
+    """A user's ``<stamp id>.png`` of a stamp the run may map (one of --ids, or any of the table's) is found
+    before anything is computed; a PNG of another name is no obstacle and stays."""
+    from stampray.occlusion import png_name
+
+    data, model = survey
+    first = st.read_parquet(str(st.join(data, st.read_manifest(data).shards[0]["path"]))).column(st.ID)[0].as_py()
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    (pngs / png_name(first)).write_text("the user's own")
+    (pngs / "figure.png").write_text("the user's figure")
+    argv = ["occlude", "--model", model, "--data", data, "--out", str(tmp_path / "maps"), "--png", str(pngs),
+            "--no-progress", *(["--ids", first] if ids else ["--limit", "1"])]
+    assert main(argv) == 2
+    assert (f"--png {pngs} holds {png_name(first)}, which 'stampray occlude' did not write there or which "
+            f"changed since") in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()  # refused before the maps were made
+    (pngs / png_name(first)).unlink()
+    assert main(argv) == 0
+    assert sorted(os.listdir(pngs)) == sorted(["_stampray.json", "figure.png", "index.csv", "occlusion_grid.png",
+                                               png_name(first)])
+    assert (pngs / "figure.png").read_text() == "the user's figure"
+
+
 def test_train_refuses_an_out_that_is_a_file(survey, tmp_path, capsys):
     data, _ = survey
     afile = tmp_path / "afile"

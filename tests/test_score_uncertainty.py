@@ -199,6 +199,20 @@ def test_tta_is_refused_on_stamps_that_are_not_square():
     check_passes(create_model("dense", 1, (21, 30), 2), 1, 0)  # the identity alone turns nothing
 
 
+def test_tta_is_refused_beyond_the_shifts_of_half_the_stamp():
+    from stampray.notebook import check_passes, symmetry, tta_max
+
+    net = create_model("cnn", 1, 21, 2)
+    assert tta_max(21, 21) == 88 and tta_max(20, 20) == 80 and tta_max(1, 1) == 8
+    check_passes(net, 88, 0)
+    with pytest.raises(ValueError, match=r"^--tta 89: at most 88 for 21x21 stamps .* up to half the stamp, 10 "
+                                         r"pixels, in 8 directions\); 8 is the usual choice$"):
+        check_passes(net, 89, 0)
+    x = torch.arange(441, dtype=torch.float32).reshape(1, 1, 21, 21)
+    last = symmetry(x, 87)[0, 0]  # the last one allowed: 10 pixels up and left; 11 rows and columns of the stamp
+    assert torch.equal(last[:11, :11], x[0, 0, 10:, 10:]) and torch.equal(last[11:, 11:], x[0, 0, 20:, 20:].expand(10, 10))
+
+
 @pytest.mark.slow
 def test_a_compiled_replica_scores_the_k_variants_in_its_one_shape(monkeypatch, tmp_path, make_checkpoint):
     """With --tta K a compiled replica takes chunk // K stamps per forward, so the K x rows variants keep the
