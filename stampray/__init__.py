@@ -16,9 +16,10 @@ def load_model(path, map_location="cpu"):
     return _load(_resolve(path), map_location)
 
 
-def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool = False):
+def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool = False, seed: int | None = 0):
     """Probabilities for a NumPy array of stamps (N,H,W or N,C,H,W) or a stamp table path, with the
-    checkpoint's preprocessing; an Arrow table (see :mod:`stampray.notebook`). No Ray needed."""
+    checkpoint's preprocessing; an Arrow table (see :mod:`stampray.notebook`). No Ray needed. ``seed``: the
+    MC-dropout masks' (the same call, the same numbers; None: torch's global generator)."""
     from .notebook import predict as _predict
 
-    return _predict(model, images, tta=tta, mc_dropout=mc_dropout, features=features)
+    return _predict(model, images, tta=tta, mc_dropout=mc_dropout, features=features, seed=seed)

@@ -156,24 +156,12 @@ def _cmd_ingest(settings):
     print(f"ingest: read {r.rows_in} rows; {what}; set aside {aside} ({detail})"
           + (f", listed in {settings.out}/_errors" if aside else "")
           + f"; classes {list(r.manifest.spec.class_names)}; {r.seconds:.1f} s")
-    if r.appended is None or r.rows_in == 0:
-        _refuse_nothing(r.appended if r.appended is not None else r.ingested, r.rows_in, aside, settings.out)
-    elif not r.appended:  # the table is as it was, its ledger lists why: a rerun of the same night, say
+    if r.appended is not None and r.rows_in == 0:  # (a new table of no stamps is refused by ingest itself)
+        msg = f"the input holds no rows: no stamp was appended to {settings.out}; check that it is the input you meant"
+        raise ValueError(msg)
+    if r.appended is not None and not r.appended:  # the table is as it was, its ledger lists why: a rerun of the same night, say
         logging.getLogger("stampray").warning(f"ingest: warning: no stamp was appended to {settings.out}; the "
                                               f"{aside} rows set aside are listed in {settings.out}/_errors")
-
-
-def _refuse_nothing(written: int, rows_in: int, aside: int, out: str) -> None:
-    """A run that wrote no stamp at all ends non-zero, saying why (the empty table and its list of set-aside
-    rows stay, to read the reasons from)."""
-    if written:
-        return
-    if rows_in == 0:
-        msg = f"the input holds no rows: no stamp was written to {out}; check that it is the file you meant"
-    else:
-        msg = (f"none of the {rows_in} input rows could be used ({aside} set aside, with their reasons, in "
-               f"{out}/_errors); fix the input, or the flags that select from it")
-    raise ValueError(msg)
 
 
 def _cmd_cutout(settings):
@@ -181,7 +169,6 @@ def _cmd_cutout(settings):
 
     r = cutout(settings)
     print(summary(settings, r))
-    _refuse_nothing(r.stamps, r.rows_in, sum(r.set_aside.values()), settings.out)
 
 
 def _cmd_models(ns):

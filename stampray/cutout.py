@@ -803,12 +803,8 @@ def cutout(settings: CutoutSettings) -> CutoutResult:
         if target != settings.out:
             manifest = st.read_manifest(settings.out)
     assert manifest.num_rows + len(writer.errors) == len(p.catalog), "a catalogue row was neither cut nor set aside"
-    result = CutoutResult(manifest, len(p.catalog), p.found, len({pc.mosaic for pc in p.pieces}), len(p.pieces),
-                          time.time() - t0)
-    if not result.stamps:
-        logger.warning("cutout: no stamps written: all %d catalogue rows were set aside (%s)", result.rows_in,
-                       ", ".join(f"{k} {v}" for k, v in sorted(result.set_aside.items())) or "empty catalogue")
-    return result
+    return CutoutResult(manifest, len(p.catalog), p.found, len({pc.mosaic for pc in p.pieces}), len(p.pieces),
+                        time.time() - t0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -776,6 +776,8 @@ def _evaluate(settings: EvaluateSettings, out: str, t0: float) -> EvaluateResult
     if settings.data:
         st.read_manifest(settings.data)
     results, meta, class_names = _read_and_score(settings, progress)
+    if settings.run:
+        _check_run_model(settings.run, {m["scores"]: m["model"] for m in meta.values()})
     progress.say(f"drawing the plots of {len(results)} score table(s)")
     plots = _draw(settings, results, class_names, out)
     if history:
@@ -898,6 +900,37 @@ def _check_split(path: str, doc: dict, settings: EvaluateSettings) -> None:
                    f"{rec['fractions']}: its '{settings.split}' rows are not that run's; score with the run's "
                    f"checkpoint")
             raise ValueError(msg)
+
+
+def _check_run_model(run: str, tags: dict[str, str | None]) -> None:
+    """``--run``'s training curves go beside the scores' metrics: refuse a run that trained another model
+    than every score table's (``tags``: table -> its ``model@weights`` tag), and warn when the weights of
+    none of them are the run's best.pt or last.pt (another run of the same model, say)."""
+    path = st.join(run, "settings.json")
+    trained = json.loads(st.read_text(path)).get("model") if st.exists(path) else None
+    known = {t: tag for t, tag in tags.items() if tag}
+    if not trained or not known:  # a run or scores of an earlier stampray: nothing to compare
+        return
+    same = {t: tag for t, tag in known.items() if tag.split("@")[0] == trained}
+    if not same:
+        shown = ", ".join(f"{t} by {tag}" for t, tag in known.items())
+        msg = (f"--run {run} trained a {trained}, but the scores come from another model ({shown}): its training "
+               f"curves are not theirs; give the run that trained the scoring checkpoint")
+        raise ValueError(msg)
+    from . import checkpoint as ck
+
+    ours = set()
+    for name in ("best.pt", "last.pt"):
+        if st.exists(st.join(run, name)):
+            try:
+                bundle = ck.load_bundle(st.join(run, name))
+            except ValueError:  # not a checkpoint (damaged, say): nothing to compare with
+                continue
+            ours.add(f"{bundle['model']}@{ck.weights_hash(bundle)}")
+    if ours and not ours & set(same.values()):
+        logger.warning("evaluate: warning: the weights behind %s (%s) are neither %s's best.pt nor its last.pt "
+                       "(%s): its training curves may be another run's", ", ".join(same), ", ".join(
+                           sorted(set(same.values()))), run, ", ".join(sorted(ours)))
 
 
 def _read_history(run: str) -> list[dict]:

@@ -74,6 +74,7 @@ def export(settings: ExportSettings) -> ExportResult:
         raise ValueError(msg) from None
 
     check_out(settings.onnx)
+    st.check_apart_from_model(settings.onnx, settings.model, flag="--onnx")  # not inside a run's directory
     bundle = ck.load_bundle(ck.resolve_path(settings.model))
     net = _WithSoftmax(ck.build_model(bundle)).eval()
     shape = (int(bundle["in_channels"]), *(int(s) for s in bundle["image_size"]))

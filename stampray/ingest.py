@@ -603,9 +603,11 @@ def _map_labels(raw: np.ndarray | None, classes: tuple[str, ...], path: str):
     bad: dict[int, str] = {}
     if raw.dtype.kind in "USO":
         values = raw.astype(str)
-        names = tuple(classes) if classes else tuple(sorted(set(values.tolist())))
+        empty = np.char.strip(values) == ""  # an empty cell is an unlabelled stamp, as with numeric labels
+        names = tuple(classes) if classes else tuple(sorted(set(values[~empty].tolist())))
         lookup = {n: i for i, n in enumerate(names)}
-        out = np.array([lookup.get(v, -2) for v in values.tolist()], dtype=np.int64)
+        out = np.array([-1 if e else lookup.get(v, -2) for v, e in zip(values.tolist(), empty.tolist())],
+                       dtype=np.int64)
         for i in np.nonzero(out == -2)[0]:
             bad[int(i)] = f"label: {str(values[i])!r} is not one of the classes ({', '.join(names)})"
         return names, out, bad

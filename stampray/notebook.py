@@ -18,6 +18,7 @@ model without dropout. ``stampray score --tta/--mc-dropout/--features`` scores t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -51,11 +52,12 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
 
 
-def check_passes(net: nn.Module, tta: int, mc_dropout: int, *, prefix: str = "", tta_flag: str = "--tta") -> None:
+def check_passes(net: nn.Module, tta: int, mc_dropout: int, *, prefix: str = "", tta_flag: str = "--tta",
+                 mc_flag: str = "--mc-dropout") -> None:
     """Refuse passes the model cannot take: MC dropout without dropout layers, TTA on stamps that are not
     square (a quarter turn of an H x W stamp is W x H)."""
     if mc_dropout and not has_dropout(net):
-        msg = f"{prefix}--mc-dropout needs dropout layers, and {type(net).__name__} has none; use {tta_flag} instead"
+        msg = f"{prefix}{mc_flag} needs dropout layers, and {type(net).__name__} has none; use {tta_flag} instead"
         raise ValueError(msg)
     h, w = (int(s) for s in net.image_size)
     if int(tta) > 1 and h != w:
@@ -145,6 +147,18 @@ def forward_passes(net: nn.Module, x: torch.Tensor, *, tta: int = 0, mc_dropout:
     return Passes(p.mean(0), p.std(0, unbiased=False) if passes > 1 else None, feats)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """torch's generators (the CPU's, and ``device``'s if a GPU) seeded with ``seed`` inside the block and
+    restored after it; a no-op for None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def _as_model(model) -> tuple[nn.Module, dict]:
     """(model in eval mode, its checkpoint facts: class names, preprocessing, input shape)."""
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -180,21 +194,31 @@ def _batches(images, shape) -> Iterator[tuple[np.ndarray, list[str] | None]]:
         yield x[i:i + BATCH], None
 
 
-def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool = False) -> pa.Table:
-    """Probabilities (and their spread, and features) for ``images``; see the module docstring."""
+def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool = False,
+            seed: int | None = 0) -> pa.Table:
+    """Probabilities (and their spread, and features) for ``images``; see the module docstring. ``seed``:
+    the MC-dropout masks' (batch ``i`` draws from a generator seeded with ``seed + i``, torch's own left as
+    it was), so the same call gives the same numbers; None draws from torch's global generator."""
+    for name, value in (("tta", tta), ("mc_dropout", mc_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            msg = f"predict: {name} counts passes: an integer >= 0 (0: one plain pass), got {value!r}"
+            raise ValueError(msg)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"predict: seed is an integer, or None for torch's own generator; got {seed!r}")
+    tta, mc_dropout = int(tta), int(mc_dropout)
     if tta and mc_dropout:
         raise ValueError("predict: choose tta or mc_dropout, not both")
-    if int(tta) < 0 or int(mc_dropout) < 0:
-        raise ValueError("predict: tta and mc_dropout count passes (0 for one plain pass)")
     net, info = _as_model(model)
-    check_passes(net, tta, mc_dropout, prefix="predict: ", tta_flag="tta")
+    check_passes(net, tta, mc_dropout, prefix="predict: ", tta_flag="tta", mc_flag="mc_dropout")
     prep = pp.get(info["preprocess"])
     names = info["class_names"]
     probs, stds, feats, ids = [], [], [], []
-    passes = max(int(tta), int(mc_dropout), 1)
+    passes = max(tta, mc_dropout, 1)
     with torch.inference_mode():
-        for raw, batch_ids in _batches(images, info["shape"]):
-            out = forward_passes(net, torch.from_numpy(prep(raw)), tta=tta, mc_dropout=mc_dropout, features=features)
+        for i, (raw, batch_ids) in enumerate(_batches(images, info["shape"])):
+            with _seeded(seed + i if mc_dropout and seed is not None else None, next(net.parameters()).device):
+                out = forward_passes(net, torch.from_numpy(prep(raw)), tta=tta, mc_dropout=mc_dropout,
+                                     features=features)
             probs.append(out.probs.numpy())
             if out.std is not None:
                 stds.append(out.std.numpy())
@@ -204,6 +228,13 @@ def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool 
                 ids += batch_ids
     k = len(names)
     p = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
+    lost = int((~np.isfinite(p).all(1)).sum())
+    if lost:
+        import warnings
+
+        warnings.warn(f"predict: {lost} of {len(p)} stamps have no finite probabilities (non-finite pixels, or "
+                      f"values too large for the preprocessing in float32): their p_ columns are NaN ('stampray "
+                      f"score' and 'train' set such stamps aside)", RuntimeWarning, stacklevel=2)
     cols = {st.ID: pa.array(ids, pa.string())} if ids else {}
     for j, c in enumerate(names):
         cols[prob_column(c)] = pa.array(p[:, j], pa.float32())

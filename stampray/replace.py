@@ -53,6 +53,16 @@ def replacing(out: str) -> Iterator[str]:
         roll_forward(out)
     if not holds_table(out):
         yield out
+        new = st.read_manifest(out)
+        if new.num_rows == 0:  # no table: its list of set-aside rows stays, marked as a writer's unfinished output
+            st.write_text(st.join(out, st.WRITER_MARK), json.dumps({"writer": "stampray", "stamps": 0}))
+            fs, p = st.resolve(st.join(out, st.MANIFEST_NAME))
+            fs.delete_file(p)
+            if not new.errors:
+                raise ValueError(f"{_nothing(new)} at {out}; check that it is the input you meant")
+            raise ValueError(f"{_nothing(new)}; they are listed with their reasons in {st.join(out, st.ERRORS_DIR)}, "
+                             f"and no table was written (a rerun at {out} needs no --overwrite): fix the input, or "
+                             f"the flags that select from it")
         return
     stage = stage_dir(out)
     try:
@@ -63,12 +73,18 @@ def replacing(out: str) -> Iterator[str]:
         raise
     new = st.read_manifest(stage)
     if new.num_rows == 0:
-        aside = ", ".join(f"{k} {v}" for k, v in sorted(new.errors.items())) or "no input rows"
         _remove(st.join(out, REPLACE_DIR))
-        msg = (f"no stamp could be written ({aside}), so the table at {out} is left as it was; fix the input, "
-               f"or the flags that select from it")
+        msg = f"{_nothing(new)}, so the table at {out} is left as it was; fix the input, or the flags that select from it"
         raise ValueError(msg)
     swap(out)
+
+
+def _nothing(new: st.Manifest) -> str:
+    """Why a table of no stamps was not kept: the rows set aside, by reason, or an input of no rows."""
+    if not new.errors:
+        return "the input holds no rows, so no stamp could be written"
+    n = sum(int(v) for v in new.errors.values())
+    return f"none of the {n} input rows could be used ({', '.join(f'{k} {v}' for k, v in sorted(new.errors.items()))})"
 
 
 def swap(out: str, old_files: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -1058,6 +1059,7 @@ def _check_inputs(settings: TrainSettings) -> tuple[st.Manifest, int]:
     if fs.get_file_info(p).type == st.pafs.FileType.File:
         msg = f"--out {settings.out} is a file; give a directory for the runs"
         raise ValueError(msg)
+    _check_runs_dir(settings)
     manifest = st.read_manifest(settings.data)
     spec = manifest.spec
     if spec.num_classes < 2:
@@ -1082,6 +1084,40 @@ def _check_inputs(settings: TrainSettings) -> tuple[st.Manifest, int]:
         log.warning(f"train: warning: classes {', '.join(empty)} of {settings.data} have no labelled stamps; the "
                     f"model will never learn them")
     return manifest, labelled
+
+
+def _run_of(path: str) -> str | None:
+    """The model of the run whose directory ``path`` is (its ``settings.json`` as train writes it), or None."""
+    try:
+        doc = json.loads(st.read_text(st.join(path, "settings.json")))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(doc["model"]) if isinstance(doc, dict) and {"model", "data"} <= set(doc) else None
+
+
+def _check_runs_dir(settings: TrainSettings) -> None:
+    """Refuse an ``--out`` that is, or lies directly inside, a run's own directory, or that is a stamp table
+    or score output: ``--out`` holds runs, each in a directory of its own (``--name``), so
+    ``--out runs/cnn --model jet_cnn`` would put a run inside the cnn run."""
+    out = settings.out
+    for where, d in (("is", out), ("lies inside", _parent(out))):
+        model = _run_of(d) if d else None
+        if model:
+            msg = (f"--out {out} {where} the directory of a {model} run ({d}); --out is where runs go, each in a "
+                   f"directory of its own named by --name (default: the model): give the directory that holds "
+                   f"the runs ({_parent(d)})")
+            raise ValueError(msg)
+    if st.exists(st.join(out, st.MANIFEST_NAME)):
+        msg = (f"--out {out} holds a {st.MANIFEST_NAME} (a stamp table, or score output); give a directory for "
+               f"the runs")
+        raise ValueError(msg)
+
+
+def _parent(path: str) -> str:
+    """The directory above ``path`` (a local path, made absolute, or a URI)."""
+    if "://" in path:
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
 
 
 def fit(settings: TrainSettings) -> TrainResult:

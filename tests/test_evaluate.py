@@ -181,6 +181,45 @@ def test_scores_whose_split_is_not_known_to_be_trainings_are_evaluated_with_a_wa
     assert evaluate_log.records == []
 
 
+def test_a_run_of_another_model_is_refused_and_one_of_other_weights_warned_of(tmp_path, evaluate_log, score_table,
+                                                                             eight_stamps):
+    """--run's training curves go beside the scores' metrics: they must be the scoring model's."""
+    import json
+
+    import torch
+
+    from stampray import checkpoint as ck
+    from stampray.models import create_model
+
+    torch.manual_seed(0)
+    bundle = ck.make_bundle(create_model("cnn", 1, 21, 2), class_names=("noise", "source"), preprocess="course")
+    tag = f"cnn@{ck.weights_hash(bundle)}"
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": "d"}))
+    epoch = {"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "train_acc": 0.7, "val_acc": 0.6}
+    (run / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    ck.save(bundle, str(run / "best.pt"))
+    s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names)
+    manifest = tmp_path / "s" / "_manifest.json"
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "model_tag": "vgg6@0123456789ab"}))  # the scores of a vgg6
+    with pytest.raises(ValueError, match=rf"^--run {run} trained a cnn, but the scores come from another model \({s} "
+                                         r"by vgg6@0123456789ab\): its training curves are not theirs; give the run "
+                                         r"that trained the scoring checkpoint$"):
+        evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), run=str(run)))
+    assert not (tmp_path / "rep").exists()
+    manifest.write_text(json.dumps({**doc, "model_tag": "cnn@0123456789ab"}))  # another cnn
+    evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep"), run=str(run)))
+    assert evaluate_log.messages == [f"evaluate: warning: the weights behind {s} (cnn@0123456789ab) are neither "
+                                     f"{run}'s best.pt nor its last.pt ({tag}): its training curves may be another "
+                                     f"run's"]
+    evaluate_log.clear()
+    manifest.write_text(json.dumps({**doc, "model_tag": tag}))  # scored by the run's best.pt
+    r = evaluate(EvaluateSettings(scores=(s,), out=str(tmp_path / "rep2"), run=str(run)))
+    assert evaluate_log.messages == [] and r.report["training"] == [epoch]
+
+
 def test_a_by_column_no_table_has_or_that_is_not_numeric_is_refused(tmp_path, score_table, eight_stamps):
     s = score_table(tmp_path / "s", eight_stamps.labels, eight_stamps.probs, eight_stamps.class_names,
                     extra={"artifact": ["star"] * 8})

@@ -82,6 +82,16 @@ def test_model_exports_and_matches_pytorch(tmp_path, make_checkpoint, name):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_an_export_into_the_run_directory_it_reads_is_refused(tmp_path, make_checkpoint):
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    make_checkpoint(str(run / "best.pt"))
+    with pytest.raises(ValueError, match=rf"^--onnx {run}/x.onnx lies inside --model {run}; write the output to a "
+                                         r"directory of its own, outside every input$"):
+        export(ExportSettings(model=str(run), onnx=str(run / "x.onnx")))
+    assert os.listdir(run) == ["best.pt"]
+
+
 def test_an_export_replaces_only_an_onnx_file_an_export_wrote(tmp_path, make_checkpoint):
     """A second export to the same file replaces the first; a file of the user's at that name stays."""
     path = make_checkpoint(str(tmp_path / "model.pt"))

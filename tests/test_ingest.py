@@ -143,17 +143,24 @@ def test_an_input_of_which_nothing_can_be_used_ends_non_zero_saying_why(tmp_path
     out = tmp_path / "o"
     assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--labels",
                  str(tmp_path / "neg.npy"), "--classes", "a,b"]) == 2
-    captured = capsys.readouterr()
-    assert "ingested 0 stamps" in captured.out and "set aside 3" in captured.out
-    assert captured.err == (f"stampray ingest: error: none of the 3 input rows could be used (3 set aside, with "
-                            f"their reasons, in {out}/_errors); fix the input, or the flags that select from it\n")
-    assert st.read_manifest(str(out)).num_rows == 0 and st.read_errors(str(out)).num_rows == 3  # kept, to read
+    err = capsys.readouterr().err
+    assert err == (f"stampray ingest: error: none of the 3 input rows could be used (label 3); they are listed with "
+                   f"their reasons in {out}/_errors, and no table was written (a rerun at {out} needs no "
+                   f"--overwrite): fix the input, or the flags that select from it\n")
+    assert not (out / "_manifest.json").exists() and st.read_errors(str(out)).num_rows == 3  # kept, to read
+    with pytest.raises(FileNotFoundError):
+        st.read_manifest(str(out))  # no table: score, train and the rest refuse it
+    np.save(tmp_path / "ok.npy", np.zeros(3, np.int64))
+    assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--labels",
+                 str(tmp_path / "ok.npy"), "--classes", "a,b"]) == 0  # the corrected rerun, no --overwrite
+    assert st.read_manifest(str(out)).num_rows == 3 and not (out / "_errors").exists()
     (tmp_path / "cat.csv").write_text("file,label\n")
     (tmp_path / "cutouts").mkdir()
     assert main(["ingest", "--out", str(tmp_path / "o2"), "--fits", str(tmp_path / "cutouts"), "--catalog",
                  str(tmp_path / "cat.csv"), "--size", "5", "--classes", "a,b"]) == 2
-    assert capsys.readouterr().err == (f"stampray ingest: error: the input holds no rows: no stamp was written to "
-                                       f"{tmp_path / 'o2'}; check that it is the file you meant\n")
+    assert capsys.readouterr().err == (f"stampray ingest: error: the input holds no rows, so no stamp could be "
+                                       f"written at {tmp_path / 'o2'}; check that it is the input you meant\n")
+    assert not (tmp_path / "o2").exists()  # made by the run, left with nothing
 
 
 def test_a_fits_header_astropy_cannot_parse_sets_the_file_aside_without_astropys_notes(tmp_path, capfd, recwarn):
@@ -276,6 +283,17 @@ def test_labels_outside_the_class_list_are_set_aside(tmp_path):
     reasons = [e["reason"] for e in st.read_errors(out).to_pylist()]
     assert reasons == ["label: 2 is outside the class list 0..1 (noise, source)",
                        "label: -1 is outside the class list 0..1 (noise, source)"]
+
+
+def test_an_empty_class_name_is_an_unlabelled_stamp_as_an_empty_number_is(tmp_path):
+    from stampray.ingest import map_labels
+
+    names, labels, bad = map_labels(np.array(["star", "", "galaxy", "  ", "star"]), (), "cat.csv")
+    assert names == ("galaxy", "star") and labels.tolist() == [1, -1, 0, -1, 1] and bad == {}
+    names, labels, bad = map_labels(np.array(["star", "", "qso"]), ("galaxy", "star"), "cat.csv")
+    assert labels.tolist() == [1, -1, -2] and bad == {2: "label: 'qso' is not one of the classes (galaxy, star)"}
+    names, labels, _ = map_labels(np.array([1.0, np.nan, 0.0]), (), "cat.csv")
+    assert names == ("0", "1") and labels.tolist() == [1, -1, 0]
 
 
 def test_duplicate_ids_are_set_aside(tmp_path):

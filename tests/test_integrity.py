@@ -471,8 +471,9 @@ def test_a_table_is_replaced_only_once_the_new_one_is_complete(tmp_path, capsys,
     capsys.readouterr()
     assert main(["ingest", "--out", str(out), "--images", str(tmp_path / "im.npy"), "--labels",
                  str(tmp_path / "neg.npy"), "--classes", "noise,source"]) == 2
-    assert capsys.readouterr().err == (f"stampray ingest: error: no stamp could be written (label 3), so the table at "
-                                       f"{out} is left as it was; fix the input, or the flags that select from it\n")
+    assert capsys.readouterr().err == (f"stampray ingest: error: none of the 3 input rows could be used (label 3), so "
+                                       f"the table at {out} is left as it was; fix the input, or the flags that "
+                                       f"select from it\n")
     assert tree_digest(out) == before
 
     # a swap killed once its plan is written is finished by the next verb that writes the table

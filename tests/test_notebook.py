@@ -72,7 +72,7 @@ def test_tta_averages_the_transformed_passes_and_reports_their_spread(tmp_path):
 
 
 def test_mc_dropout_needs_dropout_and_varies_the_passes(tmp_path):
-    with pytest.raises(ValueError, match="--mc-dropout needs dropout layers, and StudioCNN has none"):
+    with pytest.raises(ValueError, match=r"^predict: mc_dropout needs dropout layers, and StudioCNN has none; use tta"):
         stampray.predict(_checkpoint(tmp_path), _stamps(2), mc_dropout=4)
     path = _checkpoint(tmp_path, "vgg6")
     x = _stamps(5)
@@ -82,6 +82,49 @@ def test_mc_dropout_needs_dropout_and_varies_the_passes(tmp_path):
     assert not any(mod.training for mod in model.modules())  # back in eval mode after the passes
     again = stampray.predict(model, x)
     np.testing.assert_allclose(again["p_source"].to_numpy(), _plain(path, x)[:, 1], atol=1e-6)
+
+
+def test_mc_dropout_passes_are_seeded_and_torchs_generator_left_as_it_was(tmp_path):
+    model = stampray.load_model(_checkpoint(tmp_path, "vgg6"))
+    x = _stamps(6)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = stampray.predict(model, x, mc_dropout=8)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    b = stampray.predict(model, x, mc_dropout=8)
+    assert a.equals(b)  # the same call, the same numbers
+    c = stampray.predict(model, x, mc_dropout=8, seed=1)
+    assert not np.array_equal(a["p_source"].to_numpy(), c["p_source"].to_numpy())
+    torch.manual_seed(5)
+    d = stampray.predict(model, x, mc_dropout=8, seed=None)  # torch's own generator, as seeded by the caller
+    torch.manual_seed(5)
+    assert d.equals(stampray.predict(model, x, mc_dropout=8, seed=None))
+
+
+@pytest.mark.parametrize("kw, shown", [({"tta": 2.5}, "tta counts passes: an integer >= 0 (0: one plain pass), got 2.5"),
+                                       ({"tta": "8"}, "tta counts passes: an integer >= 0 (0: one plain pass), got '8'"),
+                                       ({"tta": True}, "tta counts passes: an integer >= 0 (0: one plain pass), got True"),
+                                       ({"mc_dropout": -1}, "mc_dropout counts passes: an integer >= 0 (0: one plain "
+                                                            "pass), got -1"),
+                                       ({"seed": 1.5}, "seed is an integer, or None for torch's own generator; got "
+                                                       "1.5")])
+def test_pass_counts_and_seeds_of_another_type_are_refused(tmp_path, kw, shown):
+    with pytest.raises(ValueError, match=f"^predict: {shown}$".replace("(", r"\(").replace(")", r"\)")):
+        stampray.predict(_checkpoint(tmp_path), _stamps(2), **kw)
+    assert stampray.predict(_checkpoint(tmp_path), _stamps(2), tta=np.int64(2)).num_rows == 2
+
+
+def test_stamps_without_finite_probabilities_are_warned_of_and_the_rest_kept(tmp_path):
+    path = _checkpoint(tmp_path)
+    x = _stamps(6)
+    x[2, 0, 3, 3] = np.nan
+    x[5, 0, 0, 0] = np.inf
+    with pytest.warns(RuntimeWarning, match=r"^predict: 2 of 6 stamps have no finite probabilities \(non-finite "
+                                            r"pixels, or values too large"):
+        t = stampray.predict(path, x)
+    p = t["p_source"].to_numpy()
+    assert np.isnan(p[[2, 5]]).all() and np.isfinite(p[[0, 1, 3, 4]]).all()
+    np.testing.assert_allclose(p[[0, 1, 3, 4]], _plain(path, x[[0, 1, 3, 4]])[:, 1], atol=1e-6)
 
 
 def test_features_are_the_forward_features_vector(tmp_path):

@@ -268,6 +268,28 @@ def test_a_table_with_labelled_stamps_of_one_class_is_refused_before_ray(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_out_that_is_a_runs_own_directory_or_a_table_is_refused_before_ray(tno_small, tmp_path, capsys):
+    """--out holds runs (each in --out/NAME): --out runs/cnn --model jet_cnn would nest a run in the cnn run."""
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"model": "cnn", "data": tno_small, "epochs": 3}))
+    for out, where in [(run, "is"), (run / "more", "lies inside")]:
+        assert main(["train", "--model", "jet_cnn", "--data", tno_small, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"stampray train: error: --out {out} {where} the directory of a cnn run ({run}); --out is where runs "
+            f"go, each in a directory of its own named by --name (default: the model): give the directory that "
+            f"holds the runs ({tmp_path / 'runs'})\n")
+    assert main(["train", "--model", "cnn", "--data", tno_small, "--out", tno_small]) == 2
+    assert capsys.readouterr().err.startswith(f"stampray train: error: --out {tno_small} ")  # is --data
+    table = tmp_path / "scores"
+    table.mkdir()
+    (table / "_manifest.json").write_text("{}")
+    assert main(["train", "--model", "cnn", "--data", tno_small, "--out", str(table)]) == 2
+    assert capsys.readouterr().err == (f"stampray train: error: --out {table} holds a _manifest.json (a stamp table, "
+                                       f"or score output); give a directory for the runs\n")
+    assert sorted(os.listdir(run)) == ["settings.json"] and os.listdir(table) == ["_manifest.json"]
+
+
 def test_a_run_is_resumed_only_with_the_split_and_inputs_it_was_started_with(tno_small, tmp_path, monkeypatch,
                                                                               capsys):
     """Other --fractions would move stamps the first epochs trained on into the test split: refused before Ray.
