@@ -34,7 +34,7 @@ def _classes(text: str) -> int:
 def _settings(cls, ns: argparse.Namespace, **fixed):
     """Build a settings dataclass: config file, then the flags the user actually gave; every value is
     checked against its field's declared type (:mod:`stampray.settings`)."""
-    from .settings import coerce, load_config, missing_required
+    from .settings import absolute_paths, coerce, load_config, missing_required
 
     path = getattr(ns, "config", None)
     values = coerce(cls, load_config(path), f"--config {path}") if path else {}
@@ -47,7 +47,7 @@ def _settings(cls, ns: argparse.Namespace, **fixed):
         where = f"neither on the command line nor in --config {path}" if path else "missing"
         raise ValueError(f"{flags}: required, {where}; give {'it' if len(missing) == 1 else 'them'} as flags "
                          f"or in a --config file ({keys})")
-    return cls(**values)
+    return absolute_paths(cls(**values))  # Ray's workers on a cluster run in another directory
 
 
 # Each verb: its one-line help, and where its settings dataclass lives (module, class). The flags are built
@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.verb:
         parser.print_help()
         return 2
+    from .runtime import on_sigterm, was_terminated
+
+    on_sigterm()
     try:
         with _log_to_stderr():
             settings = ns if VERBS[ns.verb][1] is None else _settings(settings_class(ns.verb), ns)
@@ -351,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             with _quiet_private_ray(settings):
                 COMMANDS[ns.verb](settings)
     except KeyboardInterrupt:
+        if was_terminated():  # SIGTERM (runtime.Terminated, or what code that caught it raised instead)
+            print(f"stampray {ns.verb}: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+            return 143
         print(f"stampray {ns.verb}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error ends in one line; see _report
@@ -385,6 +391,12 @@ def _report(verb: str, e: BaseException) -> int:
     if isinstance(cause, RuntimeError) and type(cause) is RuntimeError:
         print(f"stampray {verb}: error: {cause}", file=sys.stderr)
         return 1
+    lost = _ray_loss(cause)
+    if lost:
+        print(f"stampray {verb}: error: the Ray cluster lost a node or process this run needed ({lost}); rerun the "
+              f"same command once the cluster is up (score, occlude, ingest and train resume from what they "
+              f"completed)", file=sys.stderr)
+        return 1
     import os
     import tempfile
 
@@ -396,6 +408,23 @@ def _report(verb: str, e: BaseException) -> int:
     print(f"stampray {verb}: internal error: {type(cause).__name__}: {line[:300]}; the full traceback is in "
           f"{path} (please include it when you report this)", file=sys.stderr)
     return 1
+
+
+# Ray's errors for a node, a raylet, a worker or an actor that died, or objects lost with them: the cluster's
+# state, not a defect of stampray (each is a subclass of one of these, in ray.exceptions).
+RAY_LOSSES = ("NodeDiedError", "LocalRayletDiedError", "WorkerCrashedError", "RayActorError", "ObjectLostError",
+              "RaySystemError")
+
+
+def _ray_loss(e: BaseException) -> str | None:
+    """``Name: first words of the message`` when ``e`` is one of Ray's :data:`RAY_LOSSES`, else None."""
+    classes = [c for c in type(e).__mro__ if c.__module__.startswith("ray.") and c.__name__ in RAY_LOSSES]
+    if not classes:
+        return None
+    text = " ".join(str(e).split())
+    if len(text) > 160:
+        text = text[:160].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -97,9 +97,9 @@ class CutoutSettings:
         address: Ray cluster to connect to (default: RAY_ADDRESS, else a private local Ray).
     """
 
-    images: str = field(metadata={"metavar": "MOSAIC.fits|DIR"})
-    catalog: str = field(metadata={"metavar": "CSV"})
-    out: str
+    images: str = field(metadata={"path": True, "metavar": "MOSAIC.fits|DIR"})
+    catalog: str = field(metadata={"path": True, "metavar": "CSV"})
+    out: str = field(metadata={"path": True})
     size: int = field(metadata={"metavar": "N"})
     hdu: str | int | None = field(default=None, metadata={"metavar": "N|NAME"})
     partial: str = field(default="set-aside", metadata={"choices": PARTIAL})

@@ -51,7 +51,7 @@ class DemoSettings:
         address: Ray cluster to connect to (default: a private local Ray; RAY_ADDRESS is honoured).
     """
 
-    out: str = "stampray-demo"
+    out: str = field(default="stampray-demo", metadata={"path": True})
     n: int = field(default=20_000, metadata={"flag": "-n"})
     seed: int = 0
     epochs: int = 4

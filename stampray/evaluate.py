@@ -78,12 +78,12 @@ class EvaluateSettings:
         progress: a line per stage on stderr (reading each table, drawing, writing).
     """
 
-    scores: tuple[str, ...] = field(metadata={"append": True, "parse": str})
-    out: str
-    data: str | None = None
-    run: str | None = None
+    scores: tuple[str, ...] = field(metadata={"path": True, "append": True, "parse": str})
+    out: str = field(metadata={"path": True})
+    data: str | None = field(default=None, metadata={"path": True})
+    run: str | None = field(default=None, metadata={"path": True})
     by: tuple[str, ...] = ()
-    tensorboard: str | None = field(default=None, metadata={"metavar": "LOGDIR"})
+    tensorboard: str | None = field(default=None, metadata={"path": True, "metavar": "LOGDIR"})
     split: str = field(default="test", metadata={"choices": SPLITS})
     tpr: float = 0.95
     fpr: float = 0.01

@@ -16,7 +16,7 @@ import os
 import posixpath
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ class ExportSettings:
             export wrote it (its metadata says so), and only once the new one is complete and checked.
     """
 
-    model: str
-    onnx: str
+    model: str = field(metadata={"path": True})
+    onnx: str = field(metadata={"path": True})
 
 
 class _WithSoftmax(nn.Module):

@@ -149,21 +149,21 @@ class IngestSettings:
             aside); the manifest is replaced in one step, so readers see the table before or after.
     """
 
-    out: str
-    class_files: tuple[tuple[str, str], ...] = field(default=(), metadata={
+    out: str = field(metadata={"path": True})
+    class_files: tuple[tuple[str, str], ...] = field(default=(), metadata={"path": True,
         "flag": "--class", "metavar": "NAME=FILE", "append": True, "parse": class_file, "group": SOURCE})
-    images: str | None = field(default=None, metadata={"group": SOURCE})
-    labels: str | None = field(default=None, metadata={"group": SOURCE})
+    images: str | None = field(default=None, metadata={"path": True, "group": SOURCE})
+    labels: str | None = field(default=None, metadata={"path": True, "group": SOURCE})
     images_key: str = "images"
     labels_key: str | None = None
     ids_key: str | None = None
-    hdf5: str | None = field(default=None, metadata={"group": SOURCE})
-    fits: str | None = field(default=None, metadata={"metavar": "DIR", "group": SOURCE})
-    catalog: str | None = field(default=None, metadata={"metavar": "CSV", "group": SOURCE})
+    hdf5: str | None = field(default=None, metadata={"path": True, "group": SOURCE})
+    fits: str | None = field(default=None, metadata={"path": True, "metavar": "DIR", "group": SOURCE})
+    catalog: str | None = field(default=None, metadata={"path": True, "metavar": "CSV", "group": SOURCE})
     size: int | None = field(default=None, metadata={"group": SOURCE})
     hdu: str | None = field(default=None, metadata={"metavar": "N|NAME[,NAME...]", "group": SOURCE})
     header_keys: tuple[str, ...] = field(default=(), metadata={"metavar": "KEY,KEY", "group": SOURCE})
-    pickle: str | None = field(default=None, metadata={"group": SOURCE})
+    pickle: str | None = field(default=None, metadata={"path": True, "group": SOURCE})
     allow_pickle: bool = False
     classes: tuple[str, ...] = ()
     split: str | None = field(default=None, metadata={"choices": st.SPLIT_NAMES})

@@ -92,15 +92,15 @@ class OccludeSettings:
             no Ray running in this Python process); on: always; off: never. The maps are the same either way.
     """
 
-    model: str
-    data: str
-    out: str
+    model: str = field(metadata={"path": True})
+    data: str = field(metadata={"path": True})
+    out: str = field(metadata={"path": True})
     kernel: int = 5
     stride: int = 1
     ids: tuple[str, ...] = ()
     where: str | None = field(default=None, metadata={"choices": WHERE})
     limit: int | None = None
-    png: str | None = field(default=None, metadata={"metavar": "DIR"})
+    png: str | None = field(default=None, metadata={"path": True, "metavar": "DIR"})
     png_limit: int = 20
     chunk: int | None = None  # (stamp, window) pairs scored per forward; default: 1 Mi pixels' worth
     batch_size: int | None = None

@@ -70,6 +70,35 @@ def _quiet_data_context(private: bool = False) -> None:
         ctx.enable_operator_progress_bars = ctx.enable_progress_bars
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``ray job stop``, a scheduler's time limit): raised in the main thread, so a verb ends
+    as on Ctrl-C, its completed work kept for a rerun, and the command line says so in one line."""
+
+
+_TERMINATED: list[int] = []  # the SIGTERMs this process received: code that catches and re-raises an interrupt
+# (Ray Data's iterator raises a plain KeyboardInterrupt of its own) still lets main tell them from Ctrl-C
+
+
+def _terminate(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
+def was_terminated() -> bool:
+    """Whether this process received SIGTERM since :func:`on_sigterm`."""
+    return bool(_TERMINATED)
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in this process (from the main thread only, as Python allows).
+    Called as a verb starts and again once ``ray.init`` returns: Ray puts handlers of its own in place as it
+    connects (``sys.exit``, and a C++ one that prints a stack dump)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def target_address(address: str | None) -> str | None:
     """The cluster the user asked for: ``--address`` first, then ``RAY_ADDRESS``; None for a private one."""
     return address or os.environ.get("RAY_ADDRESS") or None
@@ -113,8 +142,9 @@ def check_cluster(addr: str, named: str) -> None:
     answer 20 times, each attempt waiting up to about 40 s (measured: an --address with nothing behind it, or
     RAY_ADDRESS=auto on a machine whose ``ray_current_cluster`` names a cluster that is gone, waited over ten
     minutes). So the GCS address Ray would use is resolved first (``auto`` through Ray's own lookup) and a
-    TCP connection to it is tried (a host that does not answer at all: ``CONNECT_CHECK_S``). Client
-    addresses (``ray://`` and other ``scheme://``) keep Ray's own, bounded, retries; a dashboard's
+    TCP connection to it is tried (a host that does not answer at all: ``CONNECT_CHECK_S``), then whether it
+    answers as a GCS (:func:`_not_a_gcs`). A Ray Client address (``ray://``) is refused: Ray Data's streaming
+    does not run through it; other ``scheme://`` addresses keep Ray's own, bounded, retries; a dashboard's
     ``http(s)://`` address is named as such. A malformed address is a ValueError (a usage error)."""
     import socket
 
@@ -131,6 +161,12 @@ def check_cluster(addr: str, named: str) -> None:
                f"the verb as a job (ray job submit --working-dir . -- python jobs/...)"
                f"{', or unset RAY_ADDRESS for a private local Ray' if 'RAY_ADDRESS' in named else ''}")
         raise RuntimeError(msg)
+    if addr.startswith("ray://"):
+        msg = (f"{named} is a Ray Client address, and stampray's verbs stream their results with Ray Data, which "
+               f"Ray Client does not support: give the cluster's GCS address (host:port, port 6379 by default) "
+               f"from a machine that reaches it, or submit the verb as a job (ray job submit --working-dir . -- "
+               f"python jobs/...)")
+        raise ValueError(msg)
     if "://" in addr:
         return
     form = "give the cluster's GCS address as host:port (port 6379 by default; ray start prints it)"
@@ -236,7 +272,8 @@ def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: 
             from .table import one_line
 
             msg = (f"{named}: could not connect to the Ray cluster ({one_line(e)}); check that it is up (ray "
-                   f"status) and, if it uses token authentication, that this machine has its token")
+                   f"status) and, if it uses token authentication (Ray's default), that this shell sets "
+                   f"RAY_AUTH_MODE=token and has the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)")
             raise RuntimeError(msg) from None
     else:
         reap_orphans()
@@ -270,6 +307,7 @@ def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: 
                 if marker:
                     _end_leftovers(os.path.dirname(marker))
     try:
+        on_sigterm()
         if data:
             _quiet_data_context(private=not addr)
         yield

@@ -118,9 +118,9 @@ class ScoreSettings:
             never. The results, the books and a resumed run are the same either way.
     """
 
-    model: str
-    data: str
-    out: str
+    model: str = field(metadata={"path": True})
+    data: str = field(metadata={"path": True})
+    out: str = field(metadata={"path": True})
     keep: tuple[str, ...] = ()
     batch_size: int | None = None
     use_gpu: bool = False
@@ -653,7 +653,10 @@ JOB_KEYS = ("model_tag", "data", "keep", "preprocess", "class_names", "split", *
 def _job_differs(before: dict, job: dict, keys=JOB_KEYS) -> str | None:
     """The first of ``keys`` in which the recorded job ``before`` differs from ``job`` (a pass setting an
     earlier stampray did not record counts as its default), or None."""
-    return next((k for k in keys if before.get(k, JOB_PASSES.get(k, job[k])) != job[k]), None)
+    def norm(k, v):  # --data named relatively by an earlier stampray, absolutely now: the same table
+        return st.canonical(v) if k == "data" and isinstance(v, str) else v
+
+    return next((k for k in keys if norm(k, before.get(k, JOB_PASSES.get(k, job[k]))) != norm(k, job[k])), None)
 
 
 def _same_job(before: dict, job: dict) -> bool:

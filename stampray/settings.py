@@ -243,6 +243,53 @@ def add_arguments(parser, cls, *, skip: tuple[str, ...] = ()) -> None:
         parser.add_argument(*names, **kw)
 
 
+def absolute_paths(settings):
+    """``settings`` with every local path setting (``metadata["path"]``) made absolute against this process's
+    directory, so that Ray's workers, whose directory on a cluster is another (where ``ray start`` ran), read
+    and write the same files the user named. URIs are kept. In a Ray job whose driver runs in Ray's temporary
+    copy of its ``--working-dir`` (which Ray deletes), a relative path is refused."""
+    import dataclasses
+    import os
+
+    job_dir = ray_job_copy(os.getcwd())
+    changes = {}
+    for f in fields(settings):
+        if not f.metadata.get("path"):
+            continue
+        value = getattr(settings, f.name)
+
+        def absolute(path, f=f):
+            if not isinstance(path, str) or not path or "://" in path or os.path.isabs(path):
+                return path
+            if job_dir:
+                name = f.metadata.get("flag") or flag(f.name)
+                msg = (f"{name} {path} is a relative path, and this Ray job runs in Ray's temporary copy of its "
+                       f"--working-dir ({job_dir}), which Ray deletes: give an absolute path on storage the "
+                       f"cluster's nodes share, or a URI (s3://...)")
+                raise ValueError(msg)
+            return os.path.abspath(path)
+
+        if isinstance(value, tuple):
+            new = tuple(tuple(absolute(p) if i == len(v) - 1 else p for i, p in enumerate(v))
+                        if isinstance(v, tuple) else absolute(v) for v in value)  # (NAME, FILE) pairs: the file
+        else:
+            new = absolute(value)
+        if new != value:
+            changes[f.name] = new
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def ray_job_copy(cwd: str) -> str | None:
+    """``cwd`` if it is Ray's copy of a job's ``--working-dir`` (``.../runtime_resources/working_dir_files/
+    _ray_pkg_<hash>``, where a submitted job's driver starts), else None."""
+    parts = cwd.replace("\\", "/").split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part == "working_dir_files" and i > 0 and parts[i - 1] == "runtime_resources" and \
+                parts[i + 1].startswith("_ray_pkg_"):
+            return cwd
+    return None
+
+
 def missing_required(cls, values: dict) -> list[tuple[str, str]]:
     """The (flag, config key) of each of ``cls``'s required settings (fields without a default) that
     ``values`` lacks."""

@@ -93,10 +93,10 @@ class SimilarSettings:
         progress: a line per stage and a progress count on stderr.
     """
 
-    scores: str = field(metadata={"metavar": "SCORES"})
+    scores: str = field(metadata={"path": True, "metavar": "SCORES"})
     ids: tuple[str, ...] = field(metadata={"metavar": "ID[,ID...]"})
     k: int = field(default=20, metadata={"metavar": "K"})
-    out: str | None = field(default=None, metadata={"metavar": "FILE"})
+    out: str | None = field(default=None, metadata={"path": True, "metavar": "FILE"})
     progress: bool = True
 
     def __post_init__(self):

@@ -70,7 +70,7 @@ class SynthSettings:
             set aside).
     """
 
-    out: str
+    out: str = field(metadata={"path": True})
     kind: str = field(default="tno", metadata={"choices": KINDS})
     n: int = field(default=20_000, metadata={"flag": "-n"})
     seed: int = 0
@@ -346,6 +346,10 @@ SYNTH_WAIT_S = 1800.0  # the longest a shard task may take (one shard: seconds o
 
 def _synth(settings: SynthSettings) -> st.Manifest:
     spec = spec_for(settings.kind)
+    if settings.address and int(settings.n) <= LOCAL_LIMIT:  # written here, but the cluster asked for is checked
+        from .runtime import check_cluster
+
+        check_cluster(settings.address, f"--address {settings.address}")
     writer = st.StampWriter(settings.out, spec, settings.shard_rows, settings={"synth": asdict(settings)})
     n, rows = int(settings.n), int(settings.shard_rows)
     jobs = [(i, a, min(a + rows, n)) for i, a in enumerate(range(0, n, rows))]

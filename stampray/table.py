@@ -483,6 +483,9 @@ def read_manifest(path: str) -> Manifest:
                    f"in); if no ingest, synth or cutout is running there, one was interrupted: the next ingest, "
                    f"synth or cutout into it finishes the swap first")
             raise FileNotFoundError(msg)
+        if not exists(path):
+            msg = f"{path} does not exist; give a stamp table made by 'stampray ingest', 'synth' or 'cutout'"
+            raise FileNotFoundError(msg)
         msg = (f"{path} is not a stamp dataset (no {MANIFEST_NAME}); create one with "
                f"'stampray ingest' or 'stampray synth'")
         raise FileNotFoundError(msg)

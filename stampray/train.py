@@ -116,8 +116,8 @@ class TrainSettings:
     """
 
     model: str
-    data: str
-    out: str
+    data: str = field(metadata={"path": True})
+    out: str = field(metadata={"path": True})
     name: str | None = None
     workers: int = 1
     use_gpu: bool = False

@@ -82,15 +82,15 @@ class VetSettings:
         progress: a line per stage on stderr.
     """
 
-    scores: str
-    data: str = field(metadata={"metavar": "STAMPS"})
-    out: str = field(metadata={"metavar": "DIR"})
+    scores: str = field(metadata={"path": True})
+    data: str = field(metadata={"path": True, "metavar": "STAMPS"})
+    out: str = field(metadata={"path": True, "metavar": "DIR"})
     class_name: str | None = field(default=None, metadata={"flag": "--class", "metavar": "NAME"})
     top: int = field(default=25, metadata={"metavar": "N"})
     borderline: int = field(default=25, metadata={"metavar": "N"})
     threshold: float = field(default=0.5, metadata={"metavar": "P"})
     since: str | None = field(default=None, metadata={"metavar": "SHARD|N"})
-    maps: str | None = field(default=None, metadata={"metavar": "MAPS"})
+    maps: str | None = field(default=None, metadata={"path": True, "metavar": "MAPS"})
     stretch: str = field(default="zscale", metadata={"choices": STRETCHES})
     progress: bool = True
 

@@ -472,12 +472,17 @@ def test_an_address_where_no_cluster_answers_stops_at_once_naming_it(tmp_path, m
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # --address auto takes RAY_ADDRESS first, as Ray does
     with pytest.raises(RuntimeError, match=r"^--address auto is a dashboard's address.*python jobs/\.\.\.\)$"):
         runtime.check_cluster("auto", "--address auto")
+    # A Ray Client address: Ray Data's streaming (every verb's results) does not run through Ray Client
     monkeypatch.setenv("RAY_ADDRESS", "ray://example:10001")
-    runtime.check_cluster("auto", "--address auto")  # a Ray Client address: Ray's own retries
+    with pytest.raises(ValueError, match=r"^--address auto is a Ray Client address, and stampray's verbs stream "
+                                         r"their results with Ray Data, which Ray Client does not support: give the "
+                                         r"cluster's GCS address .* \(ray job submit --working-dir \. -- python "
+                                         r"jobs/\.\.\.\)$"):
+        runtime.check_cluster("auto", "--address auto")
     monkeypatch.delenv("RAY_ADDRESS")
-
-    runtime.check_cluster("ray://example:10001", "--address ray://example:10001")
-    runtime.check_cluster("anyscale://prod/x", "--address anyscale://prod/x")  # other client schemes too
+    with pytest.raises(ValueError, match=r"^--address ray://example:10001 is a Ray Client address"):
+        runtime.check_cluster("ray://example:10001", "--address ray://example:10001")
+    runtime.check_cluster("anyscale://prod/x", "--address anyscale://prod/x")  # other schemes: Ray's own retries
     runtime.check_cluster("local", "--address local")  # a new local Ray: nothing to reach
 
 
@@ -560,6 +565,19 @@ def test_the_cli_names_an_address_with_no_cluster_in_one_line(tmp_path, tno_smal
     [line] = [x for x in out.stderr.splitlines() if x.startswith("stampray score:")]
     assert line.startswith(f"stampray score: error: --address 127.0.0.1:{port}: no Ray cluster answers"), line
     assert not os.path.exists(tmp_path / "o" / "_manifest.json")
+
+
+def test_a_small_synth_written_here_still_checks_the_address_it_was_given(tmp_path, capsys, monkeypatch):
+    from stampray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))  # reserved on every address, never listening
+        port = s.getsockname()[1]
+        assert main(["synth", "-n", "10", "--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"]) == 1
+    assert capsys.readouterr().err.startswith(f"stampray synth: error: --address 127.0.0.1:{port}: no Ray cluster "
+                                              f"answers at ")
+    assert not (tmp_path / "o").exists()
 
 
 class _Payload:

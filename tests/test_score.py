@@ -56,6 +56,31 @@ def test_scores_every_stamp_once_with_probabilities(tno_small, cnn_ckpt, tmp_pat
 
 
 @pytest.mark.slow
+def test_relative_paths_name_the_commands_directory_where_the_workers_run_in_another(tno_small, cnn_ckpt, tmp_path,
+                                                                                   ray_shared, monkeypatch):
+    """On a cluster Ray's workers run where `ray start` ran: here the session's Ray, whose workers run in the
+    directory the tests started in. Relative names given in another directory still mean the files there."""
+    import shutil
+
+    from stampray.cli import main
+
+    here = tmp_path / "elsewhere"
+    shutil.copytree(tno_small, here / "t")
+    shutil.copy(cnn_ckpt, here / "m.pt")
+    monkeypatch.chdir(here)
+
+    def cwd():
+        return os.getcwd()
+
+    assert ray_shared.get(ray_shared.remote(cwd).remote()) != str(here)  # the workers run elsewhere
+    assert main(["score", "--model", "m.pt", "--data", "t", "--out", "s", "--in-process", "off", "--no-progress"]) == 0
+    t = read_scores(str(here / "s"))
+    assert sorted(t.column("stamp_id").to_pylist()) == sorted(st.read_table(tno_small, columns=["stamp_id"])
+                                                              .column("stamp_id").to_pylist())
+    assert json.loads((here / "s" / "_manifest.json").read_text())["data"] == str(here / "t")
+
+
+@pytest.mark.slow
 def test_bad_rows_go_to_the_errors_table(cnn_ckpt, tmp_path, ray_shared, write_stamps):
     images = np.random.default_rng(0).normal(size=(10, 1, 21, 21)).astype(np.float32)
     images[2, 0, 3, 3] = np.nan

@@ -1,6 +1,7 @@
 """#13.3: every verb's flags are built from its settings dataclass, where each setting is documented once."""
 
 import json
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 import pytest
@@ -99,3 +100,36 @@ def test_a_verb_parses_without_importing_the_others():
             "print(sorted(m for m in ('torch', 'stampray.train', 'stampray.score') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_local_paths_are_made_absolute_and_uris_kept(tmp_path, monkeypatch):
+    """Ray's workers on a cluster run in another directory (where `ray start` ran): the verbs hand them
+    absolute paths, resolved where the user ran the command."""
+    monkeypatch.chdir(tmp_path)
+    ns = cli.build_parser("ingest").parse_args(["ingest", "--out", "o", "--class", "noise=a.npy", "--class",
+                                                "source=/x/b.npy", "--id-prefix", "rel"])
+    s = cli._settings(cli.settings_class("ingest"), ns)
+    assert s.out == str(tmp_path / "o") and s.class_files == (("noise", str(tmp_path / "a.npy")), ("source", "/x/b.npy"))
+    assert s.id_prefix == "rel"  # not a path: as given
+    ns = cli.build_parser("evaluate").parse_args(["evaluate", "--scores", "a", "--scores", "s3://b/c", "--out", "../r"])
+    s = cli._settings(cli.settings_class("evaluate"), ns)
+    assert s.scores == (str(tmp_path / "a"), "s3://b/c") and s.out == str(tmp_path.parent / "r") and s.run is None
+    ns = cli.build_parser("train").parse_args(["train", "--model", "cnn", "--data", "t", "--out", "runs"])
+    s = cli._settings(cli.settings_class("train"), ns)
+    assert (s.model, s.data, s.out) == ("cnn", str(tmp_path / "t"), str(tmp_path / "runs"))  # a model's name stays
+
+
+def test_a_relative_path_in_a_ray_jobs_temporary_working_dir_copy_is_refused(tmp_path, monkeypatch, capsys):
+    """A submitted job's driver starts in Ray's copy of its --working-dir, which Ray deletes later."""
+    from stampray.cli import main
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert main(["synth", "-n", "20", "--out", "relsynth"]) == 2
+    assert capsys.readouterr().err == (
+        f"stampray synth: error: --out relsynth is a relative path, and this Ray job runs in Ray's temporary copy of "
+        f"its --working-dir ({copy}), which Ray deletes: give an absolute path on storage the cluster's nodes share, "
+        f"or a URI (s3://...)\n")
+    assert main(["synth", "-n", "20", "--out", str(tmp_path / "tno")]) == 0
+    assert os.listdir(copy) == []

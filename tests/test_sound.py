@@ -209,6 +209,65 @@ def test_an_internal_error_is_one_line_with_the_traceback_saved(monkeypatch, tmp
     os.remove(path)
 
 
+def test_a_node_or_process_the_cluster_lost_is_one_line_saying_to_rerun(monkeypatch, tmp_path, capsys):
+    """A raylet killed mid-run (a spot node reclaimed) is the cluster's state, not a defect to report."""
+    import ray.exceptions
+
+    import stampray.synth
+
+    rerun = ("; rerun the same command once the cluster is up (score, occlude, ingest and train resume from what "
+             "they completed)\n")
+    lost = [(ray.exceptions.NodeDiedError("Task failed because the node where it ran crashed unexpectedly."),
+             "NodeDiedError: Task failed because the node where it ran crashed unexpectedly."),
+            (ray.exceptions.ActorUnavailableError("Socket closed", None), "ActorUnavailableError: The actor None is "
+             "unavailable: Socket closed. The task may or may not have been executed on the actor."),
+            (ray.exceptions.NodeDiedError("word " * 100), "NodeDiedError: " + "word " * 32 + "...")]
+    for e, shown in lost:
+        monkeypatch.setattr(stampray.synth, "synth", lambda settings, e=e: (_ for _ in ()).throw(e))
+        assert main(["synth", "-n", "5", "--out", str(tmp_path / "o")]) == 1
+        assert capsys.readouterr().err == (f"stampray synth: error: the Ray cluster lost a node or process this run "
+                                           f"needed ({shown}){rerun}")
+
+
+_SIGTERM_CHILD = r"""
+import sys, time
+import stampray.synth
+from stampray.cli import main
+
+def waits(settings):
+    if sys.argv[1] == "ray":  # a verb on the private Ray: Ray puts SIGTERM handlers of its own in place
+        from stampray.runtime import ray_session
+        with ray_session():
+            print("up", flush=True)
+            time.sleep(120)
+    print("up", flush=True)
+    time.sleep(120)
+
+stampray.synth.synth = waits
+sys.exit(main(["synth", "-n", "5", "--out", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("ray", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_sigterm_ends_a_verb_as_ctrl_c_does_in_one_line(tmp_path, ray):
+    """`kill`, `ray job stop` or a scheduler's limit: one line, exit 143, and no stack dump of Ray's."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, "ray" if ray else "plain", str(tmp_path / "o")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "up\n"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 143
+    assert err.splitlines()[-1] == "stampray synth: terminated (SIGTERM); rerun the same command to resume"
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+
+
 def test_a_comma_list_in_a_config_file_reads_as_on_the_command_line():
     from stampray.settings import coerce
     from stampray.train import TrainSettings

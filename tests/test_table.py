@@ -82,6 +82,9 @@ def test_rewriting_a_dataset_replaces_old_shards(tmp_path):
 def test_missing_manifest_has_an_actionable_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a stamp dataset .* 'stampray ingest'"):
         st.read_manifest(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}/nowhere does not exist; give a stamp table made by "
+                                                r"'stampray ingest', 'synth' or 'cutout'$"):
+        st.read_manifest(str(tmp_path / "nowhere"))
 
 
 def test_iter_batches_streams_every_row(tno_small):
