@@ -123,7 +123,7 @@ def merge(out: str, verb: str, settings: dict) -> tuple[st.Manifest, int, dict[s
     errors = {k: int(v) for k, v in old.errors.items()}
     for kind, n in new.errors.items():
         errors[kind] = errors.get(kind, 0) + int(n)
-    duplicates = []
+    duplicates, new_counts = [], {}
     for k, s in enumerate(new.shards):
         src = st.join(staged_root, s["path"])
         tbl = st.read_parquet(src)
@@ -139,6 +139,7 @@ def merge(out: str, verb: str, settings: dict) -> tuple[st.Manifest, int, dict[s
         if not tbl.num_rows:
             continue
         st.count_labels(tbl, label_counts)
+        st.count_labels(tbl, new_counts)
         dst = f"part-a{index:04d}-{k:05d}.parquet"
         rows, digest = st.footer_digest(src)
         moves.append((src, st.join(out, dst)))
@@ -151,6 +152,7 @@ def merge(out: str, verb: str, settings: dict) -> tuple[st.Manifest, int, dict[s
                       st.join(out, st.ERRORS_DIR, f"part-a{index:04d}-{j:05d}.parquet")))
     appended = sum(int(s["rows"]) for s in shards)
     record = {verb: settings, "shards": [s["path"] for s in shards], "stamps": appended,
+              "label_counts": dict(sorted(new_counts.items(), key=lambda kv: int(kv[0]))),
               "set_aside": sum(int(v) for v in new.errors.values()) + len(duplicates), "provenance": provenance()}
     manifest = st.Manifest(spec=old.spec, shards=list(old.shards) + shards, errors=errors,
                            columns=list(old.columns) if old.shards else list(new.columns),

@@ -133,10 +133,16 @@ def _cmd_synth(settings):
     t0 = time.time()
     m = synth(settings)
     dt = time.time() - t0
-    made = m.settings["appends"][-1]["stamps"] if settings.append else m.num_rows
-    where = f"appended to {settings.out} (now {m.num_rows} stamps)" if settings.append else f"to {settings.out}"
-    print(f"synth: wrote {made} {settings.kind} stamps {m.spec.shape} in {len(m.shards)} shards {where}; "
-          f"classes {dict(zip(m.spec.class_names, m.label_counts.values()))}; "
+    if settings.append:  # what this append added; the table's totals after it
+        added = m.settings["appends"][-1]
+        made, counts = int(added["stamps"]), added.get("label_counts", {})
+        where = (f"in {len(added['shards'])} new shards appended to {settings.out} (now {m.num_rows} stamps in "
+                 f"{len(m.shards)} shards)")
+    else:
+        made, counts = m.num_rows, m.label_counts
+        where = f"in {len(m.shards)} shards to {settings.out}"
+    classes = {name: int(counts.get(str(k), 0)) for k, name in enumerate(m.spec.class_names)}
+    print(f"synth: wrote {made} {settings.kind} stamps {m.spec.shape} {where}; classes {classes}; "
           f"{dt:.1f} s ({made / max(dt, 1e-9):,.0f} stamps/s)")
 
 

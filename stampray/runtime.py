@@ -264,54 +264,27 @@ def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: 
     ``named``)."""
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     marker = None
-    if addr:
-        check_cluster(addr, named)
-        try:
-            ray.init(address=addr, **kwargs)
-        except ConnectionError as e:
-            from .table import one_line
-
-            msg = (f"{named}: could not connect to the Ray cluster ({one_line(e)}); check that it is up (ray "
-                   f"status) and, if it uses token authentication (Ray's default), that this shell sets "
-                   f"RAY_AUTH_MODE=token and has the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)")
-            raise RuntimeError(msg) from None
-    else:
-        reap_orphans()
-        temp_dir = private_temp_dir()
-        if temp_dir:
-            marker = _mark_instance(temp_dir)
-            kwargs["_temp_dir"] = temp_dir
-        # Loopback only: node IP 127.0.0.1 (GCS, raylet, workers, agents), the dashboard (Ray's state API,
-        # which Ray Train uses) on 127.0.0.1, and no per-node Prometheus endpoint (it answers without the
-        # token and names datasets, the node and the session).
-        # Token authentication stays on (Ray's default); only its "is enabled ... opt out" notice is not shown.
-        # With the dashboard (Ray's state API): its address named to the Ray's own processes (own_api_server).
-        # The port is free when chosen; should another process take it before the dashboard binds it, the
-        # start is retried on a new one (what the failed start left of the instance is ended first).
-        for attempt in range(1, DASHBOARD_PORT_TRIES + 1):
-            if dashboard:
-                kwargs["dashboard_port"] = free_loopback_port()
-            try:
-                with _loopback_node_ip(), own_api_server(kwargs.get("dashboard_port")), _logger_level(
-                        "ray._private.authentication.authentication_token_setup", logging.ERROR):
-                    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                             include_dashboard=bool(dashboard), dashboard_host="127.0.0.1",
-                             _node_ip_address="127.0.0.1", _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
-                break
-            except ValueError as e:
-                if not dashboard or "already occupied" not in str(e) or attempt == DASHBOARD_PORT_TRIES:
-                    raise
-                log.warning("stampray: the private Ray's dashboard port %s was taken as it started (%s); "
-                            "starting it again on another", kwargs["dashboard_port"], e)
-                ray.shutdown()
-                if marker:
-                    _end_leftovers(os.path.dirname(marker))
     try:
+        try:
+            if addr:
+                _connect(ray, addr, named, kwargs)
+            else:
+                reap_orphans()
+                temp_dir = private_temp_dir()
+                if temp_dir:
+                    marker = _mark_instance(temp_dir)
+                    kwargs["_temp_dir"] = temp_dir
+                _start_private(ray, num_cpus, dashboard, kwargs, marker)
+        except SystemExit as e:  # SIGTERM while ray.init ran: Ray's own handler (sys.exit) was in place
+            if e.code != signal.SIGTERM:
+                raise
+            _TERMINATED.append(signal.SIGTERM)
+            raise Terminated() from None
         on_sigterm()
         if data:
             _quiet_data_context(private=not addr)
         yield
-    finally:
+    finally:  # also after a start that failed or was stopped midway: what it started is ended
         if not addr:
             _stop_monitor()
         ray.shutdown()
@@ -322,6 +295,50 @@ def _ray_up(ray, addr: str | None, num_cpus: int | None, dashboard: bool, data: 
                 log.debug("stampray: could not look for leftovers of the private Ray: %s", e)
             with contextlib.suppress(OSError):
                 os.remove(marker)
+
+
+def _connect(ray, addr: str, named: str, kwargs: dict) -> None:
+    """``ray.init`` of the cluster at ``addr`` (as the user gave it: ``named``), checked first."""
+    check_cluster(addr, named)
+    try:
+        ray.init(address=addr, **kwargs)
+    except ConnectionError as e:
+        from .table import one_line
+
+        msg = (f"{named}: could not connect to the Ray cluster ({one_line(e)}); check that it is up (ray "
+               f"status) and, if it uses token authentication (Ray's default), that this shell sets "
+               f"RAY_AUTH_MODE=token and has the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)")
+        raise RuntimeError(msg) from None
+
+
+def _start_private(ray, num_cpus: int | None, dashboard: bool, kwargs: dict, marker: str | None) -> None:
+    """``ray.init`` of a private local Ray.
+
+    Loopback only: node IP 127.0.0.1 (GCS, raylet, workers, agents), the dashboard (Ray's state API, which
+    Ray Train uses) on 127.0.0.1, and no per-node Prometheus endpoint (it answers without the token and names
+    datasets, the node and the session). Token authentication stays on (Ray's default); only its "is enabled
+    ... opt out" notice is not shown. With the dashboard (Ray's state API): its address named to the Ray's own
+    processes (own_api_server). The port is free when chosen; should another process take it before the
+    dashboard binds it, the start is retried on a new one (what the failed start left of the instance is
+    ended first)."""
+    for attempt in range(1, DASHBOARD_PORT_TRIES + 1):
+        if dashboard:
+            kwargs["dashboard_port"] = free_loopback_port()
+        try:
+            with _loopback_node_ip(), own_api_server(kwargs.get("dashboard_port")), _logger_level(
+                    "ray._private.authentication.authentication_token_setup", logging.ERROR):
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                         include_dashboard=bool(dashboard), dashboard_host="127.0.0.1",
+                         _node_ip_address="127.0.0.1", _system_config=dict(PRIVATE_SYSTEM_CONFIG), **kwargs)
+            return
+        except ValueError as e:
+            if not dashboard or "already occupied" not in str(e) or attempt == DASHBOARD_PORT_TRIES:
+                raise
+            log.warning("stampray: the private Ray's dashboard port %s was taken as it started (%s); "
+                        "starting it again on another", kwargs["dashboard_port"], e)
+            ray.shutdown()
+            if marker:
+                _end_leftovers(os.path.dirname(marker))
 
 
 def _end_leftovers(temp_dir: str, term_wait: float = 2.0, kill_wait: float = 2.0) -> None:

@@ -668,6 +668,8 @@ def _score_into(settings: ScoreSettings, manifest: st.Manifest, bundle: dict, mo
     out = settings.out
     _prepare_out(settings, job)
     done = {name for name in expected if st.exists(st.join(out, name))}
+    for name in sorted(done):
+        _check_result_file(out, name, expected[name], settings.data)
     todo = [name for name in expected if name not in done]
     for name in todo:  # pieces of shards a killed run left uncommitted are redone from scratch
         delete_dir(st.join(out, PARTS_DIR, _stem(name)))
@@ -918,6 +920,21 @@ def _wait_commits(commits: dict, timeout_s: float = 900.0) -> None:
             raise RuntimeError(msg)
 
 
+def _check_result_file(out: str, name: str, rows: int, data: str) -> None:
+    """Refuse a result file whose results and set-aside rows (its footer) no longer add up to the ``rows`` of
+    the input shard it was written for: changed since (cut short, rewritten by hand), its stamps would go
+    unscored while the job reported itself complete."""
+    fs, p = st.resolve(st.join(out, name))
+    meta = pq.read_metadata(p, filesystem=fs)
+    kv = meta.metadata or {}
+    aside = sum(json.loads(kv[ERRORS_META]).values()) if ERRORS_META in kv else None
+    if (meta.num_rows + aside != int(rows)) if aside is not None else meta.num_rows > int(rows):
+        msg = (f"{st.join(out, name)} holds {meta.num_rows} results and {aside or 0} set-aside rows, but the shard "
+               f"{st.join(data, name)} has {rows} stamps: the file was changed since 'stampray score' wrote it; "
+               f"move it out of {out} (or delete it) and rerun to score that shard again")
+        raise RuntimeError(msg)
+
+
 def _write_manifest(settings: ScoreSettings, job: dict, expected: dict[str, int], nodes: dict) -> dict:
     """The result's manifest, from the footers of every shard's result file (also those of earlier runs)."""
     fs, _ = st.resolve(settings.out)
@@ -944,14 +961,20 @@ def read_scores(path: str, columns=None, skip: tuple[str, ...] = ()) -> pa.Table
     and vet skip ``features``, a vector per stamp that only ``similar`` reads)."""
     doc = json.loads(st.read_text(st.join(path, SCORE_MANIFEST)))
 
-    def read(file: str) -> pa.Table:
+    def read(file: str, rows: int | None) -> pa.Table:
         want = columns
         if want is None and skip:
             fs, p = st.resolve(file)
             want = [n for n in pq.read_schema(p, filesystem=fs).names if n not in skip]
-        return st.read_parquet(file, want)
+        t = st.read_parquet(file, want)
+        if rows is not None and t.num_rows != int(rows):
+            msg = (f"{file} holds {t.num_rows} results where 'stampray score' wrote {rows} (its {SCORE_MANIFEST}): "
+                   f"the file was changed since; move it out of {path} (or delete it) and rerun the same 'stampray "
+                   f"score' to score that shard again")
+            raise RuntimeError(msg)
+        return t
 
-    tables = [read(st.join(path, s["path"])) for s in doc["shards"]]
+    tables = [read(st.join(path, s["path"]), s.get("rows")) for s in doc["shards"]]
     if not tables:  # a table of no shards: the columns its shards would have had
         spread = max(int(doc.get("tta") or 0), int(doc.get("mc_dropout") or 0)) > 1
         empty = result_schema(doc["class_names"], [pa.field(k, pa.null()) for k in doc.get("keep", [])], spread,

@@ -254,8 +254,9 @@ def find_queries(scores: str, files: list[tuple[str, str]], ids: tuple[str, ...]
     missing = [i for i in ids if i not in found and i not in bad]
     if missing:
         msg = (f"--ids names {len(missing)} stamp(s) that --scores {scores} does not hold: "
-               f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; give ids of scored stamps "
-               f"(rows set aside when scoring are listed in {scores}/{st.ERRORS_DIR}/)")
+               f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; give ids of scored stamps (stamps "
+               f"appended to the table since it was scored: rerun the same 'stampray score' first; rows set aside "
+               f"when scoring are listed in {scores}/{st.ERRORS_DIR}/)")
         raise ValueError(msg)
     unusable = [(i, bad[i]) for i in ids if i not in found]
     if unusable:

@@ -137,7 +137,7 @@ def since_shards(manifest: st.Manifest, since: str | None, data: str = "--data")
     names = [str(s["path"]) for s in manifest.shards]
     if since is None:
         return names
-    if since.isdigit():
+    if since.lstrip("+-").isdigit():
         n = int(since)
         if n < 1:
             msg = f"--since {since}: give a shard name or a positive number of shards"
@@ -150,6 +150,21 @@ def since_shards(manifest: st.Manifest, since: str | None, data: str = "--data")
                f"give one of them, or a number N for the last N shards")
         raise ValueError(msg)
     return names[names.index(name):]
+
+
+def _scored_only(shards: list[str], doc: dict, manifest: st.Manifest, settings: "VetSettings") -> list[str]:
+    """Of the ``shards`` selected, those the scores cover, with a warning naming the others (a table that grew
+    since it was scored). All of them when none is covered (the caller says to score them first)."""
+    recorded = set(doc.get("data_shards") or ()) or {str(s["path"]) for s in doc.get("shards", [])}
+    left = [s for s in shards if s not in recorded]
+    if not left or len(left) == len(shards):
+        return shards
+    rows = {str(s["path"]): int(s["rows"]) for s in manifest.shards}
+    logger.warning(f"vet: warning: {len(left)} of the {len(shards)} shards of {settings.data} ("
+                   f"{sum(rows.get(s, 0) for s in left):,} stamps: {', '.join(left[:3])}{' ...' if len(left) > 3 else ''})"
+                   f" have no scores in {settings.scores} yet, and are left out; rerun the same 'stampray score' to "
+                   f"score them (it scores only the new shards)")
+    return [s for s in shards if s in recorded]
 
 
 def check_scored_from(doc: dict, manifest: st.Manifest, scores: str, data: str) -> None:
@@ -329,7 +344,7 @@ def vet(settings: VetSettings) -> VetResult:
         raise ValueError(msg)
     manifest = st.read_manifest(settings.data)
     check_scored_from(doc, manifest, settings.scores, settings.data)
-    shards = since_shards(manifest, settings.since)
+    shards = _scored_only(since_shards(manifest, settings.since), doc, manifest, settings)
 
     say(f"reading the scores in {settings.scores}")
     t, ids, picks = _ranked(settings, prob_column(cls), shards)

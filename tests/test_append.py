@@ -100,8 +100,13 @@ def test_synth_appends_a_night_with_another_seed(tmp_path, capsys):
     out = str(tmp_path / "s")
     assert main(["synth", "--out", out, "-n", "50", "--seed", "1", "--no-progress"]) == 0
     assert main(["synth", "--out", out, "-n", "30", "--seed", "2", "--append", "--no-progress"]) == 0
-    assert "synth: wrote 30 tno stamps (1, 21, 21) in 2 shards appended to" in capsys.readouterr().out
     m = st.read_manifest(out)
+    added = st.read_table(out, [st.LABEL]).column(st.LABEL).to_pylist()[50:]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"synth: wrote 30 tno stamps (1, 21, 21) in 1 new shards appended to {out} (now 80 stamps "
+                           f"in 2 shards); classes {{'noise': {added.count(0)}, 'source': {added.count(1)}}}; ")
+    assert m.settings["appends"][-1]["label_counts"] == {k: v for k, v in (("0", added.count(0)),
+                                                                            ("1", added.count(1))) if v}
     assert m.num_rows == 80 and [s["path"] for s in m.shards] == ["part-00000.parquet", "part-a0001-00000.parquet"]
     ids = st.read_table(out, [st.ID]).column(st.ID).to_pylist()
     assert ids[:50] == [f"tno-s1-{i:09d}" for i in range(50)] and ids[50:] == [f"tno-s2-{i:09d}" for i in range(30)]

@@ -259,6 +259,31 @@ def test_a_small_job_scores_in_this_process_with_the_same_books(cnn_ckpt, tno_sm
         ScoreSettings(model=cnn_ckpt, data=tno_small, out=out, in_process="on", address="ray://h:10001")
 
 
+def test_a_result_file_changed_since_is_found_not_taken_as_complete(cnn_ckpt, tno_small, tmp_path):
+    """A result file cut short by hand: its stamps would go unscored while the job said it was complete."""
+    out = tmp_path / "scores"
+    args = dict(model=cnn_ckpt, data=tno_small, out=str(out), in_process="on", progress=False)
+    score(ScoreSettings(**args))
+    name = st.read_manifest(tno_small).shards[0]["path"]
+    rows = st.read_manifest(tno_small).shards[0]["rows"]
+    whole = pq.read_table(out / name)
+    pq.write_table(whole.slice(0, 10), out / name)
+    with pytest.raises(RuntimeError, match=rf"^{out}/{name} holds 10 results where 'stampray score' wrote {rows} "
+                                           rf"\(its _manifest.json\): the file was changed since; move it out of "
+                                           rf"{out} \(or delete it\) and rerun the same 'stampray score'"):
+        read_scores(str(out))
+    with pytest.raises(RuntimeError, match=rf"^{out}/{name} holds 10 results and 0 set-aside rows, but the shard "
+                                           rf"{tno_small}/{name} has {rows} stamps: the file was changed since"):
+        score(ScoreSettings(**args))
+    assert pq.read_table(out / name).num_rows == 10  # refused, not replaced
+    os.remove(out / name)
+    r = score(ScoreSettings(**args))  # the shard scored again, the others kept
+    assert r.scored == 600 and not r.nothing_to_do
+    assert pq.read_table(out / name).equals(whole)
+    ids = read_scores(str(out)).column("stamp_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 600
+
+
 def test_in_process_threads_share_the_cores_evenly_up_to_four():
     from stampray.score import HERE_WORKERS, here_workers
 

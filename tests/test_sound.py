@@ -230,12 +230,21 @@ def test_a_node_or_process_the_cluster_lost_is_one_line_saying_to_rerun(monkeypa
 
 
 _SIGTERM_CHILD = r"""
-import sys, time
+import os, signal, sys, time
 import stampray.synth
 from stampray.cli import main
 
 def waits(settings):
-    if sys.argv[1] == "ray":  # a verb on the private Ray: Ray puts SIGTERM handlers of its own in place
+    if sys.argv[1] == "starting":  # SIGTERM once the private Ray's processes run, before ray.init returns
+        import ray._private.worker as worker
+        connect = worker.connect
+        def stopped(*args, **kwargs):
+            print("up", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            return connect(*args, **kwargs)
+        worker.connect = stopped
+    if sys.argv[1] in ("ray", "starting"):  # a verb on the private Ray: Ray puts SIGTERM handlers in place
         from stampray.runtime import ray_session
         with ray_session():
             print("up", flush=True)
@@ -248,24 +257,31 @@ sys.exit(main(["synth", "-n", "5", "--out", sys.argv[2]]))
 """
 
 
-@pytest.mark.parametrize("ray", [pytest.param(True, marks=pytest.mark.slow), False])
-def test_sigterm_ends_a_verb_as_ctrl_c_does_in_one_line(tmp_path, ray):
-    """`kill`, `ray job stop` or a scheduler's limit: one line, exit 143, and no stack dump of Ray's."""
+@pytest.mark.parametrize("when", [pytest.param("ray", marks=pytest.mark.slow),
+                                  pytest.param("starting", marks=pytest.mark.slow), "plain"])
+def test_sigterm_ends_a_verb_as_ctrl_c_does_in_one_line(tmp_path, when):
+    """`kill`, `ray job stop` or a scheduler's limit: one line, exit 143, no stack dump of Ray's, and nothing
+    of the private Ray left running, whether it came before Ray, while Ray started or once it runs."""
     import signal
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, "ray" if ray else "plain", str(tmp_path / "o")],
+    from stampray.runtime import processes_in, ray_temp_root
+
+    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CHILD, when, str(tmp_path / "o")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "up\n"
-        child.send_signal(signal.SIGTERM)
+        if when != "starting":  # (the child sent its own)
+            child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
     assert child.returncode == 143
     assert err.splitlines()[-1] == "stampray synth: terminated (SIGTERM); rerun the same command to resume"
     assert "SIGTERM received" not in err and "Traceback" not in err, err
+    private = os.path.join(ray_temp_root(), f"stampray-{child.pid}")
+    assert processes_in(private) == [] and not os.path.exists(os.path.join(private, "stampray_owner.json"))
 
 
 def test_a_comma_list_in_a_config_file_reads_as_on_the_command_line():

@@ -137,6 +137,24 @@ def test_since_restricts_to_the_latest_shards(tmp_path):
         vet(VetSettings(scores=s, data=data, out=str(tmp_path / "c"), since="part-00009", progress=False))
 
 
+def test_shards_added_since_the_scoring_are_named_and_left_out(tmp_path, caplog):
+    """A table that grew (an append) since it was scored: vet shows the scored stamps and says which are not."""
+    import logging
+
+    m, _ = write_stamps(tmp_path / "stamps", 1)
+    first_two = {s["path"]: s["footer"] for s in m.shards[:2]}
+    s = write_scores(tmp_path / "scores", m, rows=range(40), data_shards=first_two)
+    data = str(tmp_path / "stamps")
+    caplog.set_level(logging.WARNING, logger="stampray.vet")
+    r = vet(VetSettings(scores=s, data=data, out=str(tmp_path / "a"), top=3, borderline=1, progress=False))
+    assert r.rows == 40 and r.shards == ["part-00000.parquet", "part-00001.parquet"]
+    assert caplog.messages == [f"vet: warning: 1 of the 3 shards of {data} (10 stamps: part-00002.parquet) have no "
+                               f"scores in {s} yet, and are left out; rerun the same 'stampray score' to score them "
+                               f"(it scores only the new shards)"]
+    with pytest.raises(ValueError, match=r"^--since -1: give a shard name or a positive number of shards$"):
+        vet(VetSettings(scores=s, data=data, out=str(tmp_path / "b"), since="-1", progress=False))
+
+
 def test_occlusion_maps_are_joined(tmp_path):
     m, _ = write_stamps(tmp_path / "stamps", 3)
     s = write_scores(tmp_path / "scores", m)
