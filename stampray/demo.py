@@ -4,9 +4,10 @@ Synthesise a tno survey, train ``cnn`` with Ray Train on two workers, score ever
 draw occlusion maps for a sample of misclassified stamps, evaluate, and print where everything is.
 One Ray instance serves every step and is shut down at the end; a second run in the same place starts
 over: the run (``runs/cnn``) and the scores, maps and report directories an earlier demo made there (listed
-in its ``_demo.json``) are replaced, each as a whole, once the new demo is complete (meanwhile they wait in
-``_demo-previous/``, and are put back if it fails, or by the next demo if it was killed); one of them that
-no demo made is refused, never deleted, and other runs beside ``runs/cnn`` stay. ``--out`` may be a local
+in its ``_demo.json``, with every file in them) are replaced, each as a whole, once the new demo is complete
+(meanwhile they wait in ``_demo-previous/``, and are put back if it fails, or by the next demo if it was
+killed); one of them that no demo made, or a file in them that the earlier demo did not write (added or
+changed since), is refused, never deleted, and other runs beside ``runs/cnn`` stay. ``--out`` may be a local
 directory or a URI (``s3://bucket/prefix``): every step writes through pyarrow's filesystems.
 """
 
@@ -83,7 +84,10 @@ def demo(settings: DemoSettings) -> dict:
     except Exception:
         _restore(out)
         raise
-    _set_phase(out, "done")  # before the earlier results go: a kill while they do leaves nothing to put back
+    # Its files, listed with their sizes: a later demo replaces these and refuses to go on over any other file
+    # in its directories (a user's). Written with the phase: a kill while the earlier results go leaves
+    # nothing to put back.
+    _set_phase(out, "done", files=_own_files(out))
     _remove(out, ASIDE)
     return result
 
@@ -160,8 +164,14 @@ def _start_over(out: str, settings: DemoSettings) -> None:
             _finish_earlier(out, json.loads(text) if text.strip() else {})
             present = [sub for sub in OWN_DIRS
                        if fs.get_file_info(st.resolve(st.join(out, sub))[1]).type != pafs.FileType.NotFound]
+            text = st.read_text(marker)
+        recorded = json.loads(text).get("files") if present else None
+        if isinstance(recorded, dict):  # an earlier demo that listed its files (one before that: its dirs whole)
+            _refuse_foreign(out, recorded)
         st.make_dirs(out)
         doc = {"verb": "demo", "dirs": list(OWN_DIRS), "settings": asdict(settings), "provenance": provenance()}
+        if isinstance(recorded, dict):  # the earlier demo's, while they are set aside (put back if this one fails)
+            doc["files"] = recorded
         st.write_text(marker, json.dumps({**doc, "phase": "setting-aside"}, indent=2))
         for sub in present:
             try:
@@ -174,6 +184,18 @@ def _start_over(out: str, settings: DemoSettings) -> None:
                        f"({st.one_line(e)}); delete it yourself or choose another --out")
                 raise PermissionError(msg) from None
         st.write_text(marker, json.dumps({**doc, "phase": "running"}, indent=2))
+
+
+def _refuse_foreign(out: str, recorded: dict) -> None:
+    """Refuse to go on where the directories a demo replaces hold a file the earlier demo did not write
+    (``recorded``: its files and sizes): a user's, added or changed since."""
+    foreign = sorted(f for f, size in _own_files(out).items() if recorded.get(f) != size)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        msg = (f"--out {out}: {', '.join(foreign[:5])}{more} in the directories a demo replaces "
+               f"({', '.join(OWN_DIRS)}) are not the earlier demo's files (added or changed since; {DEMO_FILE} lists "
+               f"its own), so nothing is replaced; move them out, or choose a new --out")
+        raise ValueError(msg)
 
 
 def _finish_earlier(out: str, doc: dict) -> None:
@@ -191,9 +213,22 @@ def _finish_earlier(out: str, doc: dict) -> None:
         raise ValueError(msg)
 
 
-def _set_phase(out: str, phase: str) -> None:
+def _set_phase(out: str, phase: str, **more) -> None:
     marker = st.join(out, DEMO_FILE)
-    st.write_text(marker, json.dumps({**json.loads(st.read_text(marker)), "phase": phase}, indent=2))
+    st.write_text(marker, json.dumps({**json.loads(st.read_text(marker)), "phase": phase, **more}, indent=2))
+
+
+def _own_files(out: str) -> dict[str, int]:
+    """The files under the directories a demo replaces (``OWN_DIRS``), as paths relative to ``out`` with
+    their sizes."""
+    fs, root = st.resolve(out)
+    base = root.rstrip("/") + "/"
+    files = {}
+    for sub in OWN_DIRS:
+        for info in fs.get_file_info(pafs.FileSelector(base + sub, recursive=True, allow_not_found=True)):
+            if info.type == pafs.FileType.File:
+                files[info.path[len(base):]] = int(info.size)
+    return dict(sorted(files.items()))
 
 
 def _move_tree(fs: pafs.FileSystem, src: str, dst: str, local: bool) -> None:

@@ -22,7 +22,8 @@ Rows whose pixels are not finite (NaN or inf: a table written by another tool) a
 tasks, as ``score`` and ``occlude`` do, with the same reason; they never reach the workers, so every worker's
 shard still holds the same number of rows and DDP's steps stay in step. They are counted in the metrics and
 listed in ``OUT/NAME/_errors/``. The last batch of an epoch is left out (and counted, ``train_dropped``) when
-it holds one stamp: BatchNorm cannot train on one.
+it holds one stamp: BatchNorm cannot train on one. So are (and counted likewise) the rows that splitting the
+train split into equal shards leaves over, at most ``workers - 1`` an epoch.
 
 A run lives in ``OUT/NAME/``: Ray's per-epoch checkpoints (``epoch-0001/model.pt``, each with its own
 epoch's weights; Ray keeps the latest and the ``keep_checkpoints`` most recent epochs that were a new best,
@@ -675,7 +676,13 @@ def validate(w: _Worker, source) -> tuple[dict, dict, np.ndarray, np.ndarray]:
 
 
 def epoch_metrics(w: _Worker, epoch: int, train: dict, val: dict, aside: dict) -> dict:
-    """The row of ``metrics.jsonl`` (and of the run's history) for one epoch."""
+    """The row of ``metrics.jsonl`` (and of the run's history) for one epoch. ``train_dropped`` counts the
+    training stamps the epoch left out: a last batch of one stamp, and the rows that splitting the train split
+    into equal shards among the workers leaves over (at most workers - 1; ``streaming_split(equal=True)``)."""
+    splits = (w.cfg.get("data_info") or {}).get("splits") or {}
+    if "train" in splits:
+        over = int(splits["train"]) - int(aside["train"]) - train["train_n"] - train["train_dropped"]
+        train = {**train, "train_dropped": train["train_dropped"] + max(0, over)}
     return {
         "epoch": epoch, "train_loss": train["train_loss"], "train_acc": train["train_acc"],
         "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"], "val_n": val["n"],
@@ -964,16 +971,23 @@ def _check_resume(run_dir: str, settings: TrainSettings) -> None:
     before = json.loads(st.read_text(path))
     # What makes the resumed run another experiment: the model, its inputs, and the split (other fractions
     # would put stamps the first epochs trained on into the test split).
+    # And how it learns: the optimizer (whose restored state belongs to the one it was started with), its rate,
+    # schedule and batch, the loss's class weights and the augmentation. --epochs may grow; --workers may change
+    # (the batch is the global one).
+    number = lambda v: round(float(v), 12) if v is not None else None  # noqa: E731
     same = {"model": str, "data": lambda p: st.canonical(str(p)), "preprocess": str,
-            "fractions": lambda f: [round(float(x), 12) for x in f] if f is not None else None}
+            "fractions": lambda f: [round(float(x), 12) for x in f] if f is not None else None,
+            "optimizer": str, "lr": number, "momentum": number, "weight_decay": number, "schedule": str,
+            "warmup_epochs": number, "batch_size": int, "class_weights": str, "augment": bool}
     for key, norm in same.items():
-        if before.get(key) is None and key == "fractions":
-            continue  # a run of an earlier stampray that did not record them
-        if norm(before.get(key)) != norm(getattr(settings, key)):
-            shown = ",".join(map(str, before.get(key))) if key == "fractions" else before.get(key)
-            now = ",".join(map(str, settings.fractions)) if key == "fractions" else getattr(settings, key)
-            msg = (f"run {run_dir} was started with --{key} {shown}, not {now}; rerun with the same settings to "
-                   f"resume it, or choose another --name")
+        if key not in before or (before.get(key) is None and key == "fractions"):
+            continue  # a run of an earlier stampray that did not record it
+        was, now = before.get(key), getattr(settings, key)
+        if (norm(was) if was is not None else None) != (norm(now) if now is not None else None):
+            shown = ",".join(map(str, was)) if key == "fractions" else was
+            now = ",".join(map(str, now)) if key == "fractions" else now
+            msg = (f"run {run_dir} was started with --{key.replace('_', '-')} {shown}, not {now}; rerun with the same "
+                   f"settings to resume it, or choose another --name")
             raise ValueError(msg)
 
 

@@ -132,6 +132,33 @@ def test_a_demo_that_fails_puts_the_earlier_demos_results_back(tmp_path, capsys,
     assert all((out / sub / "earlier.txt").read_text() == "an earlier demo's" for sub in OWN_DIRS)
 
 
+def test_a_demo_refuses_to_replace_directories_holding_a_file_the_earlier_demo_did_not_write(tmp_path, capsys):
+    from stampray.demo import ASIDE, OWN_DIRS, DemoSettings, _own_files, _set_phase, _start_over
+
+    out = tmp_path / "demo"
+    _start_over(str(out), DemoSettings(out=str(out), n=1000, seed=1))
+    for sub in OWN_DIRS:
+        (out / sub / "deep").mkdir(parents=True, exist_ok=True)
+        (out / sub / "deep" / "made.txt").write_text("an earlier demo's")
+    _set_phase(str(out), "done", files=_own_files(str(out)))  # as a complete demo ends
+    (out / "scores" / "MY_NOTES.txt").write_text("mine")
+    (out / "report" / "deep" / "made.txt").write_text("an earlier demo's, edited by me")
+    (out / "runs" / "other").mkdir()  # beside runs/cnn: not a demo's directory, no obstacle
+    (out / "runs" / "other" / "x.txt").write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert main(["demo", "--out", str(out), "-n", "300"]) == 2
+    assert capsys.readouterr().err == (
+        f"stampray demo: error: --out {out}: report/deep/made.txt, scores/MY_NOTES.txt in the directories a demo "
+        f"replaces (runs/cnn, scores, maps, report) are not the earlier demo's files (added or changed since; "
+        f"_demo.json lists its own), so nothing is replaced; move them out, or choose a new --out\n")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    (out / "scores" / "MY_NOTES.txt").unlink()
+    (out / "report" / "deep" / "made.txt").write_text("an earlier demo's")
+    _start_over(str(out), DemoSettings(out=str(out), n=1000, seed=2))  # now the earlier directories go aside
+    assert sorted(os.listdir(out / ASIDE)) == ["maps", "report", "runs", "scores"]
+    assert (out / "runs" / "other" / "x.txt").read_text() == "mine"
+
+
 def test_a_killed_demo_is_undone_or_finished_as_its_phase_says(tmp_path):
     from stampray.demo import ASIDE, DEMO_FILE, OWN_DIRS, DemoSettings, _set_phase, _start_over
 

@@ -290,6 +290,32 @@ def test_an_out_that_is_a_runs_own_directory_or_a_table_is_refused_before_ray(tn
     assert sorted(os.listdir(run)) == ["settings.json"] and os.listdir(table) == ["_manifest.json"]
 
 
+def test_a_run_is_resumed_only_with_the_optimizer_rate_schedule_and_batch_it_was_started_with(tno_small, tmp_path,
+                                                                                              capsys):
+    """A resume under another optimizer crashed in its restored state (sgd has no adamw's moments) after
+    rewriting settings.json; another --lr or --schedule silently mixed the two. More epochs or other
+    --workers (the batch is the global one) resume."""
+    from dataclasses import asdict
+
+    from stampray.train import _check_resume
+
+    started = TrainSettings(model="cnn", data=tno_small, out=str(tmp_path / "runs"), epochs=4, workers=2)
+    run = tmp_path / "runs" / "cnn"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps(asdict(started)))
+    before = (run / "settings.json").read_text()
+    for flags, said in [(["--optimizer", "sgd"], "--optimizer adamw, not sgd"), (["--lr", "0.01"], "--lr 0.001, not 0.01"),
+                        (["--schedule", "cosine"], f"--schedule {started.schedule}, not cosine"),
+                        (["--batch-size", "64"], f"--batch-size {started.batch_size}, not 64"),
+                        (["--class-weights", "auto"], "--class-weights None, not auto")]:
+        assert main(["train", "--model", "cnn", "--data", tno_small, "--out", str(tmp_path / "runs"), "--epochs", "5",
+                     *flags]) == 2
+        assert capsys.readouterr().err == (f"stampray train: error: run {run} was started with {said}; rerun with the "
+                                           f"same settings to resume it, or choose another --name\n")
+    assert (run / "settings.json").read_text() == before
+    _check_resume(str(run), TrainSettings(model="cnn", data=tno_small, out=str(tmp_path / "runs"), epochs=9, workers=1))
+
+
 def test_a_run_is_resumed_only_with_the_split_and_inputs_it_was_started_with(tno_small, tmp_path, monkeypatch,
                                                                               capsys):
     """Other --fractions would move stamps the first epochs trained on into the test split: refused before Ray.

@@ -135,3 +135,21 @@ def test_settings_rebuilt_from_a_plain_dict_are_equal():
     assert s.fractions == (0.6, 0.2, 0.2)
     again = TrainSettings(**json.loads(json.dumps(asdict(s))))
     assert again == s and isinstance(again.fractions, tuple)
+
+
+def test_rows_an_equal_split_among_workers_leaves_over_are_counted_as_dropped():
+    """2,117 training stamps on 2 workers: streaming_split(equal=True) gives each 1,058 and leaves one over;
+    train_n + train_dropped + the rows set aside always make the train split."""
+    from types import SimpleNamespace
+
+    from stampray.train import epoch_metrics
+
+    w = SimpleNamespace(cfg={"data_info": {"splits": {"train": 2117, "val": 300, "test": 600}}}, node_ids=["n"],
+                        pids=[1, 2])
+    val = {"loss": 0.5, "acc": 0.8, "auc": 0.9, "n": 300}
+    train = {"train_loss": 0.4, "train_acc": 0.9, "lr": 1e-3, "stamps_per_s": 1.0, "seconds": 1.0}
+    cases = [((2116, 0, 0), 1), ((2113, 0, 3), 1), ((2115, 1, 0), 2), ((2116, 1, 0), 1), ((2117, 0, 0), 0)]
+    for (n, single, aside), dropped in cases:
+        row = epoch_metrics(w, 1, {**train, "train_n": n, "train_dropped": single}, val, {"train": aside, "val": 0})
+        assert (row["train_n"], row["train_dropped"], row["train_set_aside"]) == (n, dropped, aside)
+        assert row["train_n"] + row["train_dropped"] + row["train_set_aside"] == 2117
