@@ -359,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
             reap_before(ns.verb)
             with _quiet_private_ray(settings):
                 COMMANDS[ns.verb](settings)
-    except KeyboardInterrupt:
-        if was_terminated():  # SIGTERM (runtime.Terminated, or what code that caught it raised instead)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # SystemExit from inside a verb is Ray's signal handling: Ray Train's Ctrl-C handler aborts the run and
+        # exits, and a SIGTERM while ray.init runs meets Ray's sys.exit(15).
+        if was_terminated() or (isinstance(e, SystemExit) and e.code == 15):
             print(f"stampray {ns.verb}: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
             return 143
-        print(f"stampray {ns.verb}: interrupted", file=sys.stderr)
+        print(f"stampray {ns.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error ends in one line; see _report
         return _report(ns.verb, e)

@@ -284,6 +284,19 @@ def test_sigterm_ends_a_verb_as_ctrl_c_does_in_one_line(tmp_path, when):
     assert processes_in(private) == [] and not os.path.exists(os.path.join(private, "stampray_owner.json"))
 
 
+def test_an_exit_from_rays_own_signal_handlers_inside_a_verb_is_one_line(monkeypatch, tmp_path, capsys):
+    """Ray Train's Ctrl-C handler aborts the run and calls sys.exit(0) inside fit: it had ended the process
+    with no word (exit 1); a SIGTERM while ray.init runs meets Ray's sys.exit(15)."""
+    import stampray.synth
+
+    for code, status, line in [(0, 130, "interrupted"), (15, 143, "terminated (SIGTERM)"),
+                               (None, 130, "interrupted")]:
+        monkeypatch.setattr(stampray.synth, "synth", lambda settings, c=code: (_ for _ in ()).throw(SystemExit(c)))
+        assert main(["synth", "-n", "5", "--out", str(tmp_path / "o")]) == status
+        assert capsys.readouterr().err == f"stampray synth: {line}; rerun the same command to resume\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_comma_list_in_a_config_file_reads_as_on_the_command_line():
     from stampray.settings import coerce
     from stampray.train import TrainSettings
