@@ -165,7 +165,7 @@ def _cmd_ingest(settings):
     if r.appended is not None and r.rows_in == 0:  # (a new table of no stamps is refused by ingest itself)
         msg = f"the input holds no rows: no stamp was appended to {settings.out}; check that it is the input you meant"
         raise ValueError(msg)
-    if r.appended is not None and not r.appended:  # the table is as it was, its ledger lists why: a rerun of the same night, say
+    if r.appended is not None and not r.appended:  # the table as it was, its ledger says why (a night rerun, say)
         logging.getLogger("stampray").warning(f"ingest: warning: no stamp was appended to {settings.out}; the "
                                               f"{aside} rows set aside are listed in {settings.out}/_errors")
 

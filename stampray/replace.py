@@ -74,7 +74,8 @@ def replacing(out: str) -> Iterator[str]:
     new = st.read_manifest(stage)
     if new.num_rows == 0:
         _remove(st.join(out, REPLACE_DIR))
-        msg = f"{_nothing(new)}, so the table at {out} is left as it was; fix the input, or the flags that select from it"
+        msg = (f"{_nothing(new)}, so the table at {out} is left as it was; fix the input, or the flags that select "
+               f"from it")
         raise ValueError(msg)
     swap(out)
 

@@ -160,10 +160,10 @@ def _scored_only(shards: list[str], doc: dict, manifest: st.Manifest, settings: 
     if not left or len(left) == len(shards):
         return shards
     rows = {str(s["path"]): int(s["rows"]) for s in manifest.shards}
+    named = ", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
     logger.warning(f"vet: warning: {len(left)} of the {len(shards)} shards of {settings.data} ("
-                   f"{sum(rows.get(s, 0) for s in left):,} stamps: {', '.join(left[:3])}{' ...' if len(left) > 3 else ''})"
-                   f" have no scores in {settings.scores} yet, and are left out; rerun the same 'stampray score' to "
-                   f"score them (it scores only the new shards)")
+                   f"{sum(rows.get(s, 0) for s in left):,} stamps: {named}) have no scores in {settings.scores} yet, "
+                   f"and are left out; rerun the same 'stampray score' to score them (it scores only the new shards)")
     return [s for s in shards if s in recorded]
 
 

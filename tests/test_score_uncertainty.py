@@ -209,7 +209,8 @@ def test_tta_is_refused_beyond_the_shifts_of_half_the_stamp():
         check_passes(net, 89, 0)
     x = torch.arange(441, dtype=torch.float32).reshape(1, 1, 21, 21)
     last = symmetry(x, 87)[0, 0]  # the last one allowed: 10 pixels up and left; 11 rows and columns of the stamp
-    assert torch.equal(last[:11, :11], x[0, 0, 10:, 10:]) and torch.equal(last[11:, 11:], x[0, 0, 20:, 20:].expand(10, 10))
+    assert torch.equal(last[:11, :11], x[0, 0, 10:, 10:])
+    assert torch.equal(last[11:, 11:], x[0, 0, 20:, 20:].expand(10, 10))  # the edge repeated
 
 
 @pytest.mark.slow

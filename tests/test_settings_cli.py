@@ -109,7 +109,8 @@ def test_local_paths_are_made_absolute_and_uris_kept(tmp_path, monkeypatch):
     ns = cli.build_parser("ingest").parse_args(["ingest", "--out", "o", "--class", "noise=a.npy", "--class",
                                                 "source=/x/b.npy", "--id-prefix", "rel"])
     s = cli._settings(cli.settings_class("ingest"), ns)
-    assert s.out == str(tmp_path / "o") and s.class_files == (("noise", str(tmp_path / "a.npy")), ("source", "/x/b.npy"))
+    assert s.out == str(tmp_path / "o")
+    assert s.class_files == (("noise", str(tmp_path / "a.npy")), ("source", "/x/b.npy"))
     assert s.id_prefix == "rel"  # not a path: as given
     ns = cli.build_parser("evaluate").parse_args(["evaluate", "--scores", "a", "--scores", "s3://b/c", "--out", "../r"])
     s = cli._settings(cli.settings_class("evaluate"), ns)

@@ -304,7 +304,8 @@ def test_a_run_is_resumed_only_with_the_optimizer_rate_schedule_and_batch_it_was
     run.mkdir(parents=True)
     (run / "settings.json").write_text(json.dumps(asdict(started)))
     before = (run / "settings.json").read_text()
-    for flags, said in [(["--optimizer", "sgd"], "--optimizer adamw, not sgd"), (["--lr", "0.01"], "--lr 0.001, not 0.01"),
+    for flags, said in [(["--optimizer", "sgd"], "--optimizer adamw, not sgd"),
+                        (["--lr", "0.01"], "--lr 0.001, not 0.01"),
                         (["--schedule", "cosine"], f"--schedule {started.schedule}, not cosine"),
                         (["--batch-size", "64"], f"--batch-size {started.batch_size}, not 64"),
                         (["--class-weights", "auto"], "--class-weights None, not auto")]:
