@@ -102,8 +102,10 @@ def test_training_survives_the_loss_of_a_node(tmp_path, run_scenario, scenario_e
         os._exit(0)
     """, env=env)
     assert result["killed"], result["errors"]
-    # placement="SPREAD": the two Train workers on two nodes, before the loss and after it (two are left)
-    assert result["spread"] == [2] and result["nodes"] == 2, result
+    # placement="SPREAD": the two Train workers on two nodes before the loss. After it Ray places the group again;
+    # SPREAD is its best effort, not a rule (STRICT_SPREAD is): in a CI run under load both workers landed on one
+    # of the two nodes left, and the run was sound all the same.
+    assert result["spread"] == [2] and result["nodes"] in (1, 2), result
     assert result["done"] == 6 and result["workers"] == 2, result
     assert len(result["resumed_from"]) >= 1 and result["resumed_from"][0] >= 1, result  # from a checkpoint
     assert result["epochs"][-1] == 6 and sorted(set(result["epochs"])) == [1, 2, 3, 4, 5, 6], result
