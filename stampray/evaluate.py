@@ -892,8 +892,7 @@ def _check_split(path: str, doc: dict, settings: EvaluateSettings) -> None:
         logger.warning("evaluate: warning: the model behind %s does not record its training split; its '%s' rows "
                        "may include stamps it trained on", path, settings.split)
     if settings.run:
-        run_settings = st.join(settings.run, "settings.json")
-        trained = json.loads(st.read_text(run_settings)).get("fractions") if st.exists(run_settings) else None
+        trained = _run_settings(settings.run).get("fractions")
         if trained is not None and [round(float(f), 9) for f in trained] != \
                 [round(float(f), 9) for f in rec["fractions"]]:
             msg = (f"--run {settings.run} trained with split fractions {trained}, but {path} was split with "
@@ -902,12 +901,17 @@ def _check_split(path: str, doc: dict, settings: EvaluateSettings) -> None:
             raise ValueError(msg)
 
 
+def _run_settings(run: str) -> dict:
+    """A run's ``settings.json`` as train wrote it ({} for a run without one)."""
+    path = st.join(run, "settings.json")
+    return json.loads(st.read_text(path)) if st.exists(path) else {}
+
+
 def _check_run_model(run: str, tags: dict[str, str | None]) -> None:
     """``--run``'s training curves go beside the scores' metrics: refuse a run that trained another model
     than every score table's (``tags``: table -> its ``model@weights`` tag), and warn when the weights of
     none of them are the run's best.pt or last.pt (another run of the same model, say)."""
-    path = st.join(run, "settings.json")
-    trained = json.loads(st.read_text(path)).get("model") if st.exists(path) else None
+    trained = _run_settings(run).get("model")
     known = {t: tag for t, tag in tags.items() if tag}
     if not trained or not known:  # a run or scores of an earlier stampray: nothing to compare
         return

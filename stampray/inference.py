@@ -276,19 +276,12 @@ class ModelActor:
         return forward_passes(self.model, xb, tta=self.tta, mc_dropout=self.mc_dropout, features=self.features,
                               forward=call)
 
-    @contextlib.contextmanager
     def _seeded(self, seed: int | None):
         """MC dropout draws its masks from torch's generator seeded with ``seed`` (restored after), so a block
         redone (a rerun, a lost node) gets the same numbers; a no-op otherwise."""
-        import torch
+        from .notebook import seeded
 
-        if not self.mc_dropout or seed is None:
-            yield
-            return
-        cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(int(seed))
-            yield
+        return seeded(seed if self.mc_dropout else None, self.device)
 
     def predict(self, raw: np.ndarray, seed: int | None = None):
         """The passes over raw (decoded, not yet normalised) stamps (N, C, H, W): a

@@ -148,13 +148,14 @@ def forward_passes(net: nn.Module, x: torch.Tensor, *, tta: int = 0, mc_dropout:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """torch's generators (the CPU's, and ``device``'s if a GPU) seeded with ``seed`` inside the block and
     restored after it; a no-op for None."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int(seed))
         yield
 
@@ -216,7 +217,7 @@ def predict(model, images, *, tta: int = 0, mc_dropout: int = 0, features: bool 
     passes = max(tta, mc_dropout, 1)
     with torch.inference_mode():
         for i, (raw, batch_ids) in enumerate(_batches(images, info["shape"])):
-            with _seeded(seed + i if mc_dropout and seed is not None else None, next(net.parameters()).device):
+            with seeded(seed + i if mc_dropout and seed is not None else None, next(net.parameters()).device):
                 out = forward_passes(net, torch.from_numpy(prep(raw)), tta=tta, mc_dropout=mc_dropout,
                                      features=features)
             probs.append(out.probs.numpy())

@@ -110,17 +110,11 @@ def check(out: str, kind: Files, may_write: Callable[[set[str]], set[str]] | Non
     mine = owned(out, kind)
     found: set[str] = set()
     if may_write is not None:
+        from .pieces import list_files
+
         found = {n for n in list_files(out, kind.suffix) if kind.allows(n) and n not in kind.fixed}
     _refuse_foreign(out, kind, [*kind.fixed, *sorted(may_write(found) if found else ())], mine)
     return mine
-
-
-def list_files(out: str, suffix: str) -> list[str]:
-    """Names of the files directly inside ``out`` ending in ``suffix`` ([] where it is absent)."""
-    fs, p = st.resolve(out)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
-    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File
-                  and i.path.endswith(suffix))
 
 
 def _refuse_foreign(out: str, kind: Files, names: Iterable[str], mine: dict[str, list]) -> None:
